@@ -1,0 +1,40 @@
+# Quick start: `make run` sets everything up and runs the whole pipeline on the tiny profile; `make test` runs the tests.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+export DAGSTER_HOME := $(CURDIR)/.dagster_home
+export MLFLOW_DISABLE_TELEMETRY := true
+
+.PHONY: setup run test test-fast ui mlflow-ui bench clean-outputs
+
+# The project's environment. DVC lives in its own environment (.dvc-tool): its hydra-core pins an antlr4 runtime
+# that breaks Dagster's asset-selection parser, so the `dvc` command is linked into .venv/bin instead of installed there.
+$(VENV)/.installed: pyproject.toml tools/dvc-requirements.txt
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e '.[test]'
+	test -x .dvc-tool/bin/python || $(PYTHON) -m venv .dvc-tool
+	.dvc-tool/bin/pip install --quiet -r tools/dvc-requirements.txt
+	ln -sf ../../.dvc-tool/bin/dvc $(VENV)/bin/dvc
+	$(VENV)/bin/pip check
+	touch $@
+
+setup: $(VENV)/.installed
+
+run: setup
+	$(VENV)/bin/music pipeline
+
+test: setup
+	$(VENV)/bin/pytest
+
+test-fast: setup
+	$(VENV)/bin/pytest -m "not slow and not e2e"
+
+ui: setup
+	$(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+
+mlflow-ui: setup
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlruns.db --host 127.0.0.1 --port 5000 --workers 1
+
+bench: setup
+	for b in zoo data train generate metrics parallel; do $(VENV)/bin/music bench $$b; done

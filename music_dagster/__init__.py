@@ -1,0 +1,1 @@
+"""MUSIC multi-subject in-context image generation, as a Dagster project."""

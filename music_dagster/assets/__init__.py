@@ -1,0 +1,1 @@
+"""Thin Dagster assets over the library; each module exposes `defs`."""

@@ -1,0 +1,78 @@
+"""The `music` command. Each subcommand imports its library lazily so `music --help` stays fast.
+
+Bad input exits with code 2 and one line on stderr, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _zoo(args):
+    from music_dagster.zoo import build_zoo
+
+    build_zoo(seed=args.seed, roles=args.role or None)
+
+
+def _generate(args):
+    from music_dagster.generate import cli_generate
+
+    cli_generate(args)
+
+
+def _runs(args):
+    from music_dagster.tracking import print_runs
+
+    print_runs(limit=args.limit)
+
+
+def _bench(args):
+    import importlib
+
+    importlib.import_module(f"music_dagster.bench.{args.what}").main()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="music", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    zoo = sub.add_parser("zoo", help="the tiny model zoo under models/tiny/")
+    zoo_sub = zoo.add_subparsers(dest="zoo_command", required=True)
+    build = zoo_sub.add_parser("build", help="build every tiny role (random weights, offline tokenizers)")
+    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--role", action="append", help="only this role (repeatable)")
+    build.set_defaults(func=_zoo)
+
+    gen = sub.add_parser("generate", help="generate one image from reference subjects and an instruction")
+    gen.add_argument("--subject", action="append", default=[], metavar="IMG", help="a reference image (repeat, 1..12)")
+    gen.add_argument("--prompt", required=True, help="the instruction; refer to subjects by id, e.g. 'subject 1'")
+    gen.add_argument("--branches", type=int, default=1, help="test-time scaling: N plans, best CLIP-T kept (MUSIC*)")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--checkpoint", help="LoRA checkpoint folder (default: the latest under models/)")
+    gen.add_argument("--out", required=True, help="output folder (must not exist)")
+    gen.set_defaults(func=_generate)
+
+    runs = sub.add_parser("runs", help="the latest MLflow runs with key params, losses, scores and checkpoint hash")
+    runs.add_argument("--limit", type=int, default=10)
+    runs.set_defaults(func=_runs)
+
+    bench = sub.add_parser("bench", help="benchmarks that print figures")
+    bench.add_argument("what", choices=["zoo", "data", "train", "generate", "metrics", "parallel"])
+    bench.set_defaults(func=_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from music_dagster.errors import UserError
+
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as e:
+        print(f"music: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

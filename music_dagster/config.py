@@ -1,0 +1,209 @@
+"""The project's one config: `params.yaml`, shared by Dagster and DVC.
+
+`load_config()` validates the whole file before any work starts; every problem becomes a one-line
+`ConfigError` naming the key (`profiles.tiny.models.llm: ...`). Nothing here imports torch.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from music_dagster.errors import UserError
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PARAMS_FILE = PROJECT_ROOT / "params.yaml"
+
+ROLES = (
+    "llm", "vlm", "t2i", "i2i", "detector", "segmenter", "clip", "dino", "eval_clip",
+    "music_llm", "music_vision", "music_unet",
+)
+ZOO_COMMAND = "music zoo build"
+_HUB_ID = re.compile(r"^(hf-hub:)?[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class ConfigError(UserError):
+    """A bad config value: the message is one line naming the key and the problem."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Section):
+    """Where a role's checkpoint lives: a Hub id, or a folder relative to the project root."""
+
+    id: str
+    subfolder: str | None = None
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+    @property
+    def local_path(self) -> Path | None:
+        """The folder this spec names, or None for a Hub id."""
+        path = Path(self.id).expanduser()
+        if not path.is_absolute():
+            path = PROJECT_ROOT / path
+        if path.exists() or not _HUB_ID.match(self.id):
+            return path
+        return None
+
+    @property
+    def source(self) -> str:
+        """What `from_pretrained` is given: the absolute folder, or the Hub id."""
+        local = self.local_path
+        return str(local) if local is not None else self.id
+
+
+class DataConfig(_Section):
+    shard_size: int = Field(gt=0)
+    num_shards: int = Field(gt=0)
+    min_categories: int = Field(ge=1, le=12)
+    max_subjects: int = Field(ge=1, le=12)
+    image_size: int = Field(ge=16)
+    t2i_steps: int = Field(gt=0)
+    i2i_steps: int = Field(gt=0)
+    guidance_scale: float = Field(ge=0)
+    batch_size: int = Field(gt=0)
+    max_retries: int = Field(ge=0)
+    max_new_tokens: int = Field(gt=0)
+    min_box_area: float = Field(ge=0, lt=1)
+    box_threshold: float = Field(ge=0, le=1)
+    text_threshold: float = Field(ge=0, le=1)
+    grid: int = Field(gt=0)
+    lam: float = Field(ge=0)
+    msic_holdout_every: int = Field(gt=1)
+
+    @model_validator(mode="after")
+    def _subject_range(self):
+        if self.min_categories > self.max_subjects:
+            raise ValueError(f"min_categories ({self.min_categories}) exceeds max_subjects ({self.max_subjects})")
+        return self
+
+
+class TrainConfig(_Section):
+    pass
+
+
+class EvalConfig(_Section):
+    pass
+
+
+class Profile(_Section):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    torch_threads: int = Field(default=1, gt=0)
+    models: dict[str, ModelSpec]
+    data: DataConfig
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _models(cls, value):
+        if not isinstance(value, dict):
+            raise ValueError("expected a mapping of role -> checkpoint")
+        unknown = sorted(set(value) - set(ROLES))
+        if unknown:
+            raise ValueError(f"unknown role {unknown[0]!r} (roles: {', '.join(ROLES)})")
+        missing = [r for r in ROLES if r not in value]
+        if missing:
+            raise ValueError(f"role {missing[0]!r} has no checkpoint")
+        return {role: {"id": spec} if isinstance(spec, str) else spec for role, spec in value.items()}
+
+
+class Paths(_Section):
+    objects365: str
+    dreambench: str
+    datasets: str = "datasets"
+    models: str = "models"
+    metrics: str = "metrics"
+    mlflow_tracking_uri: str = "sqlite:///mlruns.db"
+    mlflow_artifacts: str = "mlartifacts"
+
+    def resolve(self, name: str) -> Path:
+        """A path of this section as an absolute path (relative ones are relative to the project root)."""
+        path = Path(getattr(self, name)).expanduser()
+        return path if path.is_absolute() else PROJECT_ROOT / path
+
+
+class Config(_Section):
+    profile_name: str
+    seed: int
+    paths: Paths
+    profile: Profile
+
+    @property
+    def models(self) -> dict[str, ModelSpec]:
+        return self.profile.models
+
+    def check_models(self, roles=ROLES) -> None:
+        """Fail before any work when a local checkpoint folder is missing."""
+        for role in roles:
+            spec = self.models[role]
+            path = spec.local_path
+            if path is not None and not path.is_dir():
+                raise ConfigError(
+                    f"profiles.{self.profile_name}.models.{role}: folder {spec.id} is missing "
+                    f"(make it with `{ZOO_COMMAND}`)"
+                )
+
+    def require_file(self, name: str) -> Path:
+        """A `paths.<name>` entry that must exist, with a one-line error when it does not."""
+        path = self.paths.resolve(name)
+        if not path.exists():
+            raise ConfigError(f"paths.{name}: {path} does not exist")
+        return path
+
+
+def _one_line(error: ValidationError, prefix: str) -> str:
+    first = error.errors()[0]
+    loc = ".".join(str(p) for p in (prefix, *first["loc"]) if p != "")
+    got = first.get("input")
+    got = f" (got {got!r})" if isinstance(got, (str, int, float, bool)) or got is None else ""
+    return f"{loc}: {first['msg'].removeprefix('Value error, ')}{got}"
+
+
+def parse_config(raw: dict, profile: str | None = None, source: str = "params.yaml") -> Config:
+    """Validate a parsed params mapping and select one profile."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level")
+    profiles = raw.get("profiles")
+    if not isinstance(profiles, dict) or not profiles:
+        raise ConfigError(f"{source}: profiles: expected a mapping of profile name -> settings")
+    name = profile or os.environ.get("MUSIC_PROFILE") or raw.get("profile")
+    if name not in profiles:
+        raise ConfigError(f"{source}: profile: unknown profile {name!r} (profiles: {', '.join(profiles)})")
+    try:
+        prof = Profile.model_validate(profiles[name])
+    except ValidationError as e:
+        raise ConfigError(f"{source}: {_one_line(e, f'profiles.{name}')}") from None
+    try:
+        return Config.model_validate(
+            {"profile_name": name, "seed": raw.get("seed", 0), "paths": raw.get("paths", {}), "profile": prof}
+        )
+    except ValidationError as e:
+        raise ConfigError(f"{source}: {_one_line(e, '')}") from None
+
+
+def load_config(path: str | os.PathLike | None = None, profile: str | None = None) -> Config:
+    """Read and validate `params.yaml` (or MUSIC_PARAMS, or `path`)."""
+    path = Path(path or os.environ.get("MUSIC_PARAMS") or PARAMS_FILE)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path.name}: not valid YAML ({str(e).splitlines()[0]})") from None
+    return parse_config(raw, profile, source=path.name)
+
+
+@functools.cache
+def default_config() -> Config:
+    """The config of this process, read once."""
+    return load_config()

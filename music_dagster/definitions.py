@@ -1,0 +1,14 @@
+"""The Dagster code location: every asset module's `defs`, with resources wired from `params.yaml`.
+
+Importing this module must stay cheap: no torch, transformers or diffusers at import time.
+"""
+import dagster as dg
+
+from music_dagster.assets import zoo
+from music_dagster.config import default_config
+from music_dagster.resources import build_resources
+
+defs = dg.Definitions.merge(
+    zoo.defs,
+    dg.Definitions(resources=build_resources(default_config())),
+)
