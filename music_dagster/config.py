@@ -91,7 +91,15 @@ class TrainConfig(_Section):
 
 
 class EvalConfig(_Section):
-    pass
+    batch_size: int = Field(default=16, gt=0)  # images per encoder forward pass
+    branches: int = Field(default=4, ge=2)  # MUSIC*: CoT/layout branches, the best CLIP-T kept
+    dreambench_subjects: int | None = Field(default=None, gt=0)  # None: every subject of the copy
+    dreambench_prompts: int | None = Field(default=None, gt=0, le=25)  # None: all 25 of the subject's type
+    dreambench_images_per_prompt: int = Field(default=4, gt=0)
+    dreambench_live_classes: tuple[str, ...] = ("cat", "dog")  # DreamBooth's live subjects; the rest are objects
+    msic_samples: int | None = Field(default=None, gt=0)  # None: every held-out sample
+    box_threshold: float = Field(default=0.35, ge=0, le=1)  # detector thresholds for finding MSIC subjects
+    text_threshold: float = Field(default=0.25, ge=0, le=1)
 
 
 class Profile(_Section):
