@@ -20,6 +20,12 @@ def _generate(args):
     cli_generate(args)
 
 
+def _pipeline(args):
+    from music_dagster.pipeline import run_pipeline
+
+    run_pipeline(num_shards=args.shards)
+
+
 def _runs(args):
     from music_dagster.tracking import print_runs
 
@@ -42,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--role", action="append", help="only this role (repeatable)")
     build.set_defaults(func=_zoo)
+
+    pipeline = sub.add_parser("pipeline", help="the main job: every asset on the configured profile")
+    pipeline.add_argument("--shards", type=int, help="data shards to materialize (default: data.num_shards)")
+    pipeline.set_defaults(func=_pipeline)
 
     gen = sub.add_parser("generate", help="generate one image from reference subjects and an instruction")
     gen.add_argument("--subject", action="append", default=[], metavar="IMG", help="a reference image (repeat, 1..12)")
