@@ -1,0 +1,303 @@
+"""Dataset shards on disk: `<root>/<asset>/<shard_key>/` with `manifest.jsonl` plus PNG and JSON files.
+
+A shard is visible only when complete. `ShardWriter` writes everything into a hidden temporary sibling folder
+(`.<key>.tmp.<pid>.<random>`); on a clean exit it writes the manifest last and renames the folder into place (an
+older complete shard is renamed away to `.<key>.old.<pid>.<random>`, the new one renamed in, the old one deleted).
+On an exception the temporary folder is deleted; after a kill it stays hidden, and the next writer of that shard
+deletes every such leftover whose process is gone. Readers only ever see folders holding `manifest.jsonl`.
+
+Determinism: PNGs are written with fixed parameters and no metadata chunks, JSON with sorted keys, manifest records
+in the order added, so the same inputs give the same bytes.
+
+Every manifest record follows `RECORD_BASE` (a stable `sample_id`, unique in the shard, and the `parent_ids` it was
+derived from) plus the asset's own properties; `record_schema` builds such a schema.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from music_dagster.errors import UserError
+
+MANIFEST = "manifest.jsonl"
+PNG_COMPRESS_LEVEL = 6
+_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=-]*$")
+_TEMP = re.compile(r"^\.(?P<key>.+)\.(?:tmp|old)\.(?P<pid>\d+)\.[0-9a-f]{32}$")
+
+RECORD_BASE: dict = {
+    "sample_id": {"type": "string", "minLength": 1},
+    "parent_ids": {"type": "array", "items": {"type": "string", "minLength": 1}},
+}
+
+
+class ShardError(UserError):
+    """A shard that cannot be written or read as asked; the message is one line naming the shard and the problem."""
+
+
+def record_schema(properties: dict | None = None, required=(), additional: bool = False) -> dict:
+    """A manifest record schema: `RECORD_BASE` (both required) plus the asset's `properties`."""
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "type": "object",
+        "properties": {**RECORD_BASE, **(properties or {})},
+        "required": ["sample_id", "parent_ids", *required],
+        "additionalProperties": additional,
+    }
+
+
+def check_key(key: str, what: str = "shard key") -> str:
+    """A shard key or asset name usable as one folder name (no separators, not hidden)."""
+    if not isinstance(key, str) or not _KEY.match(key):
+        raise ShardError(f"bad {what} {key!r}: use letters, digits and . _ = - (not starting with . _ = -)")
+    return key
+
+
+def _dump_json(obj, indent=None) -> str:
+    # ASCII escapes keep U+0085 / U+2028 out of the bytes, which some JSONL readers split lines on.
+    return json.dumps(obj, sort_keys=True, ensure_ascii=True, allow_nan=False, indent=indent)
+
+
+def _temp_sibling(path: Path, kind: str) -> Path:
+    return path.parent / f".{path.name}.{kind}.{os.getpid()}.{uuid.uuid4().hex}"
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write `data` to `path` through a temporary sibling and `os.replace`: readers see the old or the new file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(path)
+    tmp = _temp_sibling(path, "tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def png_bytes(image) -> bytes:
+    """Deterministic PNG bytes of a PIL image: fixed compression, no ICC/EXIF/text chunks."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL, optimize=False, icc_profile=None)
+    return buf.getvalue()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale(path: Path) -> list[Path]:
+    """Delete the leftovers (temporary or renamed-away folders or files) of killed writers of `path`.
+
+    A leftover is recognised by its name and skipped while the process that made it is alive (same machine)."""
+    removed = []
+    if not path.parent.is_dir():
+        return removed
+    for entry in path.parent.iterdir():
+        m = _TEMP.match(entry.name)
+        if m and m["key"] == path.name and not _pid_alive(int(m["pid"])):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
+
+
+def _relative(name: str, shard: Path) -> PurePosixPath:
+    rel = PurePosixPath(name)
+    if not name or rel.is_absolute() or ".." in rel.parts or rel.name == MANIFEST or "\\" in name:
+        raise ShardError(f"{shard}: bad file name {name!r} (a relative path inside the shard, not {MANIFEST})")
+    return rel
+
+
+class ShardWriter:
+    """`with ShardWriter(root / asset / key, schema) as w: w.add_image(...); w.add_record({...})`."""
+
+    def __init__(self, path: str | os.PathLike, schema: dict):
+        from jsonschema import Draft202012Validator
+        from jsonschema.exceptions import SchemaError
+
+        self.path = Path(path)
+        check_key(self.path.name)
+        try:
+            Draft202012Validator.check_schema(schema)
+        except SchemaError as e:
+            raise ShardError(f"{self.path}: invalid record schema ({e.message})") from None
+        self._base = Draft202012Validator(record_schema(additional=True))
+        self._validator = Draft202012Validator(schema)
+        self._tmp: Path | None = None
+        self._used = False
+        self._lines: list[str] = []
+        self._ids: set[str] = set()
+        self._files: set[str] = set()
+
+    def __enter__(self) -> "ShardWriter":
+        if self._used:
+            raise ShardError(f"{self.path}: a ShardWriter writes one shard once; make a new one")
+        self._used = True
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale(self.path)
+        self._tmp = _temp_sibling(self.path, "tmp")
+        self._tmp.mkdir()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        tmp, self._tmp = self._tmp, None
+        if exc_type is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        try:
+            (tmp / MANIFEST).write_text("".join(self._lines), encoding="utf-8")
+            self._publish(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def _publish(self, tmp: Path) -> None:
+        old = None
+        if self.path.exists():
+            old = _temp_sibling(self.path, "old")
+            os.rename(self.path, old)
+        os.rename(tmp, self.path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _target(self, name: str) -> tuple[str, Path]:
+        if self._tmp is None:
+            raise ShardError(f"{self.path}: the writer is not open (use it in a `with` block)")
+        rel = _relative(name, self.path)
+        key = rel.as_posix()
+        if key in self._files:
+            raise ShardError(f"{self.path}: file {key!r} written twice")
+        self._files.add(key)
+        target = self._tmp.joinpath(*rel.parts)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return key, target
+
+    def add_image(self, name: str, image) -> str:
+        """Save `image` as PNG (`.png` appended when missing); returns its path relative to the shard."""
+        if not name.endswith(".png"):
+            name += ".png"
+        key, target = self._target(name)
+        try:
+            data = png_bytes(image)
+        except (OSError, ValueError, KeyError) as e:
+            raise ShardError(f"{self.path}: cannot write {key} as PNG ({e})") from None
+        target.write_bytes(data)
+        return key
+
+    def add_json(self, name: str, obj) -> str:
+        """Save `obj` as indented JSON with sorted keys; returns its path relative to the shard."""
+        key, target = self._target(name)
+        try:
+            text = _dump_json(obj, indent=2)
+        except (TypeError, ValueError) as e:
+            raise ShardError(f"{self.path}: {key} is not JSON-serialisable ({e})") from None
+        target.write_text(text + "\n", encoding="utf-8")
+        return key
+
+    def add_record(self, record: dict) -> None:
+        """Append one manifest record after validating it against `RECORD_BASE` and the shard's schema."""
+        from jsonschema.exceptions import best_match
+
+        if self._tmp is None:
+            raise ShardError(f"{self.path}: the writer is not open (use it in a `with` block)")
+        index = len(self._lines)
+        try:
+            line = _dump_json(record)
+        except (TypeError, ValueError) as e:
+            raise ShardError(f"{self.path}: record {index} is not JSON-serialisable ({e})") from None
+        stored = json.loads(line)  # validate what will be read back (tuples become arrays, and so on)
+        for validator in (self._base, self._validator):
+            error = best_match(validator.iter_errors(stored))
+            if error is not None:
+                where = ".".join(str(p) for p in error.absolute_path) or "record"
+                message = error.message.splitlines()[0]
+                message = message if len(message) <= 160 else message[:157] + "..."
+                raise ShardError(f"{self.path}: record {index}: {where}: {message}")
+        if stored["sample_id"] in self._ids:
+            raise ShardError(f"{self.path}: record {index}: sample_id {stored['sample_id']!r} repeats")
+        self._ids.add(stored["sample_id"])
+        self._lines.append(line + "\n")
+
+
+@dataclass(frozen=True)
+class Shard:
+    """A complete shard: its records (manifest order) and access to its files."""
+
+    path: Path
+    records: list[dict] = field(repr=False)
+
+    def file(self, name: str) -> Path:
+        target = self.path.joinpath(*_relative(name, self.path).parts)
+        if not target.is_file():
+            raise ShardError(f"{self.path}: no file {name!r} in the shard")
+        return target
+
+    def image(self, name: str):
+        """The PIL image stored as `name`, fully loaded, in its stored mode."""
+        from PIL import Image
+
+        with Image.open(self.file(name)) as im:
+            im.load()
+            return im.copy()
+
+    def json(self, name: str):
+        return json.loads(self.file(name).read_text(encoding="utf-8"))
+
+    @property
+    def sample_ids(self) -> list[str]:
+        return [r["sample_id"] for r in self.records]
+
+
+def read_shard(path: str | os.PathLike) -> Shard:
+    """Open the complete shard at `path`; a folder without a manifest is refused."""
+    path = Path(path)
+    manifest = path / MANIFEST
+    if not path.is_dir():
+        raise ShardError(f"{path}: no such shard")
+    if not manifest.is_file():
+        raise ShardError(f"{path}: not a complete shard (no {MANIFEST})")
+    lines = manifest.read_text(encoding="utf-8").split("\n")  # not splitlines: JSON strings may hold U+2028
+    if lines[-1] == "":
+        lines.pop()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ShardError(f"{manifest}: line {number} is not JSON ({e.msg})") from None
+        if not isinstance(record, dict):
+            raise ShardError(f"{manifest}: line {number} is not a JSON object")
+        records.append(record)
+    return Shard(path, records)
+
+
+def complete_shards(asset_dir: str | os.PathLike) -> list[str]:
+    """The keys of the complete shards under an asset folder, sorted."""
+    asset_dir = Path(asset_dir)
+    if not asset_dir.is_dir():
+        return []
+    return sorted(p.name for p in asset_dir.iterdir()
+                  if _KEY.match(p.name) and (p / MANIFEST).is_file())
