@@ -35,7 +35,7 @@ TEXT_PREFIX = "layout:"
 MAX_TEXT_ID = 15
 _HEX = "0123456789abcdef"
 _ROW = re.compile(r"^[0-9a-fA-F]+$")
-# A fixed, colour-blind-friendly-ish palette (tab20 order); subject i uses _PALETTE[(i - 1) % len].
+# A fixed palette (matplotlib's tab20 order) so previews of the same layout look the same.
 _PALETTE = (
     (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
     (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207), (174, 199, 232), (255, 187, 120),
@@ -205,7 +205,7 @@ def render_overlay(image, grid: np.ndarray, labels: Sequence[str] = (), alpha: i
         for c in range(g):
             sid = int(arr[r, c])
             if sid:
-                draw.rectangle((xe[c], ye[r], xe[c + 1] - 1, ye[r + 1] - 1), fill=(*_PALETTE[(sid - 1) % 16], alpha))
+                draw.rectangle((xe[c], ye[r], xe[c + 1] - 1, ye[r + 1] - 1), fill=(*_PALETTE[(sid - 1) % len(_PALETTE)], alpha))
     out = Image.alpha_composite(base, tint)
     draw = ImageDraw.Draw(out)
     font = ImageFont.load_default(size=max(8, min(xe[1] - xe[0], ye[1] - ye[0]) // 2))
