@@ -86,8 +86,72 @@ class DataConfig(_Section):
         return self
 
 
+def _square(name: str, value: int) -> None:
+    if int(value ** 0.5 + 0.5) ** 2 != value:
+        raise ValueError(f"{name} must be a square number (tokens pooled from a square patch grid), got {value}")
+
+
 class TrainConfig(_Section):
-    pass
+    """MUSIC training (`music_dagster.training.train_music`); defaults are the paper's where it gives them."""
+
+    source: Literal["synthesized", "procedural", "both"] = "synthesized"  # what `lora_checkpoint` trains on
+    procedural_samples: int = Field(default=512, gt=0)  # size of the procedural world when it is a source
+    procedural_image_size: int = Field(default=64, ge=16)
+    procedural_min_subjects: int = Field(default=2, ge=1, le=9)
+    procedural_max_subjects: int = Field(default=4, ge=1, le=9)
+    input_queries: int = Field(default=64, gt=0)  # resampler tokens per subject image
+    image_queries: int = Field(default=64, gt=0)  # output image-query tokens = pooled target tokens
+    resampler_depth: int = Field(default=1, gt=0)
+    resampler_heads: int = Field(default=8, gt=0)
+    lora_rank: int = Field(default=64, gt=0)
+    lora_alpha: int = Field(default=64, gt=0)
+    lora_dropout: float = Field(default=0.0, ge=0, lt=1)
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    modules_to_save: tuple[str, ...] = ()  # e.g. (embed_tokens, lm_head): needed by a random tiny LLM
+    w1: float = Field(default=0.5, ge=0)  # weight of L1 (CoT + layout cross-entropy)
+    w2: float = Field(default=0.5, ge=0)  # weight of L2 (visual-token MSE)
+    lr: float = Field(default=1e-4, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    warmup_steps: int = Field(default=100, ge=0)
+    grad_clip: float = Field(default=1.0, gt=0)
+    batch_size: int = Field(default=8, gt=0)  # per process
+    epochs: int = Field(default=10, gt=0)
+    max_steps: int | None = Field(default=None, gt=0)  # stops earlier than `epochs` when set
+    checkpoint_every: int = Field(default=500, gt=0)  # optimizer steps between resumable checkpoints
+    checkpoints_kept: int = Field(default=2, gt=0)
+    max_plan_tokens: int = Field(default=512, gt=0)  # CoT + layout tokens at inference
+    cache_features: bool = False  # keep every sample's vision features in memory (small data only)
+    feature_stats_samples: int = Field(default=256, gt=0)  # training targets used for L2 standardisation
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+
+    @model_validator(mode="after")
+    def _check(self):
+        _square("image_queries", self.image_queries)
+        if self.procedural_min_subjects > self.procedural_max_subjects:
+            raise ValueError(f"procedural_min_subjects ({self.procedural_min_subjects}) exceeds "
+                             f"procedural_max_subjects ({self.procedural_max_subjects})")
+        return self
+
+
+class DetokenizerConfig(_Section):
+    """The de-tokenizer (`music_dagster.detokenizer`) and its reconstruction training."""
+
+    resampler_queries: int = Field(default=64, gt=0)  # conditioning tokens fed to the UNet's cross-attention
+    resampler_depth: int = Field(default=1, gt=0)
+    resampler_heads: int = Field(default=8, gt=0)
+    vae: ModelSpec | None = None  # a latent-space UNet (in_channels != 3) decodes through this AutoencoderKL
+    train_timesteps: int = Field(default=1000, gt=1)  # DDPM noise schedule length
+    decode_steps: int = Field(default=50, gt=0)  # DDIM steps at inference
+    lr: float = Field(default=1e-5, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    warmup_steps: int = Field(default=100, ge=0)
+    grad_clip: float = Field(default=1.0, gt=0)
+    batch_size: int = Field(default=8, gt=0)
+    epochs: int = Field(default=10, gt=0)
+    max_steps: int | None = Field(default=None, gt=0)
+    checkpoint_every: int = Field(default=500, gt=0)
+    checkpoints_kept: int = Field(default=2, gt=0)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
 
 
 class EvalConfig(_Section):
@@ -109,6 +173,7 @@ class Profile(_Section):
     models: dict[str, ModelSpec]
     data: DataConfig
     train: TrainConfig = TrainConfig()
+    detokenizer: DetokenizerConfig = DetokenizerConfig()
     eval: EvalConfig = EvalConfig()
 
     @field_validator("models", mode="before")

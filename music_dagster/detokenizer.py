@@ -1,0 +1,244 @@
+"""The de-tokenizer: visual tokens -> image, SEED-X's design.
+
+A diffusers `UNet2DConditionModel` (`music_unet`: a tiny pixel-space UNet here, SDXL's UNet in the full profile)
+is conditioned on the visual tokens (vision features of an image pooled to `image_queries` tokens, what MUSIC's
+output resampler predicts) through a perceiver resampler feeding its cross-attention. SDXL-style UNets
+(`addition_embed_type == "text_time"`) also get a pooled embedding of the resampled tokens and the size/crop ids.
+A UNet with `in_channels != 3` works in the latent space of an `AutoencoderKL` (`detokenizer.vae` in config).
+
+Trained by reconstruction (`training.train_detokenizer`): DDPM noise prediction on target images, conditioned on
+those images' own visual tokens; decoded with DDIM (`Detokenizer.decode`). Frozen while MUSIC trains.
+Saved as `unet/` (diffusers `save_pretrained`, safetensors), `detokenizer_modules.safetensors` (resampler and
+pooled projection) and `detokenizer_config.json`.
+
+This module imports torch at its top: import it inside asset functions.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from music_dagster.errors import UserError
+from music_dagster.model import Resampler, _replace_dir
+
+CONFIG_FILE = "detokenizer_config.json"
+MODULES_FILE = "detokenizer_modules.safetensors"
+UNET_DIR = "unet"
+
+
+class DetokenizerError(UserError):
+    """A de-tokenizer folder that is missing or incomplete, or tokens that do not fit it."""
+
+
+@dataclass(frozen=True)
+class DetokenizerSettings:
+    """What the de-tokenizer is built from besides its UNet (saved as `detokenizer_config.json`)."""
+
+    token_dim: int  # width of the visual tokens (the vision encoder's hidden size)
+    resampler_queries: int = 16
+    resampler_depth: int = 1
+    resampler_heads: int = 4
+    train_timesteps: int = 1000
+    decode_steps: int = 25
+
+    @classmethod
+    def from_config(cls, detok, token_dim: int) -> "DetokenizerSettings":
+        return cls(token_dim=token_dim, resampler_queries=detok.resampler_queries,
+                   resampler_depth=detok.resampler_depth, resampler_heads=detok.resampler_heads,
+                   train_timesteps=detok.train_timesteps, decode_steps=detok.decode_steps)
+
+
+def load_vae(spec, device="cpu", dtype=torch.float32):
+    """The `AutoencoderKL` a `ModelSpec` names (safetensors only), frozen, in eval mode."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(spec.source, subfolder=spec.subfolder, revision=spec.revision,
+                                        use_safetensors=True, torch_dtype=dtype)
+    return vae.to(device).eval().requires_grad_(False)
+
+
+class Detokenizer(nn.Module):
+    """UNet + token resampler (+ optional VAE): `loss` for training, `decode` for images."""
+
+    def __init__(self, unet, settings: DetokenizerSettings, vae=None):
+        from diffusers import DDPMScheduler
+
+        super().__init__()
+        self.settings = settings
+        self.unet = unet
+        self.vae = vae.eval().requires_grad_(False) if vae is not None else None
+        channels = unet.config.in_channels
+        if vae is None and channels != 3:
+            raise DetokenizerError(f"a UNet with {channels} input channels works on latents: configure detokenizer.vae")
+        cross = unet.config.cross_attention_dim
+        if isinstance(cross, (list, tuple)):
+            cross = cross[0]
+        device = next(unet.parameters()).device
+        self.resampler = Resampler(settings.token_dim, cross, cross, settings.resampler_queries,
+                                   settings.resampler_heads, settings.resampler_depth).to(device)
+        # SDXL-style UNets also take a pooled conditioning vector and the (size, crop, size) ids.
+        self.text_time = unet.config.addition_embed_type == "text_time"
+        if self.text_time:
+            pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+            self.pooled = nn.Linear(cross, pooled).to(device)
+        self.noise = DDPMScheduler(num_train_timesteps=settings.train_timesteps)
+
+    @property
+    def device(self):
+        return self.resampler.queries.device
+
+    @property
+    def image_size(self) -> int:
+        """The pixel size the de-tokenizer reads and writes."""
+        size = self.unet.config.sample_size
+        if self.vae is not None:
+            size *= 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return int(size)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.vae is not None:
+            self.vae.eval()
+        return self
+
+    def trainable_state_dict(self) -> dict:
+        return {k: v for k, v in self.state_dict().items() if k.split(".")[0] in ("resampler", "pooled")}
+
+    # ---- images <-> UNet space ---------------------------------------------------------------------------
+    def preprocess(self, images: Sequence) -> torch.Tensor:
+        """PIL images -> [B, 3, S, S] in [-1, 1] at the de-tokenizer's size."""
+        from PIL import Image
+
+        s = self.image_size
+        arr = np.stack([np.asarray(im.convert("RGB").resize((s, s), Image.BICUBIC), np.float32) for im in images])
+        return torch.from_numpy(arr).permute(0, 3, 1, 2).div(127.5).sub(1.0)
+
+    def to_unet_space(self, pixels: torch.Tensor) -> torch.Tensor:
+        if self.vae is None:
+            return pixels
+        with torch.no_grad():
+            latents = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.mode()
+        return latents.float() * self.vae.config.scaling_factor
+
+    def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        if self.vae is None:
+            return x
+        return self.vae.decode((x / self.vae.config.scaling_factor).to(self.vae.dtype)).sample.float()
+
+    # ---- the network -------------------------------------------------------------------------------------
+    def condition(self, tokens: torch.Tensor) -> dict:
+        """UNet keyword arguments for visual tokens [B, Q, token_dim]."""
+        if tokens.ndim != 3 or tokens.shape[-1] != self.settings.token_dim:
+            raise DetokenizerError(f"visual tokens must be [B, Q, {self.settings.token_dim}], got {tuple(tokens.shape)}")
+        states = self.resampler(tokens.to(self.device, torch.float32))
+        kwargs = {"encoder_hidden_states": states.to(self.unet.dtype)}
+        if self.text_time:
+            s = self.image_size
+            ids = torch.tensor([s, s, 0, 0, s, s], device=self.device, dtype=self.unet.dtype)
+            kwargs["added_cond_kwargs"] = {"text_embeds": self.pooled(states.mean(1)).to(self.unet.dtype),
+                                           "time_ids": ids.expand(len(tokens), -1)}
+        return kwargs
+
+    def noise_loss(self, x0: torch.Tensor, tokens: torch.Tensor, timesteps: torch.Tensor,
+                   noise: torch.Tensor) -> torch.Tensor:
+        """MSE of the predicted noise at given timesteps and noise (x0 in UNet space)."""
+        xt = self.noise.add_noise(x0, noise, timesteps)
+        pred = self.unet(xt.to(self.unet.dtype), timesteps, **self.condition(tokens)).sample
+        return F.mse_loss(pred.float(), noise)
+
+    def forward(self, pixels: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """The DDPM training loss of a batch: random timesteps and noise from torch's global generator."""
+        x0 = self.to_unet_space(pixels.to(self.device))
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, self.settings.train_timesteps, (len(x0),), device=self.device)
+        return self.noise_loss(x0, tokens, t, noise)
+
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor, seed: int = 0, steps: int | None = None) -> list:
+        """Images (PIL, RGB, `image_size` square) for visual tokens [B, Q, token_dim], by DDIM from seeded noise."""
+        from diffusers import DDIMScheduler
+        from PIL import Image
+
+        was_training = self.training
+        self.eval()
+        scheduler = DDIMScheduler.from_config(self.noise.config)
+        scheduler.set_timesteps(steps or self.settings.decode_steps)
+        cond = self.condition(tokens)
+        size = self.unet.config.sample_size
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        x = torch.randn(len(tokens), self.unet.config.in_channels, size, size, generator=gen).to(self.device)
+        for t in scheduler.timesteps:
+            eps = self.unet(x.to(self.unet.dtype), t, **cond).sample.float()
+            x = scheduler.step(eps, t, x).prev_sample
+        pixels = self.to_pixels(x).clamp(-1, 1)
+        self.train(was_training)
+        arr = ((pixels.permute(0, 2, 3, 1).cpu().numpy() + 1) * 127.5).round().astype(np.uint8)
+        return [Image.fromarray(a) for a in arr]
+
+    # ---- persistence -------------------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """`unet/` (diffusers, safetensors), the resampler in safetensors and the settings, atomically."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        try:
+            self.unet.save_pretrained(str(tmp / UNET_DIR), safe_serialization=True)
+            tensors = {k: v.detach().to("cpu", torch.float32).contiguous()
+                       for k, v in self.trainable_state_dict().items()}
+            save_file(tensors, str(tmp / MODULES_FILE), metadata={"format": "pt"})
+            (tmp / CONFIG_FILE).write_text(json.dumps(asdict(self.settings), indent=1, sort_keys=True) + "\n")
+            _replace_dir(tmp, directory)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return directory
+
+    def load_trainable(self, directory: str | os.PathLike) -> None:
+        """Load the UNet and resampler weights of a `save_pretrained` folder into this model."""
+        from safetensors.torch import load_file
+
+        directory = _check(Path(directory))
+        unet_file = next((directory / UNET_DIR).glob("*.safetensors"), None)
+        if unet_file is None:
+            raise DetokenizerError(f"de-tokenizer {directory} is incomplete: no UNet safetensors")
+        self.unet.load_state_dict(load_file(str(unet_file), device=str(self.device)))
+        self.load_state_dict(load_file(str(directory / MODULES_FILE), device=str(self.device)), strict=False)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, vae=None, device="cpu",
+                        dtype=torch.float32) -> "Detokenizer":
+        """A saved de-tokenizer, in eval mode (`vae` for a latent-space UNet)."""
+        from diffusers import UNet2DConditionModel
+        from safetensors.torch import load_file
+
+        directory = _check(Path(directory))
+        settings = DetokenizerSettings(**json.loads((directory / CONFIG_FILE).read_text()))
+        unet = UNet2DConditionModel.from_pretrained(str(directory / UNET_DIR), use_safetensors=True,
+                                                    torch_dtype=dtype).to(device)
+        model = cls(unet, settings, vae=vae)
+        tensors = load_file(str(directory / MODULES_FILE), device=str(model.device))
+        if set(tensors) != set(model.trainable_state_dict()):
+            raise DetokenizerError(f"{directory / MODULES_FILE}: its tensors do not fit the saved settings")
+        model.load_state_dict(tensors, strict=False)
+        return model.eval()
+
+
+def _check(directory: Path) -> Path:
+    if not directory.is_dir():
+        raise DetokenizerError(f"de-tokenizer {directory} does not exist")
+    for name in (CONFIG_FILE, MODULES_FILE, f"{UNET_DIR}/config.json"):
+        if not (directory / name).is_file():
+            raise DetokenizerError(f"de-tokenizer {directory} is incomplete: {name} is missing")
+    return directory

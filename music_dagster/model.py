@@ -1,0 +1,575 @@
+"""The MUSIC model: a SEED-X-style multimodal LLM built from Hugging Face parts (one file, nanoGPT style).
+
+One sequence serves both stages of the paper:
+
+    [bos] instruction  " subject 1" <img> q..q </img>  ...  " subject N" <img> q..q </img>   (prompt)
+    " " CoT " layout: 0011..."  <eos>                                                      (plan: f1, L1)
+    <query> x image_queries                                                                (f2, L2)
+
+- a frozen vision encoder (`music_vision`: SiglipVisionModel) encodes each subject image; the *input resampler*
+  (learned queries cross-attending to the patch features) maps them to `input_queries` LLM embeddings, placed
+  between two learned marker embeddings (`<img>`, `</img>`: learned vectors, so no tokenizer or vocabulary change
+  is needed in either profile);
+- the causal LM (`music_llm`: Qwen3ForCausalLM) is adapted with peft LoRA; `modules_to_save` makes the embeddings
+  and output layer trainable where the config says so (a *random* tiny LLM cannot learn the format without them);
+- the plan (CoT + the layout in `layout_to_text` form) is predicted with cross-entropy (L1);
+- `image_queries` learned query embeddings follow the plan; the *output resampler* maps their last hidden states to
+  the target image's vision features pooled to `image_queries` tokens, standardised per channel (MSE, L2).
+
+L = w1 L1 + w2 L2. `plan` samples or greedily decodes plans for N branches in one batch (left padding, KV cache);
+`image_tokens` returns the predicted visual tokens (in raw vision-feature space, what the de-tokenizer reads).
+
+This module imports torch at its top: import it inside asset functions, never at the top of a module that
+`music_dagster.definitions` imports (transformers, peft and safetensors are imported where they are used).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from music_dagster.errors import UserError
+from music_dagster.layout import TEXT_PREFIX, LayoutError, layout_from_text, layout_to_text
+
+if TYPE_CHECKING:  # pragma: no cover
+    from PIL import Image
+
+MODEL_CONFIG = "music_config.json"
+MODULES_FILE = "music_modules.safetensors"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+MAX_SUBJECTS = 12
+# Position kinds in a sequence (see `MusicModel.collate`).
+TEXT, IMG_START, IMG, IMG_END, QUERY = 0, 1, 2, 3, 4
+IGNORE = -100
+
+
+class CheckpointError(UserError):
+    """A MUSIC checkpoint folder that is missing, incomplete or does not fit the given backbone."""
+
+
+class ModelInputError(UserError):
+    """A prompt the model cannot take (no subject, too many subjects, an empty instruction)."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Settings and data
+@dataclass(frozen=True)
+class MusicSettings:
+    """The architecture and loss settings of a MusicModel (a `TrainConfig` subset; saved as `music_config.json`)."""
+
+    input_queries: int = 16
+    image_queries: int = 16
+    resampler_depth: int = 1
+    resampler_heads: int = 4
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    modules_to_save: tuple[str, ...] = ("embed_tokens", "lm_head")
+    w1: float = 0.5
+    w2: float = 0.5
+    max_plan_tokens: int = 256
+    grid: int = 8
+
+    @classmethod
+    def from_config(cls, train, grid: int = 8) -> "MusicSettings":
+        """The settings named by a `TrainConfig` (plus the layout grid size of the data config)."""
+        names = {f for f in cls.__dataclass_fields__ if f != "grid"}
+        values = {k: getattr(train, k) for k in names}
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}, grid=grid)
+
+    def to_json(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+@dataclass
+class Sample:
+    """One training or evaluation sample in memory: the data assets' record with its images loaded.
+
+    `references[i]` is the reference image of subject `i + 1`; `instruction` and `cot` refer to subjects by id;
+    `layout` is a grid of subject ids (0 = background). `cot`, `layout` and `target` are None for a bare prompt."""
+
+    instruction: str
+    references: list
+    cot: str | None = None
+    layout: np.ndarray | None = None
+    target: "Image.Image | None" = None
+    id: str = ""
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One decoded plan: the raw text, its CoT, its layout (None when it does not parse) and the token ids."""
+
+    text: str
+    cot: str
+    layout: np.ndarray | None
+    token_ids: tuple[int, ...]
+
+    @property
+    def parsed(self) -> bool:
+        return self.layout is not None
+
+
+def subject_label(i: int) -> str:
+    """How subject `i` (1-based) is introduced before its image in the prompt."""
+    return f" subject {i}"
+
+
+def plan_text(cot: str, layout: np.ndarray) -> str:
+    """The text the model learns to write: the CoT then the layout exactly as the data assets serialise it."""
+    return f" {cot.strip()} {layout_to_text(np.asarray(layout))}"
+
+
+def split_plan(text: str, grid: int | None = None) -> tuple[str, np.ndarray | None]:
+    """(CoT, layout) of a decoded plan; the layout is None when the text after the last `layout:` does not parse."""
+    at = text.rfind(TEXT_PREFIX)
+    if at < 0:
+        return text.strip(), None
+    try:
+        layout = layout_from_text(text[at:], grid)
+    except LayoutError:
+        layout = None
+    return text[:at].strip(), layout
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Vision features
+def vision_features(encoder, processor, images: Sequence) -> torch.Tensor:
+    """The frozen encoder's patch features [N, P, D] (float32, on the encoder's device) of PIL images;
+    `encoder` and `processor` are a `music_vision` handle's `.model` and `.processor`."""
+    if not images:
+        return torch.zeros(0, 0, encoder.config.hidden_size)
+    pixels = processor(images=[im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"]
+    param = next(encoder.parameters())
+    with torch.no_grad():
+        out = encoder(pixel_values=pixels.to(param.device, param.dtype)).last_hidden_state
+    return out.float()
+
+
+def pool_tokens(features: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """Patch features [N, P, D] (P a square number) average-pooled to [N, n_tokens, D] (n_tokens a square)."""
+    n, p, d = features.shape
+    side, out = math.isqrt(p), math.isqrt(n_tokens)
+    if side * side != p or out * out != n_tokens:
+        raise ValueError(f"pooling needs square token counts, got {p} patches -> {n_tokens} tokens")
+    grid = features.transpose(1, 2).reshape(n, d, side, side)
+    return F.adaptive_avg_pool2d(grid, out).flatten(2).transpose(1, 2)
+
+
+def target_tokens(encoder, processor, images: Sequence, n_tokens: int) -> torch.Tensor:
+    """The visual tokens of target images [N, n_tokens, D]: vision features pooled to `n_tokens` (what MUSIC
+    regresses and the de-tokenizer decodes)."""
+    return pool_tokens(vision_features(encoder, processor, images), n_tokens)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Modules
+class Resampler(nn.Module):
+    """Perceiver-style resampler: `n_queries` learned queries cross-attend to the input tokens.
+
+    [B, T, in_dim] -> [B, n_queries, out_dim]."""
+
+    def __init__(self, in_dim: int, dim: int, out_dim: int, n_queries: int, heads: int = 4, depth: int = 1):
+        super().__init__()
+        self.queries = nn.Parameter(torch.randn(n_queries, dim) * 0.02)
+        self.proj_in = nn.Sequential(nn.Linear(in_dim, dim), nn.LayerNorm(dim))
+        self.blocks = nn.ModuleList(ResamplerBlock(dim, heads) for _ in range(depth))
+        self.proj_out = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, out_dim))
+
+    def forward(self, x):
+        kv = self.proj_in(x)
+        q = self.queries.expand(x.shape[0], -1, -1)
+        for block in self.blocks:
+            q = block(q, kv)
+        return self.proj_out(q)
+
+
+class ResamplerBlock(nn.Module):
+    """Pre-norm cross-attention of the queries to the inputs, then an MLP."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.ln_q, self.ln_kv, self.ln_mlp = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, q, kv):
+        kv = self.ln_kv(kv)
+        q = q + self.attn(self.ln_q(q), kv, kv, need_weights=False)[0]
+        return q + self.mlp(self.ln_mlp(q))
+
+
+class MusicModel(nn.Module):
+    """SEED-X-style MUSIC model over a `music_llm` handle and a `music_vision` handle (see the module doc).
+
+    The LLM handle's model is wrapped by peft *in place* (LoRA layers are injected into it): give each
+    MusicModel its own freshly loaded LLM handle."""
+
+    def __init__(self, llm, vision, settings: MusicSettings, adapter_dir: str | os.PathLike | None = None,
+                 base_model_name: str | None = None):
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        super().__init__()
+        self.settings = settings
+        self.tokenizer = llm.tokenizer
+        if self.tokenizer.eos_token_id is None:
+            raise CheckpointError("music_llm: the tokenizer has no eos token (the plan needs an end)")
+        self.processor = vision.processor
+        self.vision = vision.model.eval().requires_grad_(False)
+        for name, n in (("image_queries", settings.image_queries), ("input_queries", settings.input_queries)):
+            if n < 1:
+                raise CheckpointError(f"{name} must be positive, got {n}")
+        base = llm.model
+        if adapter_dir is not None:
+            self.llm = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
+        else:
+            lora = LoraConfig(
+                r=settings.lora_rank, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
+                target_modules=list(settings.lora_targets), modules_to_save=list(settings.modules_to_save) or None,
+                task_type="CAUSAL_LM",
+            )
+            self.llm = get_peft_model(base, lora)
+        if base_model_name is not None:  # a portable name (Hub id or project-relative folder), not a local path
+            self.llm.peft_config["default"].base_model_name_or_path = base_model_name
+        hidden = base.config.hidden_size
+        vdim = vision.model.config.hidden_size
+        device = next(base.parameters()).device
+        self.input_resampler = Resampler(vdim, hidden, hidden, settings.input_queries,
+                                         settings.resampler_heads, settings.resampler_depth).to(device)
+        self.output_resampler = Resampler(hidden, hidden, vdim, settings.image_queries,
+                                          settings.resampler_heads, settings.resampler_depth).to(device)
+        self.image_queries = nn.Parameter(torch.randn(settings.image_queries, hidden, device=device) * 0.02)
+        self.image_markers = nn.Parameter(torch.randn(2, hidden, device=device) * 0.02)
+        # Per-channel statistics of target tokens: L2 is computed on standardised features.
+        self.register_buffer("feature_mean", torch.zeros(vdim, device=device))
+        self.register_buffer("feature_std", torch.ones(vdim, device=device))
+        if adapter_dir is not None:
+            self.eval()
+
+    # ---- plumbing -----------------------------------------------------------------------------------
+    @property
+    def device(self):
+        return self.image_queries.device
+
+    @property
+    def llm_dtype(self):
+        return self.llm.get_base_model().dtype
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.vision.eval()  # frozen encoder: never in training mode
+        return self
+
+    def trainable_state_dict(self) -> dict:
+        """Every trainable tensor outside the LLM (resamplers, queries, markers) plus the feature statistics."""
+        names = ("input_resampler", "output_resampler", "image_queries", "image_markers",
+                 "feature_mean", "feature_std")
+        return {k: v for k, v in self.state_dict().items() if k.split(".")[0] in names}
+
+    def set_feature_stats(self, tokens: torch.Tensor) -> None:
+        """Standardise L2 targets with the per-channel mean and std of `tokens` [N, Q, D] (training targets)."""
+        flat = tokens.reshape(-1, tokens.shape[-1]).to(self.device, torch.float32)
+        self.feature_mean.copy_(flat.mean(0))
+        self.feature_std.copy_(flat.std(0) + 1e-6)
+
+    def standardise(self, tokens):
+        return (tokens.to(self.device, torch.float32) - self.feature_mean) / self.feature_std
+
+    def encode_ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    # ---- encoding samples ---------------------------------------------------------------------------
+    def encode(self, sample: Sample, with_target: bool = True) -> dict:
+        """Token ids, position kinds, labels and vision features of one sample (no grad; the training loop
+        caches these). `with_target`: append the plan, eos and image queries, and encode the target image."""
+        n = len(sample.references)
+        if n < 1 or n > MAX_SUBJECTS:
+            raise ModelInputError(f"sample {sample.id or '?'}: {n} subjects (expected 1..{MAX_SUBJECTS})")
+        if not sample.instruction.strip():
+            raise ModelInputError(f"sample {sample.id or '?'}: empty instruction")
+        ids, kinds = [], []
+
+        def text(t, ids=ids, kinds=kinds):
+            new = self.encode_ids(t)
+            ids.extend(new)
+            kinds.extend([TEXT] * len(new))
+
+        if self.tokenizer.bos_token_id is not None:
+            ids.append(self.tokenizer.bos_token_id)
+            kinds.append(TEXT)
+        text(sample.instruction.strip())
+        q = self.settings.input_queries
+        for i in range(1, n + 1):
+            text(subject_label(i))
+            ids.extend([0] * (q + 2))
+            kinds.extend([IMG_START] + [IMG] * q + [IMG_END])
+        labels = [IGNORE] * len(ids)
+        out = {"prompt_len": len(ids)}
+        if with_target:
+            if sample.cot is None or sample.layout is None or sample.target is None:
+                raise ModelInputError(f"sample {sample.id or '?'}: a training sample needs cot, layout and target")
+            plan_ids = self.encode_ids(plan_text(sample.cot, sample.layout)) + [self.tokenizer.eos_token_id]
+            ids += plan_ids
+            kinds += [TEXT] * len(plan_ids)
+            labels += plan_ids
+            ids += [0] * self.settings.image_queries
+            kinds += [QUERY] * self.settings.image_queries
+            labels += [IGNORE] * self.settings.image_queries
+            target = target_tokens(self.vision, self.processor, [sample.target], self.settings.image_queries)
+            out["target"] = target[0].cpu()
+        references = vision_features(self.vision, self.processor, sample.references)
+        out.update(ids=torch.tensor(ids), kinds=torch.tensor(kinds, dtype=torch.int8),
+                   labels=torch.tensor(labels), references=references.cpu())
+        return out
+
+    def collate(self, encoded: Sequence[dict], left_pad: bool = False, extra=None) -> dict:
+        """Pad encoded samples into one batch. `extra[b]` (ids, kinds) is appended to row b (plans + queries
+        at inference). Positions follow each row's own tokens, so left and right padding give the same values."""
+        rows = []
+        for b, e in enumerate(encoded):
+            ids, kinds, labels = e["ids"], e["kinds"], e["labels"]
+            if extra is not None and extra[b] is not None:
+                x_ids, x_kinds = extra[b]
+                ids = torch.cat([ids[: e["prompt_len"]], x_ids])
+                kinds = torch.cat([kinds[: e["prompt_len"]], x_kinds])
+                labels = torch.full_like(ids, IGNORE)
+            rows.append((ids, kinds, labels))
+        length = max(len(r[0]) for r in rows)
+        B = len(rows)
+        ids = torch.zeros(B, length, dtype=torch.long)
+        kinds = torch.full((B, length), -1, dtype=torch.int8)
+        labels = torch.full((B, length), IGNORE, dtype=torch.long)
+        mask = torch.zeros(B, length, dtype=torch.long)
+        for b, (i, k, l) in enumerate(rows):
+            s = slice(length - len(i), length) if left_pad else slice(0, len(i))
+            ids[b, s], kinds[b, s], labels[b, s], mask[b, s] = i, k, l, 1
+        batch = {
+            "ids": ids, "kinds": kinds, "labels": labels, "attention_mask": mask,
+            "position_ids": (mask.cumsum(1) - 1).clamp(min=0),
+            "references": torch.cat([e["references"] for e in encoded]),
+        }
+        if all("target" in e for e in encoded):
+            batch["targets"] = torch.stack([e["target"] for e in encoded])
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    # ---- the network ----------------------------------------------------------------------------------
+    def embed(self, batch: dict) -> torch.Tensor:
+        """Input embeddings of a collated batch: token embeddings with image slots and queries filled in."""
+        base = self.llm.get_base_model()
+        kinds = batch["kinds"]
+        x = base.get_input_embeddings()(batch["ids"]).float()
+        x = x.masked_fill((kinds != TEXT).unsqueeze(-1), 0.0)
+        n_img = int((kinds == IMG).sum())
+        if n_img:
+            refs = self.input_resampler(batch["references"].to(self.device, torch.float32))
+            x = x.index_put((kinds == IMG).nonzero(as_tuple=True), refs.reshape(-1, refs.shape[-1]))
+        x = x + (kinds == IMG_START).unsqueeze(-1) * self.image_markers[0]
+        x = x + (kinds == IMG_END).unsqueeze(-1) * self.image_markers[1]
+        n_query = int((kinds == QUERY).sum())
+        if n_query:
+            q = self.image_queries.repeat(n_query // self.settings.image_queries, 1)
+            x = x.index_put((kinds == QUERY).nonzero(as_tuple=True), q)
+        return x.to(self.llm_dtype)
+
+    def hidden(self, batch: dict, cache=None, use_cache: bool = False, inputs_embeds=None):
+        """The LLM's last hidden states (and cache) for a collated batch or for given embeddings."""
+        base = self.llm.get_base_model()
+        out = base.model(
+            inputs_embeds=self.embed(batch) if inputs_embeds is None else inputs_embeds,
+            attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
+            cache=cache, use_cache=use_cache,
+        )
+        return out.last_hidden_state, out.cache
+
+    def predict_tokens(self, h, kinds) -> torch.Tensor:
+        """Output resampler over the query positions' hidden states -> standardised visual tokens [B, Q, D]."""
+        B = h.shape[0]
+        hq = h[kinds == QUERY].reshape(B, self.settings.image_queries, -1).float()
+        return self.output_resampler(hq)
+
+    def forward(self, batch: dict) -> dict:
+        """Losses of a collated training batch: {"L1", "L2", "loss", "pred"} (pred standardised)."""
+        h, _ = self.hidden(batch)
+        labels = batch["labels"][:, 1:]
+        keep = labels != IGNORE
+        logits = self.llm.get_base_model().lm_head(h[:, :-1][keep]).float()
+        l1 = F.cross_entropy(logits, labels[keep])
+        pred = self.predict_tokens(h, batch["kinds"])
+        l2 = F.mse_loss(pred, self.standardise(batch["targets"]))
+        loss = self.settings.w1 * l1 + self.settings.w2 * l2
+        return {"L1": l1, "L2": l2, "loss": loss, "pred": pred}
+
+    # ---- inference ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def plan(self, prompts: Sequence[Sample], branches: int = 1, sample: bool = False,
+             temperature: float = 1.0, top_k: int = 0, max_new_tokens: int | None = None,
+             seed: int = 0, encoded: Sequence[dict] | None = None) -> list[list[Plan]]:
+        """Decode `branches` plans per prompt, all rows in one batch (left padding, KV cache).
+
+        Greedy when `sample` is False (then branches are identical); else multinomial sampling at
+        `temperature` (top-k when > 0) from a generator seeded with `seed`. Returns one list per prompt."""
+        if branches < 1:
+            raise ModelInputError(f"branches must be >= 1, got {branches}")
+        if sample and temperature <= 0:
+            raise ModelInputError(f"temperature must be > 0 for sampling, got {temperature}")
+        was_training = self.training
+        self.eval()
+        encoded = encoded or [self.encode(p, with_target=False) for p in prompts]
+        rows = [e for e in encoded for _ in range(branches)]
+        batch = self.collate(rows, left_pad=True)
+        eos = self.tokenizer.eos_token_id
+        limit = max_new_tokens or self.settings.max_plan_tokens
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        base = self.llm.get_base_model()
+        emb = base.get_input_embeddings()
+        h, cache = self.hidden(batch, use_cache=True)
+        mask, pos = batch["attention_mask"], batch["position_ids"][:, -1:]
+        B = len(rows)
+        out = torch.zeros(B, 0, dtype=torch.long, device=self.device)
+        done = torch.zeros(B, dtype=torch.bool, device=self.device)
+        for _ in range(limit):
+            logits = base.lm_head(h[:, -1]).float()
+            if sample:
+                logits = logits / temperature
+                if top_k > 0:
+                    kth = logits.topk(min(top_k, logits.shape[-1]), -1).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                nxt = torch.multinomial(logits.softmax(-1), 1, generator=gen).squeeze(1)
+            else:
+                nxt = logits.argmax(-1)
+            nxt = torch.where(done, torch.full_like(nxt, eos), nxt)
+            out = torch.cat([out, nxt[:, None]], 1)
+            done |= nxt == eos
+            if bool(done.all()):
+                break
+            mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=self.device)], 1)
+            pos = pos + 1
+            step = {"attention_mask": mask, "position_ids": pos}
+            h, cache = self.hidden(step, cache=cache, use_cache=True,
+                                   inputs_embeds=emb(nxt[:, None]).to(self.llm_dtype))
+        self.train(was_training)
+        plans = []
+        for row in out.tolist():
+            ids = tuple(row[: row.index(eos)] if eos in row else row)
+            text = self.tokenizer.decode(list(ids))
+            cot, layout = split_plan(text, self.settings.grid)
+            plans.append(Plan(text=text, cot=cot, layout=layout, token_ids=ids))
+        return [plans[i * branches:(i + 1) * branches] for i in range(len(encoded))]
+
+    @torch.no_grad()
+    def image_tokens(self, prompts: Sequence[Sample], plans: Sequence[Plan],
+                     encoded: Sequence[dict] | None = None) -> torch.Tensor:
+        """Predicted visual tokens [B, image_queries, D] (raw vision-feature space) for row b = (prompts[b],
+        plans[b]): the plan's tokens, eos, then the image queries, in one batched forward."""
+        if len(prompts) != len(plans):
+            raise ModelInputError(f"{len(prompts)} prompts but {len(plans)} plans")
+        was_training = self.training
+        self.eval()
+        encoded = encoded or [self.encode(p, with_target=False) for p in prompts]
+        q = self.settings.image_queries
+        extra = []
+        for plan in plans:
+            ids = list(plan.token_ids) + [self.tokenizer.eos_token_id]
+            extra.append((torch.tensor(ids + [0] * q),
+                          torch.tensor([TEXT] * len(ids) + [QUERY] * q, dtype=torch.int8)))
+        batch = self.collate(encoded, left_pad=True, extra=extra)
+        h, _ = self.hidden(batch)
+        pred = self.predict_tokens(h, batch["kinds"])
+        self.train(was_training)
+        return pred * self.feature_std + self.feature_mean
+
+    # ---- persistence ----------------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write the peft adapter (`adapter_model.safetensors`, `adapter_config.json`), the resamplers, query
+        and marker embeddings and feature statistics (`music_modules.safetensors`) and `music_config.json`,
+        atomically (a temporary sibling folder renamed into place)."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        try:
+            self.llm.save_pretrained(str(tmp), safe_serialization=True)
+            tensors = {k: v.detach().to("cpu", torch.float32).contiguous()
+                       for k, v in self.trainable_state_dict().items()}
+            save_file(tensors, str(tmp / MODULES_FILE), metadata={"format": "pt"})
+            meta = {"settings": self.settings.to_json(), "vision_hidden": self.vision.config.hidden_size,
+                    "llm_hidden": self.llm.get_base_model().config.hidden_size}
+            (tmp / MODEL_CONFIG).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+            _replace_dir(tmp, directory)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return directory
+
+    def load_trainable(self, directory: str | os.PathLike) -> None:
+        """Load the adapter and module weights of a `save_pretrained` folder into this (trainable) model."""
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        check_checkpoint(directory)
+        set_peft_model_state_dict(self.llm, load_file(str(directory / ADAPTER_FILES[1]), device=str(self.device)))
+        self._load_modules(directory)
+
+    def _load_modules(self, directory: Path) -> None:
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(directory / MODULES_FILE), device=str(self.device))
+        expected = self.trainable_state_dict()
+        if set(tensors) != set(expected) or any(tensors[k].shape != v.shape for k, v in expected.items()):
+            raise CheckpointError(f"{directory / MODULES_FILE}: its tensors do not fit this model's settings")
+        self.load_state_dict(tensors, strict=False)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, llm, vision) -> "MusicModel":
+        """Load a `save_pretrained` folder onto fresh backbone handles (the adapter through
+        `PeftModel.from_pretrained`). The result is in eval mode."""
+        directory = Path(directory)
+        meta = check_checkpoint(directory)
+        settings = MusicSettings(**{k: tuple(v) if isinstance(v, list) else v
+                                    for k, v in meta["settings"].items()})
+        if meta["vision_hidden"] != vision.model.config.hidden_size or \
+                meta["llm_hidden"] != llm.model.config.hidden_size:
+            raise CheckpointError(f"{directory}: made for other backbones (hidden sizes differ)")
+        model = cls(llm, vision, settings, adapter_dir=directory)
+        model._load_modules(directory)
+        return model.eval()
+
+
+def check_checkpoint(directory: Path) -> dict:
+    """The checkpoint's `music_config.json`, after checking every file is there."""
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint {directory} does not exist")
+    for name in (*ADAPTER_FILES, MODULES_FILE, MODEL_CONFIG):
+        if not (directory / name).is_file():
+            raise CheckpointError(f"checkpoint {directory} is incomplete: {name} is missing")
+    try:
+        return json.loads((directory / MODEL_CONFIG).read_text())
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{directory / MODEL_CONFIG}: not valid JSON") from None
+
+
+def _replace_dir(tmp: Path, directory: Path) -> None:
+    """Move a finished temporary folder to `directory`, replacing an older one."""
+    old = None
+    if directory.exists():
+        old = directory.with_name(f".{directory.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(directory, old)
+    os.replace(tmp, directory)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+

@@ -1,0 +1,455 @@
+"""Training loops: MUSIC (`train_music`) and its de-tokenizer (`train_detokenizer`), with accelerate.
+
+Both loops are the same shape (diffusers' dreambooth LoRA script style): an `Accelerator` (one process on the CPU
+here; `accelerate launch` for many GPUs, each process taking its slice of every global batch), a seeded data order
+that depends only on (seed, epoch), AdamW with linear warmup, gradient clipping, and `accelerator.save_state` every
+`checkpoint_every` steps into `out_dir/checkpoints/checkpoint-<step>/` (written to a temporary folder, then renamed),
+with save/load hooks that write only the trainable weights in safetensors (the frozen backbones are never copied).
+A run finds the last complete checkpoint in `out_dir` and continues from it, with the same losses as an
+uninterrupted run. The final weights go to `out_dir/model/` (MUSIC: peft adapter + resamplers, loadable with
+`MusicModel.from_pretrained`; de-tokenizer: `Detokenizer.from_pretrained`), the per-step losses to
+`out_dir/history.json`.
+
+Training data: shard folders of training samples (the data assets' `training_samples`, or the procedural world
+written by `procedural.write_procedural_shard`) and/or in-memory `Sample`s. MSIC hold-out samples
+(`split == "msic"`) are never trained on; they are counted and skipped.
+
+Note: accelerate keeps the optimizer, scheduler and RNG states of a resumable checkpoint as torch pickles
+(`optimizer.bin`, `scheduler.bin`, `random_states_0.pkl`); model weights are safetensors only.
+
+This module imports torch at its top: import it inside asset functions.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from music_dagster.errors import UserError
+from music_dagster.model import MusicModel, MusicSettings, Sample, target_tokens
+
+CHECKPOINTS = "checkpoints"
+MODEL_DIR = "model"
+HISTORY = "history.json"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+# The fields `load_samples` reads from a training-sample record (other fields are allowed and ignored).
+SAMPLE_SCHEMA: dict = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "type": "object",
+    "properties": {
+        "sample_id": {"type": "string", "minLength": 1},
+        "parent_ids": {"type": "array", "items": {"type": "string"}},
+        "split": {"enum": ["train", "msic"]},
+        "instruction": {"type": "string", "minLength": 1},
+        "cot": {"type": "string"},
+        "layout": {"type": "array", "items": {"type": "array", "items": {"type": "integer", "minimum": 0}}},
+        "target": {"type": "string", "minLength": 1},
+        "subjects": {
+            "type": "array", "minItems": 1, "maxItems": 12,
+            "items": {
+                "type": "object",
+                "properties": {
+                    "id": {"type": "integer", "minimum": 1},
+                    "category": {"type": "string", "minLength": 1},
+                    "box": {"type": "array", "items": {"type": "number"}, "minItems": 4, "maxItems": 4},
+                    "reference": {"type": "string", "minLength": 1},
+                },
+                "required": ["id", "category", "box", "reference"],
+            },
+        },
+    },
+    "required": ["sample_id", "parent_ids", "split", "instruction", "cot", "layout", "target", "subjects"],
+}
+
+
+class TrainingError(UserError):
+    """Training that cannot start: no training samples, a bad source, a checkpoint folder that does not fit."""
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced."""
+
+    model_dir: Path  # the final weights (`save_pretrained` folder)
+    steps: int  # optimizer steps done in total
+    epochs: float
+    samples: int  # training samples used
+    skipped_msic: int  # MSIC hold-out samples seen in the sources and skipped
+    resumed_from: int  # the checkpoint step this run started from (0: from scratch)
+    history: list[dict] = field(repr=False, default_factory=list)  # {"step", "L1", "L2", "loss", "lr"} per step
+    seconds: float = 0.0  # wall time of this run's steps (not counting loading)
+
+    @property
+    def steps_per_second(self) -> float:
+        done = self.steps - self.resumed_from
+        return done / self.seconds if self.seconds > 0 else 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Samples
+def _record_sample(shard, record: dict) -> Callable[[], Sample]:
+    def load() -> Sample:
+        subjects = sorted(record["subjects"], key=lambda s: s["id"])
+        return Sample(
+            instruction=record["instruction"], references=[shard.image(s["reference"]) for s in subjects],
+            cot=record["cot"], layout=np.asarray(record["layout"], np.int64), target=shard.image(record["target"]),
+            id=record["sample_id"], meta={"split": record["split"], "shard": str(shard.path),
+                                          "subjects": [{k: v for k, v in s.items() if k != "reference"}
+                                                       for s in subjects]},
+        )
+    return load
+
+
+def collect_samples(sources: Iterable) -> tuple[list[Callable[[], Sample]], int]:
+    """(loaders of the training samples, number of MSIC samples skipped) of `sources`: shard folders (str or
+    PathLike), `Sample`s, or iterables of `Sample`s. Shard images are read when a sample is loaded."""
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import best_match
+
+    from music_dagster.storage import read_shard
+
+    validator = Draft202012Validator(SAMPLE_SCHEMA)
+    items, skipped = [], 0
+
+    def add(sample: Sample):
+        nonlocal skipped
+        if sample.meta.get("split") == "msic":
+            skipped += 1
+        else:
+            items.append(lambda s=sample: s)
+
+    for source in sources:
+        if isinstance(source, (str, os.PathLike)):
+            shard = read_shard(source)
+            for n, record in enumerate(shard.records):
+                error = best_match(validator.iter_errors(record))
+                if error is not None:
+                    where = ".".join(str(p) for p in error.absolute_path) or "record"
+                    raise TrainingError(f"{shard.path}: record {n}: {where}: {error.message.splitlines()[0]}")
+                if record["split"] == "msic":
+                    skipped += 1
+                else:
+                    items.append(_record_sample(shard, record))
+        elif isinstance(source, Sample):
+            add(source)
+        else:
+            for sample in source:
+                if not isinstance(sample, Sample):
+                    raise TrainingError(f"a sample source yielded {type(sample).__name__}, not a Sample")
+                add(sample)
+    return items, skipped
+
+
+def procedural_source(config, n: int | None = None, start: int = 0) -> list[Sample]:
+    """The procedural world a config selects (`train.procedural_*`, seed `config.seed`), in memory."""
+    from music_dagster.procedural import WorldSettings, procedural_samples
+
+    return procedural_samples(n or config.profile.train.procedural_samples, config.seed,
+                              WorldSettings.from_config(config), start=start)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Backbones
+def device_of(config) -> str:
+    """The configured device (`auto`: cuda when present)."""
+    wanted = config.profile.device
+    if wanted == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return wanted
+
+
+def load_backbone(config, role: str):
+    """A fresh handle of a music backbone role (`music_llm`, `music_vision`, `music_unet`) on the configured
+    device and dtype. Fresh, because MusicModel injects LoRA layers into its LLM in place."""
+    from music_dagster.loaders import load_role
+
+    config.check_models([role])
+    dtype = getattr(torch, config.profile.dtype)
+    return load_role(role, config.models[role], device_of(config), dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loop shared by both trainers
+def _checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
+    folder = out_dir / CHECKPOINTS
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _CHECKPOINT.match(p.name)) and p.is_dir()]
+    return sorted(found)
+
+
+def _accelerator(mixed_precision: str, out_dir: Path):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    return Accelerator(mixed_precision=mixed_precision,
+                       project_config=ProjectConfiguration(project_dir=str(out_dir)))
+
+
+def _run(*, accelerator, model, n_items: int, cfg, seed: int, out_dir: Path, resume: bool,
+         step_fn: Callable, save_fn: Callable, load_fn: Callable, on_step, metric_names: Sequence[str]):
+    """The training loop. `step_fn(model, indices) -> dict of scalar tensors with "loss"`;
+    `save_fn(unwrapped_model, folder)` / `load_fn(unwrapped_model, folder)` write / read the trainable weights.
+    Returns (history, steps, resumed_from, seconds, epochs)."""
+    from accelerate.utils import set_seed
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warm = cfg.warmup_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warm + 1)))
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
+    def save_hook(models, weights, folder):
+        if accelerator.is_main_process:
+            for m in models:
+                save_fn(accelerator.unwrap_model(m), Path(folder) / MODEL_DIR)
+        while weights:
+            weights.pop()
+
+    def load_hook(models, folder):
+        while models:
+            load_fn(accelerator.unwrap_model(models.pop()), Path(folder) / MODEL_DIR)
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+    world, rank = accelerator.num_processes, accelerator.process_index
+    global_batch = cfg.batch_size * world
+    per_epoch = max(1, n_items // global_batch)
+    total = cfg.epochs * per_epoch if cfg.max_steps is None else min(cfg.epochs * per_epoch, cfg.max_steps)
+
+    ckpt_root = out_dir / CHECKPOINTS
+    history: list[dict] = []
+    start = 0
+    if accelerator.is_main_process:
+        for p in ckpt_root.glob(".checkpoint-*.tmp"):  # leftovers of a killed save
+            shutil.rmtree(p, ignore_errors=True)
+        if not resume:
+            shutil.rmtree(ckpt_root, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    found = _checkpoints(out_dir) if resume else []
+    if found:
+        start, path = found[-1]
+        if start > total:
+            raise TrainingError(f"{path}: checkpoint at step {start} is past this run's {total} steps")
+        accelerator.load_state(str(path))
+        history = json.loads((path / HISTORY).read_text())
+    else:
+        set_seed(seed)  # the RNG stream of a fresh run (a resumed one gets its saved RNG states)
+
+    order: dict[int, np.ndarray] = {}
+    model.train()
+    t0 = time.perf_counter()
+    for step in range(start, total):
+        epoch, k = divmod(step, per_epoch)
+        if epoch not in order:
+            order.clear()
+            order[epoch] = np.random.default_rng([seed, epoch]).permutation(n_items)
+        batch = order[epoch][k * global_batch:(k + 1) * global_batch]
+        out = step_fn(model, batch[rank::world].tolist())
+        accelerator.backward(out["loss"])
+        accelerator.clip_grad_norm_(params, cfg.grad_clip)
+        lr = float(scheduler.get_last_lr()[0])  # the rate this step used
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        values = accelerator.reduce(torch.stack([out[n].detach().float() for n in metric_names]), "mean")
+        entry = {"step": step + 1, **{n: float(v) for n, v in zip(metric_names, values)}, "lr": lr}
+        history.append(entry)
+        if on_step is not None and accelerator.is_main_process:
+            on_step(step + 1, {k: v for k, v in entry.items() if k != "step"})
+        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total:
+            _save_checkpoint(accelerator, ckpt_root, step + 1, history, cfg.checkpoints_kept)
+    seconds = time.perf_counter() - t0
+    accelerator.wait_for_everyone()
+    return accelerator.unwrap_model(model), history, total, start, seconds, total / per_epoch
+
+
+def _save_checkpoint(accelerator, root: Path, step: int, history: list[dict], kept: int) -> None:
+    """`save_state` into a temporary folder renamed into place; then drop the oldest beyond `kept`."""
+    tmp = root / f".checkpoint-{step}.tmp"
+    final = root / f"checkpoint-{step}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / HISTORY).write_text(json.dumps(history, sort_keys=True))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for _, old in _checkpoints(root.parent)[:-kept]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _finish(accelerator, out_dir: Path, history: list[dict], save: Callable) -> Path:
+    target = out_dir / MODEL_DIR
+    if accelerator.is_main_process:
+        save(target)
+        from music_dagster.storage import atomic_write_text
+
+        atomic_write_text(out_dir / HISTORY, json.dumps(history, sort_keys=True) + "\n")
+    accelerator.wait_for_everyone()
+    return target
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MUSIC
+def build_model(config, llm=None, vision=None) -> MusicModel:
+    """A fresh MusicModel from the config's backbones (or the given handles) and `train` settings."""
+    llm = llm or load_backbone(config, "music_llm")
+    vision = vision or load_backbone(config, "music_vision")
+    settings = MusicSettings.from_config(config.profile.train, grid=config.profile.data.grid)
+    return MusicModel(llm, vision, settings, base_model_name=config.models["music_llm"].id)
+
+
+def train_music(config, sample_sources: Iterable, out_dir: str | os.PathLike, resume: bool = True,
+                on_step: Callable[[int, dict], None] | None = None, llm=None, vision=None) -> TrainResult:
+    """Train MUSIC on `sample_sources` (see `collect_samples`) into `out_dir` (see the module doc).
+
+    L = w1 L1 + w2 L2 per step; `on_step(step, {"L1", "L2", "loss", "lr"})` after every optimizer step (main
+    process). `llm` / `vision`: backbone handles to use instead of loading fresh ones (the LLM is modified in place).
+    """
+    train = config.profile.train
+    out_dir = Path(out_dir)
+    items, skipped = collect_samples(sample_sources)
+    if not items:
+        raise TrainingError(f"no training samples (skipped {skipped} MSIC hold-out samples)")
+    torch.set_flush_denormal(True)  # denormals make CPU training many times slower
+    accelerator = _accelerator(train.mixed_precision, out_dir)
+    from accelerate.utils import set_seed
+
+    set_seed(config.seed)
+    model = build_model(config, llm, vision)
+    cache: dict[int, dict] = {}
+
+    def encoded(i: int) -> dict:
+        if i in cache:
+            return cache[i]
+        e = model.encode(items[i]())
+        if train.cache_features:
+            cache[i] = e
+        return e
+
+    # L2 standardisation from a seeded subset of the training targets (overwritten by a resumed checkpoint).
+    pick = np.random.default_rng([config.seed, 1 << 20]).permutation(len(items))[:train.feature_stats_samples]
+    targets = [items[i]().target for i in pick]
+    with torch.no_grad():
+        model.set_feature_stats(torch.cat([
+            target_tokens(model.vision, model.processor, targets[j:j + 32], train.image_queries)
+            for j in range(0, len(targets), 32)]))
+
+    def step(wrapped, indices):
+        core = accelerator.unwrap_model(wrapped)
+        return wrapped(core.collate([encoded(i) for i in indices]))
+
+    core, history, steps, start, seconds, epochs = _run(
+        accelerator=accelerator, model=model, n_items=len(items), cfg=train, seed=config.seed, out_dir=out_dir,
+        resume=resume, step_fn=step, save_fn=lambda m, d: m.save_pretrained(d),
+        load_fn=lambda m, d: m.load_trainable(d), on_step=on_step, metric_names=("L1", "L2", "loss"))
+    target = _finish(accelerator, out_dir, history, core.save_pretrained)
+    return TrainResult(target, steps, epochs, len(items), skipped, start, history, seconds)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# De-tokenizer
+def build_detokenizer(config, unet=None, vision=None):
+    """A fresh Detokenizer from the config's `music_unet` (or the given handle) and `detokenizer` settings."""
+    from music_dagster.detokenizer import Detokenizer, DetokenizerSettings, load_vae
+
+    unet = unet or load_backbone(config, "music_unet")
+    vision = vision or load_backbone(config, "music_vision")
+    detok = config.profile.detokenizer
+    vae = load_vae(detok.vae, device_of(config)) if detok.vae is not None else None
+    settings = DetokenizerSettings.from_config(detok, vision.model.config.hidden_size)
+    return Detokenizer(unet.unet.float(), settings, vae=vae)
+
+
+def train_detokenizer(config, sample_sources: Iterable, out_dir: str | os.PathLike, resume: bool = True,
+                      on_step: Callable[[int, dict], None] | None = None, unet=None, vision=None) -> TrainResult:
+    """Train the de-tokenizer by reconstruction on the target images of `sample_sources`: DDPM noise prediction
+    conditioned on each image's own visual tokens (vision features pooled to `train.image_queries`).
+    `on_step(step, {"loss", "lr"})`. Same checkpointing and resuming as `train_music`; the final folder loads
+    with `Detokenizer.from_pretrained`."""
+    detok_cfg = config.profile.detokenizer
+    out_dir = Path(out_dir)
+    items, skipped = collect_samples(sample_sources)
+    if not items:
+        raise TrainingError(f"no training samples (skipped {skipped} MSIC hold-out samples)")
+    torch.set_flush_denormal(True)
+    accelerator = _accelerator(detok_cfg.mixed_precision, out_dir)
+    from accelerate.utils import set_seed
+
+    set_seed(config.seed)
+    vision = vision or load_backbone(config, "music_vision")
+    detok = build_detokenizer(config, unet, vision)
+    q = config.profile.train.image_queries
+    cache: dict[int, tuple] = {}
+
+    def encoded(i: int):
+        if i not in cache:
+            image = items[i]().target
+            tokens = target_tokens(vision.model, vision.processor, [image], q)[0]
+            cache[i] = (detok.preprocess([image])[0], tokens.cpu())
+        return cache[i]
+
+    def step(wrapped, indices):
+        pixels, tokens = zip(*(encoded(i) for i in indices))
+        return {"loss": wrapped(torch.stack(pixels), torch.stack(tokens))}
+
+    def save(m, d):
+        m.save_pretrained(d)
+
+    core, history, steps, start, seconds, epochs = _run(
+        accelerator=accelerator, model=detok, n_items=len(items), cfg=detok_cfg, seed=config.seed,
+        out_dir=out_dir, resume=resume, step_fn=step, save_fn=save, load_fn=lambda m, d: m.load_trainable(d),
+        on_step=on_step, metric_names=("loss",))
+    target = _finish(accelerator, out_dir, history, core.save_pretrained)
+    return TrainResult(target, steps, epochs, len(items), skipped, start, history, seconds)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Benchmark
+def measure_training_speed(config, steps: int = 20, warmup: int = 3, out_dir: str | os.PathLike | None = None) -> dict:
+    """Steps per second of `train_music` and `train_detokenizer` on the procedural world (features cached, so
+    this times the optimizer steps), with the config's batch sizes; for `bench/train.py`. `steps` timed steps
+    after `warmup` untimed ones (each trainer runs warmup + steps steps)."""
+    import tempfile
+
+    n_music = (warmup + steps) * config.profile.train.batch_size
+    n_detok = (warmup + steps) * config.profile.detokenizer.batch_size
+    samples = procedural_source(config, max(n_music, n_detok))
+    times = {}
+    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+        for name, fn, n, section in (("music", train_music, n_music, "train"),
+                                     ("detokenizer", train_detokenizer, n_detok, "detokenizer")):
+            stamps = []
+            cfg = _with(config, section, epochs=1, max_steps=warmup + steps, checkpoint_every=10 ** 9,
+                        cache_features=True) if section == "train" else \
+                _with(config, section, epochs=1, max_steps=warmup + steps, checkpoint_every=10 ** 9)
+            fn(cfg, [samples[:n]], Path(tmp) / name, resume=False,
+               on_step=lambda s, _m, stamps=stamps: stamps.append(time.perf_counter()))
+            timed = stamps[warmup - 1:] if warmup else stamps
+            times[f"{name}_steps_per_s"] = (len(timed) - 1) / (timed[-1] - timed[0]) if len(timed) > 1 else 0.0
+            times[f"{name}_batch_size"] = getattr(cfg.profile, section).batch_size
+    times["device"] = device_of(config)
+    times["threads"] = torch.get_num_threads()
+    return times
+
+
+def _with(config, section: str, **values):
+    """A copy of `config` with `profile.<section>` fields replaced."""
+    part = getattr(config.profile, section).model_copy(update=values)
+    return config.model_copy(update={"profile": config.profile.model_copy(update={section: part})})
