@@ -1,0 +1,220 @@
+"""Load a model role from a local folder or a Hub id, with each library's own loader: one code path for both.
+
+`load_role(role, spec, device, dtype)` returns a `ModelHandle` (the attributes per role are listed in
+CONTRIBUTING.md). Weights load from safetensors only (a folder with only pickle weights is refused before anything is
+read); `trust_remote_code` is passed through from the spec and is off by default. Heavy imports happen inside
+functions. Hub downloads follow the usual `HF_HUB_OFFLINE` / cache settings: nothing here forces them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from music_dagster.config import ROLES, ZOO_COMMAND, ModelSpec
+from music_dagster.errors import UserError
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class LoaderError(UserError):
+    """A checkpoint that cannot be loaded as asked (missing folder, pickle-only weights, bad device or dtype)."""
+
+
+@dataclass(eq=False)
+class ModelHandle:
+    """A loaded role: `.device`, `.dtype` and the role's objects (unused attributes stay None)."""
+
+    role: str
+    device: Any  # torch.device
+    dtype: Any  # torch.dtype of the weights
+    model: Any = None
+    tokenizer: Any = None
+    processor: Any = None
+    pipe: Any = None
+    preprocess: Any = None
+    unet: Any = None
+    name: str | None = None
+
+    def modules(self) -> list:
+        """The handle's torch modules (a pipeline's components included)."""
+        import torch
+
+        if self.pipe is not None:
+            return [m for m in self.pipe.components.values() if isinstance(m, torch.nn.Module)]
+        return [m for m in (self.model, self.unet) if m is not None]
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for m in self.modules() for p in m.parameters())
+
+
+def resolve_device(device: str):
+    """'auto' -> cuda when available, else cpu."""
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise LoaderError(f"device: unknown device {device!r} (use auto, cpu or cuda)") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise LoaderError(f"device: {device!r} asked for but CUDA is not available")
+    return resolved
+
+
+def resolve_dtype(dtype: str, device):
+    """The weights' dtype. On CPU bfloat16/float16 stay float32: CPU half-precision kernels are slow or missing
+    for some ops (fp16 conv, attention), and CPU runs are the tiny profile, where speed and exactness matter."""
+    import torch
+
+    if dtype not in DTYPES:
+        raise LoaderError(f"dtype: unknown dtype {dtype!r} (use {', '.join(DTYPES)})")
+    if device.type == "cpu":
+        return torch.float32
+    return getattr(torch, dtype)
+
+
+def check_local_folder(role: str, spec: ModelSpec) -> Path | None:
+    """The spec's folder (subfolder applied) after checking it holds safetensors weights; None for a Hub id."""
+    local = spec.local_path
+    if local is None:
+        return None
+    if not local.is_dir():
+        raise LoaderError(f"{role}: checkpoint folder {spec.id} is missing (make it with `{ZOO_COMMAND}`)")
+    folder = local / spec.subfolder if spec.subfolder else local
+    if not folder.is_dir():
+        raise LoaderError(f"{role}: subfolder {spec.subfolder!r} is missing in {spec.id}")
+    # Judge each folder on its own: a pipeline whose one component has only pickle weights is refused too.
+    by_dir: dict[Path, set[str]] = {}
+    for path in folder.rglob("*"):
+        if path.is_file() and path.suffix in (".safetensors", *PICKLE_SUFFIXES):
+            by_dir.setdefault(path.parent, set()).add(path.suffix)
+    for d, suffixes in sorted(by_dir.items()):
+        if ".safetensors" not in suffixes:
+            rel = d.relative_to(folder).as_posix()
+            where = spec.id if rel == "." else f"{spec.id}/{rel}"
+            raise LoaderError(f"{role}: {where} has only pickle weights ({', '.join(sorted(suffixes))}); "
+                              "convert them to safetensors")
+    if not by_dir:
+        raise LoaderError(f"{role}: no safetensors weights in {spec.id}")
+    return folder
+
+
+def _hf_kwargs(spec: ModelSpec) -> dict:
+    kw = {"trust_remote_code": spec.trust_remote_code}
+    if spec.subfolder:
+        kw["subfolder"] = spec.subfolder
+    if spec.revision:
+        kw["revision"] = spec.revision
+    return kw
+
+
+def _model(auto_cls, spec: ModelSpec, device, dtype, **extra):
+    return auto_cls.from_pretrained(spec.source, use_safetensors=True, dtype=dtype, **_hf_kwargs(spec), **extra) \
+        .eval().to(device)
+
+
+def _load_causal_lm(role, spec, device, dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return ModelHandle(role, device, dtype, model=_model(AutoModelForCausalLM, spec, device, dtype),
+                       tokenizer=AutoTokenizer.from_pretrained(spec.source, **_hf_kwargs(spec)))
+
+
+def _load_with_processor(auto_cls, processor_cls="AutoProcessor", **extra):
+    def load(role, spec, device, dtype):
+        import transformers
+
+        processor = getattr(transformers, processor_cls).from_pretrained(spec.source, **_hf_kwargs(spec))
+        model = _model(getattr(transformers, auto_cls), spec, device, dtype, **extra)
+        return ModelHandle(role, device, dtype, model=model, processor=processor)
+
+    return load
+
+
+def _load_flux(pipeline_cls):
+    def load(role, spec, device, dtype):
+        import diffusers
+
+        kw = {k: v for k, v in _hf_kwargs(spec).items() if k != "trust_remote_code"}  # no remote code in diffusers
+        pipe = getattr(diffusers, pipeline_cls).from_pretrained(spec.source, use_safetensors=True, dtype=dtype, **kw)
+        for m in pipe.components.values():
+            if hasattr(m, "eval"):
+                m.eval()
+        return ModelHandle(role, device, dtype, pipe=pipe.to(device))
+
+    return load
+
+
+def _load_unet(role, spec, device, dtype):
+    from diffusers import UNet2DConditionModel
+
+    kw = {k: v for k, v in _hf_kwargs(spec).items() if k != "trust_remote_code"}
+    unet = UNet2DConditionModel.from_pretrained(spec.source, use_safetensors=True, dtype=dtype, **kw)
+    return ModelHandle(role, device, dtype, unet=unet.eval().to(device))
+
+
+def _open_clip_dir(spec: ModelSpec) -> Path:
+    """A folder in open_clip's `local-dir:` layout. A Hub id (`hf-hub:org/repo`) fetches only its config and
+    safetensors weights, so open_clip cannot fall back to a pickle."""
+    local = spec.local_path
+    if local is not None:
+        return local / spec.subfolder if spec.subfolder else local
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    repo = spec.id.removeprefix("hf-hub:")
+    kw = {"revision": spec.revision, "subfolder": spec.subfolder}
+    config = hf_hub_download(repo, "open_clip_config.json", **kw)
+    try:
+        hf_hub_download(repo, "open_clip_model.safetensors", **kw)
+    except EntryNotFoundError:
+        raise LoaderError(f"{spec.id}: no open_clip_model.safetensors (pickle weights are never loaded)") from None
+    return Path(config).parent
+
+
+def _load_open_clip(role, spec, device, dtype):
+    import open_clip
+
+    name = f"local-dir:{_open_clip_dir(spec)}"
+    model, _, preprocess = open_clip.create_model_and_transforms(name, device=device)
+    return ModelHandle(role, device, dtype, model=model.eval().to(device=device, dtype=dtype),
+                       preprocess=preprocess, tokenizer=open_clip.get_tokenizer(name), name=spec.id)
+
+
+def _load_siglip_vision(role, spec, device, dtype):
+    from transformers import AutoImageProcessor, SiglipVisionModel
+
+    # a full SigLIP checkpoint holds both towers: SiglipVisionModel reads the vision one
+    return ModelHandle(role, device, dtype, model=_model(SiglipVisionModel, spec, device, dtype),
+                       processor=AutoImageProcessor.from_pretrained(spec.source, **_hf_kwargs(spec)))
+
+
+_LOADERS = {
+    "llm": _load_causal_lm,
+    "vlm": _load_with_processor("AutoModelForImageTextToText"),
+    "t2i": _load_flux("FluxPipeline"),
+    "i2i": _load_flux("FluxKontextPipeline"),
+    "detector": _load_with_processor("AutoModelForZeroShotObjectDetection"),
+    "segmenter": _load_with_processor("AutoModelForMaskGeneration"),
+    "clip": _load_open_clip,
+    # DINO's checkpoint has no pooler: the CLS token of the last hidden state is the feature
+    "dino": _load_with_processor("AutoModel", "AutoImageProcessor", add_pooling_layer=False),
+    "eval_clip": _load_open_clip,
+    "music_llm": _load_causal_lm,
+    "music_vision": _load_siglip_vision,
+    "music_unet": _load_unet,
+}
+assert tuple(_LOADERS) == ROLES
+
+
+def load_role(role: str, spec: ModelSpec, device: str = "auto", dtype: str = "float32") -> ModelHandle:
+    """Load `role` from `spec` (a local folder or a Hub id) in eval mode on `device` with `dtype`."""
+    if role not in _LOADERS:
+        raise LoaderError(f"unknown role {role!r} (roles: {', '.join(ROLES)})")
+    resolved = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, resolved)
+    check_local_folder(role, spec)
+    return _LOADERS[role](role, spec, resolved, torch_dtype)
