@@ -9,6 +9,7 @@ from PIL import Image
 
 from music_dagster import benchmarks as bm
 from music_dagster.config import default_config
+from music_dagster.images import read_image
 from music_dagster.metrics import Embedder
 
 torch.set_num_threads(1)
@@ -31,7 +32,7 @@ def handles():
     roles = ("dino", "eval_clip", "detector")
     ensure_zoo(roles=list(roles))
     cfg = default_config()
-    return {r: load_role(r, cfg.models[r], "cpu", torch.float32) for r in roles}
+    return {r: load_role(r, cfg.models[r], "cpu", "float32") for r in roles}
 
 
 @pytest.fixture()
@@ -101,7 +102,7 @@ def test_dreambench_scores_mean_over_real_photos(tmp_path, dreambench_root, embe
     bench = bm.load_dreambench(_mini_bench(tmp_path / "db", dreambench_root)).subset(None, 1)
     dog = bench.subject("dog")
     good = tmp_path / "gen.png"
-    Image.open(dog.images[1]).convert("RGB").save(good)
+    read_image(dog.images[1]).save(good)
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     items = [bm.DreamItem("dog/00/0", "dog", dog.prompts[0], good),
@@ -109,8 +110,8 @@ def test_dreambench_scores_mean_over_real_photos(tmp_path, dreambench_root, embe
     result = bm.score_dreambench(bench, items, embedder)
     assert [f["key"] for f in result["failures"]] == ["dog/00/1"] and "broken.png" in result["failures"][0]["error"]
     (record,) = result["images"]
-    gen = embedder.images([Image.open(good).convert("RGB")])
-    reals = embedder.images([Image.open(p).convert("RGB") for p in dog.images])
+    gen = embedder.images([read_image(good)])
+    reals = embedder.images([read_image(p) for p in dog.images])
     assert record["dino"] == pytest.approx(float((reals.dino @ gen.dino[0]).mean()), abs=1e-9)
     assert record["clip_i"] == pytest.approx(float((reals.clip @ gen.clip[0]).mean()), abs=1e-9)
     text = embedder.clip_texts(["a dog in the jungle"])
@@ -149,14 +150,14 @@ def test_msic_scores_use_detected_region(tmp_path, embedder, handles):
     item = _msic_item(tmp_path)
     result = bm.score_msic([item], embedder, handles["detector"], box_threshold=0.0, text_threshold=0.0)
     (sample,) = result["samples"]
-    image = Image.open(item.path).convert("RGB")
+    image = read_image(item.path)
     whole = embedder.images([image])
     for sub, ref in zip(sample["subjects"], item.subjects):
         assert sub["found"] and sub["box"] is not None
         x1, y1, x2, y2 = (int(round(v)) for v in sub["box"])
         assert (x2 - x1, y2 - y1) != image.size  # a region, not the whole image
         crop = embedder.images([image.crop((x1, y1, x2, y2))])
-        r = embedder.images([Image.open(ref.reference).convert("RGB")])
+        r = embedder.images([read_image(ref.reference)])
         assert sub["dino"] == pytest.approx(float(crop.dino[0] @ r.dino[0]), abs=1e-6)
         assert sub["clip_i"] == pytest.approx(float(crop.clip[0] @ r.clip[0]), abs=1e-6)
         assert abs(sub["dino"] - float(whole.dino[0] @ r.dino[0])) > 1e-6
@@ -168,9 +169,9 @@ def test_msic_whole_image_when_not_found(tmp_path, embedder, handles):
     item = _msic_item(tmp_path)
     result = bm.score_msic([item], embedder, handles["detector"], box_threshold=1.0, text_threshold=1.0)
     (sample,) = result["samples"]
-    whole = embedder.images([Image.open(item.path).convert("RGB")])
+    whole = embedder.images([read_image(item.path)])
     for sub, ref in zip(sample["subjects"], item.subjects):
-        r = embedder.images([Image.open(ref.reference).convert("RGB")])
+        r = embedder.images([read_image(ref.reference)])
         assert not sub["found"] and sub["dino"] == pytest.approx(float(whole.dino[0] @ r.dino[0]), abs=1e-6)
     assert result["overall"]["found_rate"] == 0.0
 

@@ -22,7 +22,7 @@ def handles():
 
     ensure_zoo(roles=["dino", "eval_clip"])
     cfg = default_config()
-    return {r: load_role(r, cfg.models[r], "cpu", torch.float32) for r in ("dino", "eval_clip")}
+    return {r: load_role(r, cfg.models[r], "cpu", "float32") for r in ("dino", "eval_clip")}
 
 
 @pytest.fixture(scope="module")
