@@ -1,0 +1,58 @@
+"""The tiny model zoo as an asset: `models/tiny/<role>/` for every role (what the tiny profile's resources load)."""
+from __future__ import annotations
+
+import dagster as dg
+from pydantic import Field
+
+from music_dagster import zoo
+
+
+class ZooConfig(dg.Config):
+    seed: int | None = Field(default=None, description="random-weights seed (default: params.yaml `seed`)")
+
+
+def _metadata(manifest: dict, roles) -> dict:
+    rows = ["| role | class | parameters | files sha256 |", "| --- | --- | ---: | --- |"]
+    for role in roles:
+        e = manifest["roles"][role]
+        rows.append(f"| {role} | {e['class']} | {e['parameters']:,} | `{e['hash'][:16]}` |")
+    meta = {
+        "roles": dg.MetadataValue.md("\n".join(rows)),
+        "total_parameters": dg.MetadataValue.int(sum(manifest["roles"][r]["parameters"] for r in roles)),
+    }
+    for role in roles:
+        e = manifest["roles"][role]
+        meta[f"{role}/class"] = e["class"]
+        meta[f"{role}/parameters"] = dg.MetadataValue.int(e["parameters"])
+        meta[f"{role}/files_hash"] = e["hash"]
+    return meta
+
+
+@dg.asset(group_name="models", kinds={"pytorch"}, description=zoo.__doc__.splitlines()[0])
+def tiny_model_zoo(context: dg.AssetExecutionContext, config: ZooConfig) -> dg.MaterializeResult:
+    from music_dagster.config import ROLES, default_config
+
+    seed = default_config().seed if config.seed is None else config.seed
+    folders = zoo.build_zoo(seed=seed, progress=lambda role, e: context.log.info(
+        f"{role}: {e['class']}, {e['parameters']:,} parameters"))
+    root = next(iter(folders.values())).parent
+    manifest = zoo.read_manifest(root)
+    zoo_hash = zoo.files_digest({role: manifest["roles"][role]["hash"] for role in ROLES})
+    return dg.MaterializeResult(
+        metadata={"path": dg.MetadataValue.path(str(root)), "seed": seed, **_metadata(manifest, ROLES)},
+        data_version=dg.DataVersion(zoo_hash),
+    )
+
+
+@dg.asset_check(asset=tiny_model_zoo, description="every role's files still match the hashes in zoo.json")
+def zoo_files_match_manifest() -> dg.AssetCheckResult:
+    from music_dagster.config import ROLES
+
+    root = zoo.default_root()
+    manifest = zoo.read_manifest(root)
+    changed = [r for r in ROLES if r not in manifest["roles"] or
+               zoo.file_hashes(root / r) != manifest["roles"][r]["files"]]
+    return dg.AssetCheckResult(passed=not changed, metadata={"changed_or_missing": ", ".join(changed) or "none"})
+
+
+defs = dg.Definitions(assets=[tiny_model_zoo], asset_checks=[zoo_files_match_manifest])

@@ -1,0 +1,169 @@
+"""One Dagster resource per model role, each under its role's name as resource key.
+
+`resource.load()` loads the checkpoint lazily, once per process (a module-level cache keyed by role, checkpoint,
+device and dtype), in eval mode on the configured device; `teardown_after_execution` drops it when the step ends.
+This module imports neither torch nor the model libraries: `loaders` does, when a model is first loaded.
+"""
+from __future__ import annotations
+
+import gc
+import sys
+import threading
+from typing import ClassVar, Literal
+
+import dagster as dg
+from pydantic import Field
+
+from music_dagster.config import ROLES, Config, ModelSpec
+
+_CACHE: dict[tuple, object] = {}
+_LOCK = threading.Lock()
+
+
+class ModelResource(dg.ConfigurableResource):
+    """A model role's checkpoint and where to run it. Subclasses fix the role."""
+
+    role: ClassVar[str]
+
+    checkpoint: str = Field(description="Hub id (org/name, hf-hub:org/name) or folder relative to the project root")
+    subfolder: str | None = Field(default=None, description="folder inside the checkpoint (e.g. unet)")
+    revision: str | None = Field(default=None, description="Hub revision (branch, tag or commit)")
+    trust_remote_code: bool = Field(default=False, description="run the checkpoint's own code (off unless needed)")
+    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto: cuda when present, else cpu")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(default="float32", description="weights dtype on GPU")
+    torch_threads: int = Field(default=1, gt=0, description="torch CPU threads of the process")
+
+    @classmethod
+    def from_config(cls, config: Config) -> ModelResource:
+        spec = config.models[cls.role]
+        prof = config.profile
+        return cls(checkpoint=spec.id, subfolder=spec.subfolder, revision=spec.revision,
+                   trust_remote_code=spec.trust_remote_code, device=prof.device, dtype=prof.dtype,
+                   torch_threads=prof.torch_threads)
+
+    @property
+    def spec(self) -> ModelSpec:
+        return ModelSpec(id=self.checkpoint, subfolder=self.subfolder, revision=self.revision,
+                         trust_remote_code=self.trust_remote_code)
+
+    def _key(self) -> tuple:
+        return (self.role, self.checkpoint, self.subfolder, self.revision, self.trust_remote_code, self.device,
+                self.dtype)
+
+    def load(self):
+        """The role's `ModelHandle`, loaded on first use in this process and reused after."""
+        key = self._key()
+        with _LOCK:
+            if key not in _CACHE:
+                import torch
+
+                from music_dagster.loaders import load_role
+
+                torch.set_num_threads(self.torch_threads)
+                _CACHE[key] = load_role(self.role, self.spec, self.device, self.dtype)
+            return _CACHE[key]
+
+    @property
+    def is_loaded(self) -> bool:
+        return self._key() in _CACHE
+
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        self.unload()
+
+    def unload(self) -> None:
+        """Forget the loaded model so its memory (CPU and GPU) can be reclaimed."""
+        with _LOCK:
+            handle = _CACHE.pop(self._key(), None)
+        if handle is None:
+            return
+        del handle
+        gc.collect()
+        torch = sys.modules.get("torch")  # loaded when a model was: never import it just to free nothing
+        if torch is not None and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+class LLMResource(ModelResource):
+    """Category filter and captions (Qwen3)."""
+
+    role: ClassVar[str] = "llm"
+
+
+class VLMResource(ModelResource):
+    """Box verification, instruction and CoT (Qwen2.5-VL)."""
+
+    role: ClassVar[str] = "vlm"
+
+
+class T2IResource(ModelResource):
+    """Target images (FluxPipeline)."""
+
+    role: ClassVar[str] = "t2i"
+
+
+class I2IResource(ModelResource):
+    """Reference subjects (FluxKontextPipeline)."""
+
+    role: ClassVar[str] = "i2i"
+
+
+class DetectorResource(ModelResource):
+    """Open-vocabulary boxes (GroundingDINO)."""
+
+    role: ClassVar[str] = "detector"
+
+
+class SegmenterResource(ModelResource):
+    """Masks from boxes (SAM 2)."""
+
+    role: ClassVar[str] = "segmenter"
+
+
+class ClipResource(ModelResource):
+    """Mask choice and test-time selection (open_clip)."""
+
+    role: ClassVar[str] = "clip"
+
+
+class DinoResource(ModelResource):
+    """DINO score encoder (ViT-S/16)."""
+
+    role: ClassVar[str] = "dino"
+
+
+class EvalClipResource(ModelResource):
+    """CLIP-I / CLIP-T score encoder (open_clip)."""
+
+    role: ClassVar[str] = "eval_clip"
+
+
+class MusicLLMResource(ModelResource):
+    """The MUSIC model's causal LM (Qwen3)."""
+
+    role: ClassVar[str] = "music_llm"
+
+
+class MusicVisionResource(ModelResource):
+    """The MUSIC model's frozen vision encoder (SigLIP)."""
+
+    role: ClassVar[str] = "music_vision"
+
+
+class MusicUNetResource(ModelResource):
+    """The MUSIC de-tokenizer's UNet."""
+
+    role: ClassVar[str] = "music_unet"
+
+
+RESOURCE_CLASSES: dict[str, type[ModelResource]] = {
+    cls.role: cls for cls in (
+        LLMResource, VLMResource, T2IResource, I2IResource, DetectorResource, SegmenterResource, ClipResource,
+        DinoResource, EvalClipResource, MusicLLMResource, MusicVisionResource, MusicUNetResource,
+    )
+}
+assert tuple(RESOURCE_CLASSES) == ROLES
+
+
+def model_resources(config: Config) -> dict[str, ModelResource]:
+    """Every role's resource, keyed by the role's name."""
+    return {role: cls.from_config(config) for role, cls in RESOURCE_CLASSES.items()}

@@ -1,0 +1,107 @@
+"""Model-role resources: one per role, wired from the config, lazy, loaded once per process, freed at teardown."""
+import subprocess
+import sys
+
+import dagster as dg
+import pytest
+
+from music_dagster import loaders
+from music_dagster.config import ROLES, default_config
+from music_dagster.loaders import LoaderError
+from music_dagster.resources.models import RESOURCE_CLASSES, DinoResource, MusicVisionResource, model_resources
+
+
+@pytest.fixture
+def count_loads(monkeypatch):
+    calls = []
+    real = loaders.load_role
+
+    def counting(role, spec, device, dtype):
+        calls.append(role)
+        return real(role, spec, device, dtype)
+
+    monkeypatch.setattr(loaders, "load_role", counting)
+    return calls
+
+
+def _dino(tiny_zoo, **kw):
+    return DinoResource(checkpoint=str(tiny_zoo["dino"]), device="cpu", **kw)
+
+
+def test_one_resource_per_role_from_config():
+    config = default_config()
+    resources = model_resources(config)
+    assert list(resources) == list(ROLES)
+    for role, res in resources.items():
+        assert type(res) is RESOURCE_CLASSES[role] and res.role == role
+        spec = config.models[role]
+        assert (res.checkpoint, res.subfolder, res.revision) == (spec.id, spec.subfolder, spec.revision)
+        assert res.trust_remote_code is False
+        assert (res.device, res.dtype, res.torch_threads) == (
+            config.profile.device, config.profile.dtype, config.profile.torch_threads)
+
+
+def test_importing_resources_does_not_import_torch():
+    code = ("import sys; from music_dagster.config import default_config; "
+            "from music_dagster.resources.models import model_resources; model_resources(default_config()); "
+            "print(sorted(x for x in ('torch', 'transformers', 'diffusers', 'open_clip') if x in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_loads_lazily_and_once_per_process(tiny_zoo, count_loads):
+    res = _dino(tiny_zoo)
+    res.unload()
+    assert not res.is_loaded and count_loads == []
+    handle = res.load()
+    assert res.load() is handle and _dino(tiny_zoo).load() is handle  # same spec, same process: one load
+    assert count_loads == ["dino"]
+    assert type(handle.model).__name__ == "ViTModel" and not handle.model.training
+    assert str(handle.device) == "cpu"
+    res.unload()
+
+
+def test_teardown_frees_and_next_load_reloads(tiny_zoo, count_loads):
+    res = _dino(tiny_zoo)
+    first = res.load()
+    res.teardown_after_execution(dg.build_init_resource_context())
+    assert not res.is_loaded
+    assert res.load() is not first and count_loads == ["dino", "dino"]
+    res.unload()
+
+
+def test_cache_key_separates_roles_and_dtypes(tiny_zoo, count_loads):
+    a = _dino(tiny_zoo)
+    b = _dino(tiny_zoo, dtype="bfloat16")  # on CPU it stays float32, but it is another configuration
+    assert a.load() is not b.load() and count_loads == ["dino", "dino"]
+    a.unload()
+    assert b.is_loaded and not a.is_loaded
+    b.unload()
+
+
+def test_dagster_step_loads_and_tears_down(tiny_zoo, count_loads):
+    @dg.asset
+    def patch_tokens(music_vision: MusicVisionResource) -> int:
+        import numpy as np
+        import torch
+        from PIL import Image
+
+        h = music_vision.load()
+        assert music_vision.load() is h
+        inputs = h.processor(images=[Image.fromarray(np.zeros((64, 64, 3), np.uint8))], return_tensors="pt")
+        with torch.no_grad():
+            return h.model(**inputs).last_hidden_state.shape[1]
+
+    res = MusicVisionResource(checkpoint=str(tiny_zoo["music_vision"]), device="cpu")
+    result = dg.materialize([patch_tokens], resources={"music_vision": res})
+    assert result.success and result.output_for_node("patch_tokens") == 64
+    assert count_loads == ["music_vision"]
+    assert not res.is_loaded  # freed when the step ended
+
+
+def test_bad_checkpoint_is_one_line_error(tmp_path):
+    res = DinoResource(checkpoint=str(tmp_path / "missing"), device="cpu")
+    with pytest.raises(LoaderError, match="missing") as e:
+        res.load()
+    assert "\n" not in str(e.value) and not res.is_loaded
+
