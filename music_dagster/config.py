@@ -78,11 +78,18 @@ class DataConfig(_Section):
     grid: int = Field(gt=0)
     lam: float = Field(ge=0)
     msic_holdout_every: int = Field(gt=1)
+    min_subjects: int = Field(ge=1, le=12)  # fewest subjects a sample keeps; decimation stops there (paper: 2)
+    temperature: float = Field(ge=0)  # LLM/VLM sampling temperature for free-text answers (retries resample)
+    verify_threshold: float = Field(ge=0, lt=1)  # keep a box when the VLM's P(yes) exceeds this
+    reference_size: int = Field(ge=16)  # I2I reference images are reference_size x reference_size
+    categories: list[str] | None = None  # optional subset of the Objects365 names to sample from
 
     @model_validator(mode="after")
     def _subject_range(self):
         if self.min_categories > self.max_subjects:
             raise ValueError(f"min_categories ({self.min_categories}) exceeds max_subjects ({self.max_subjects})")
+        if self.min_subjects > self.min_categories:
+            raise ValueError(f"min_subjects ({self.min_subjects}) exceeds min_categories ({self.min_categories})")
         return self
 
 
