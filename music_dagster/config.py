@@ -173,6 +173,17 @@ class EvalConfig(_Section):
     text_threshold: float = Field(default=0.25, ge=0, le=1)
 
 
+class GenerateConfig(_Section):
+    """Inference (`music_dagster.generate`): how plans are sampled, and the sample generations logged in training."""
+
+    temperature: float = Field(default=1.0, gt=0)  # plan sampling when N > 1 branches (one branch decodes greedily)
+    top_k: int = Field(default=0, ge=0)  # 0: the whole vocabulary
+    max_plan_tokens: int | None = Field(default=None, gt=0)  # None: the checkpoint's own max_plan_tokens
+    decode_steps: int | None = Field(default=None, gt=0)  # None: the de-tokenizer's own decode_steps
+    logged_samples: int = Field(default=2, ge=0)  # training samples generated and logged to MLflow per training run
+    logged_branches: int = Field(default=2, gt=0)  # branches of each logged sample generation
+
+
 class Profile(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -182,6 +193,7 @@ class Profile(_Section):
     train: TrainConfig = TrainConfig()
     detokenizer: DetokenizerConfig = DetokenizerConfig()
     eval: EvalConfig = EvalConfig()
+    generate: GenerateConfig = GenerateConfig()
 
     @field_validator("models", mode="before")
     @classmethod

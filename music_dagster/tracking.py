@@ -29,6 +29,7 @@ TAG_DATA_VERSION = "data.version"
 TAG_CHECKPOINT_HASH = "checkpoint.sha256"
 TAG_DVC_HASH = "dvc.md5"
 TAG_KIND = "music.kind"  # "training" or "evaluation"
+TAG_MODEL = "music.model"  # what a training run trains: "lora" or "detokenizer"
 
 
 class TrackingError(UserError):
@@ -105,9 +106,12 @@ def git_commit(root: Path = PROJECT_ROOT) -> str:
     return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
-def data_version(manifests: Iterable[str | os.PathLike], root: Path | None = None) -> str:
-    """A sha256 over the training shards' manifests (names relative to `root` and contents), order-free."""
+def data_version(manifests: Iterable[str | os.PathLike], root: Path | None = None, extra: Iterable[str] = ()) -> str:
+    """A sha256 over the training shards' manifests (names relative to `root` and contents), order-free, and
+    `extra` strings describing other sources (the procedural world's settings)."""
     digest = hashlib.sha256()
+    for item in sorted(extra):
+        digest.update(f"extra:{item}\0".encode())
     for path in sorted(Path(p) for p in manifests):
         name = path.relative_to(root) if root is not None else path.name
         digest.update(f"{name.as_posix() if root is not None else name}\0".encode())
@@ -245,9 +249,9 @@ def read_run_ref(folder: str | os.PathLike) -> dict:
     return json.loads(path.read_text())
 
 
-KEY_PARAMS = ("profile_name", "seed", "profile.train.data_source", "profile.train.steps", "profile.train.lr",
-              "profile.train.lora_rank")
-LOSSES = ("loss", "l1", "l2")
+KEY_PARAMS = ("profile_name", "seed", "profile.train.source", "profile.train.max_steps", "profile.train.epochs",
+              "profile.train.lr", "profile.train.lora_rank")
+LOSSES = ("loss", "L1", "L2")
 
 
 def _fmt(value) -> str:
@@ -290,7 +294,7 @@ def list_runs(store: Store, limit: int = 10) -> list[dict]:
 
 def format_runs(rows: list[dict]) -> str:
     """`list_runs` as a plain table, one run a line."""
-    header = ["run", "name", "status", "params", "loss", "l1", "l2", "scores", "checkpoint"]
+    header = ["run", "name", "status", "params", *LOSSES, "scores", "checkpoint"]
     table = [header]
     for row in rows:
         table.append([

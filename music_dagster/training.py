@@ -174,8 +174,7 @@ def load_backbone(config, role: str):
     from music_dagster.loaders import load_role
 
     config.check_models([role])
-    dtype = getattr(torch, config.profile.dtype)
-    return load_role(role, config.models[role], device_of(config), dtype)
+    return load_role(role, config.models[role], device_of(config), config.profile.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ def test_training_run_holds_config_metrics_tags_artifacts(store, config, tmp_pat
     (tmp_path / "adapter" / "weights.bin").write_bytes(b"\x00\x01")
     with tracking.start_training_run(store, config, "train", {tracking.TAG_DAGSTER_RUN: "dg-1"}) as run:
         for step in range(3):
-            run.log_step(step, {"l1": 3.0 - step, "l2": 1.0, "loss": 2.0, "lr": 1e-4})
+            run.log_step(step, {"L1": 3.0 - step, "L2": 1.0, "loss": 2.0, "lr": 1e-4})
         run.log_artifacts(tmp_path / "adapter", "adapter")
         run.set_tags({tracking.TAG_CHECKPOINT_HASH: "abc"})
         time.sleep(0.7)  # a few system-metric samples
@@ -47,7 +47,7 @@ def test_training_run_holds_config_metrics_tags_artifacts(store, config, tmp_pat
     assert got.info.status == "FINISHED"
     assert got.data.params == tracking.config_params(config)
     assert got.data.params["profile.data.grid"] == "8"
-    assert [m.value for m in mlf.get_metric_history(run.run_id, "l1")] == [3.0, 2.0, 1.0]
+    assert [m.value for m in mlf.get_metric_history(run.run_id, "L1")] == [3.0, 2.0, 1.0]
     assert [m.step for m in mlf.get_metric_history(run.run_id, "lr")] == [0, 1, 2]
     assert any(k.startswith("system/cpu") for k in got.data.metrics)
     assert got.data.tags[tracking.TAG_DAGSTER_RUN] == "dg-1"
@@ -92,6 +92,7 @@ def test_data_version_is_order_free_and_content_sensitive(tmp_path):
         p.write_text(text)
     v = tracking.data_version([a, b], root=tmp_path)
     assert v == tracking.data_version([b, a], root=tmp_path)
+    assert tracking.data_version([a, b], root=tmp_path, extra=["procedural:0:512"]) != v
     b.write_text("z\n")
     assert tracking.data_version([a, b], root=tmp_path) != v
 
@@ -113,8 +114,8 @@ def test_print_runs_lists_params_losses_scores_checkpoint(store, capsys):
     for lr in ("0.001", "0.0001"):
         with tracking.start_run(store, f"lr{lr}", {tracking.TAG_KIND: "training"}) as run:
             run.log_params({"profile.train.lr": lr, "seed": 0, "unrelated": 1})
-            run.log_step(0, {"loss": 2.0, "l1": 3.0, "l2": 1.0})
-            run.log_step(1, {"loss": 1.5, "l1": 2.0, "l2": 1.0})
+            run.log_step(0, {"loss": 2.0, "L1": 3.0, "L2": 1.0})
+            run.log_step(1, {"loss": 1.5, "L1": 2.0, "L2": 1.0})
             run.set_tags({tracking.TAG_CHECKPOINT_HASH: f"{lr}-hash-long-enough"})
         ids.append(run.run_id)
     with tracking.start_nested_run(store, ids[0], "msic") as child:
@@ -122,7 +123,7 @@ def test_print_runs_lists_params_losses_scores_checkpoint(store, capsys):
     rows = tracking.list_runs(store, limit=5)
     assert [r["run_id"] for r in rows] == ids[::-1]  # newest first, nested evaluation runs not listed
     assert rows[1]["params"] == {"seed": "0", "lr": "0.001"}
-    assert rows[1]["losses"] == {"loss": 1.5, "l1": 2.0, "l2": 1.0}
+    assert rows[1]["losses"] == {"loss": 1.5, "L1": 2.0, "L2": 1.0}
     assert rows[1]["scores"] == {"msic/clip_t": 0.3}
     assert len(tracking.list_runs(store, limit=1)) == 1
     tracking.print_runs(5, store=store)

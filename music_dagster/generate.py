@@ -1,0 +1,290 @@
+"""Generation with a trained MUSIC checkpoint: reference subjects + instruction -> CoT + layout -> image.
+
+MUSIC* (test-time scaling): N plans are sampled as one batch, their image tokens predicted in one batched forward,
+decoded by the de-tokenizer as one batch, and scored by CLIP text similarity against the instruction (the `clip`
+role) in one batch; the highest score wins (ties: the lower branch). One branch decodes the plan greedily.
+
+`generate(...)` is the Python API, `Generator` keeps the models loaded across calls, `cli_generate` is
+`music generate`. Bad input (no subject, more than 12, an unreadable image, an empty prompt, N < 1, a missing
+checkpoint, an existing output folder) raises a one-line `UserError` before any model is loaded; the output folder
+appears only once complete. torch is imported inside functions.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+
+from music_dagster.errors import UserError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from PIL import Image
+
+    from music_dagster.config import Config
+
+MAX_SUBJECTS = 12  # the paper's range, 1..12 subjects
+LORA_DIR = "lora"  # under `paths.models`: what `lora_checkpoint` writes and `music generate` reads by default
+DETOKENIZER_DIR = "detokenizer"
+IMAGE_FILE, PLAN_FILE, OVERLAY_FILE = "image.png", "plan.json", "layout.png"
+
+
+class GenerateError(UserError):
+    """A generation request that cannot run: no or too many subjects, an empty prompt, N < 1, a bad output folder."""
+
+
+def lora_dir(config: Config) -> Path:
+    return config.paths.resolve("models") / LORA_DIR
+
+
+def detokenizer_dir(config: Config) -> Path:
+    return config.paths.resolve("models") / DETOKENIZER_DIR
+
+
+@dataclass(frozen=True)
+class Branch:
+    """One test-time branch: its plan, its image and the image's CLIP similarity to the instruction."""
+
+    text: str  # the decoded plan as written by the model
+    cot: str
+    layout: np.ndarray | None  # None when the plan's layout does not parse
+    clip_score: float
+    image: Image.Image
+
+
+@dataclass(frozen=True)
+class Result:
+    """What one generation request produced; `branches[best]` is the image kept."""
+
+    prompt: str
+    seed: int
+    branches: tuple[Branch, ...]
+    best: int
+    checkpoint: str
+    clip_model: str
+    grid: int
+    subjects: tuple[str, ...]  # how each reference was given (file path, or `<image i>` for an in-memory image)
+
+    @property
+    def image(self) -> Image.Image:
+        return self.branches[self.best].image
+
+    @property
+    def layout(self) -> np.ndarray | None:
+        return self.branches[self.best].layout
+
+    def overlay(self) -> Image.Image:
+        """The kept image with its layout drawn over it (an empty grid when its layout did not parse)."""
+        from music_dagster.layout import render_overlay
+
+        layout = self.layout if self.layout is not None else np.zeros((self.grid, self.grid), np.int64)
+        return render_overlay(self.image, layout)
+
+    def plan(self) -> dict:
+        """`plan.json`: the kept CoT and layout grid, every branch's plan and CLIP score, and which won."""
+        def grid(layout):
+            return None if layout is None else np.asarray(layout).tolist()
+
+        return {
+            "prompt": self.prompt, "seed": self.seed, "checkpoint": self.checkpoint, "clip_model": self.clip_model,
+            "subjects": list(self.subjects), "num_branches": len(self.branches), "best": self.best,
+            "cot": self.branches[self.best].cot, "layout": grid(self.layout),
+            "branches": [{"index": i, "text": b.text, "cot": b.cot, "layout": grid(b.layout),
+                          "parsed": b.layout is not None, "clip_score": b.clip_score}
+                         for i, b in enumerate(self.branches)],
+        }
+
+    def save(self, out: str | os.PathLike) -> Path:
+        """Write image, plan and overlay into the new folder `out`, atomically: a temporary sibling renamed at the
+        end, so a failure leaves no `out` at all. `out` must not exist."""
+        from music_dagster.storage import png_bytes
+
+        out = Path(out)
+        if out.exists():
+            raise GenerateError(f"--out {out}: already exists (choose a new folder)")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp.", dir=out.parent))
+        try:
+            (tmp / IMAGE_FILE).write_bytes(png_bytes(self.image))
+            (tmp / OVERLAY_FILE).write_bytes(png_bytes(self.overlay()))
+            (tmp / PLAN_FILE).write_text(json.dumps(self.plan(), indent=2, sort_keys=True) + "\n")
+            os.rename(tmp, out)  # fails rather than replaces if `out` appeared meanwhile
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return out
+
+
+def read_subjects(subjects: Sequence) -> tuple[list, tuple[str, ...]]:
+    """The reference images as RGB PIL images, and how each was given. Paths are read with `images.read_image`
+    (odd modes, 16-bit, EXIF orientation handled; missing or corrupt files refused); PIL images are converted."""
+    from PIL import Image
+
+    from music_dagster.images import read_image, to_rgb
+
+    if len(subjects) == 0:
+        raise GenerateError(f"no subject given (pass 1..{MAX_SUBJECTS} reference images with --subject)")
+    if len(subjects) > MAX_SUBJECTS:
+        raise GenerateError(f"{len(subjects)} subjects given; at most {MAX_SUBJECTS} are supported")
+    images, names = [], []
+    for i, subject in enumerate(subjects, start=1):
+        if isinstance(subject, Image.Image):
+            images.append(to_rgb(subject))
+            names.append(f"<image {i}>")
+        elif isinstance(subject, (str, os.PathLike)):
+            images.append(read_image(subject))
+            names.append(str(subject))
+        else:
+            raise GenerateError(f"subject {i}: expected an image path or a PIL image, got {type(subject).__name__}")
+    return images, tuple(names)
+
+
+def check_request(prompt: str, branches: int) -> str:
+    """The stripped prompt, after checking the prompt and branch count."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise GenerateError("the prompt is empty (pass an instruction with --prompt)")
+    if not isinstance(branches, int) or branches < 1:
+        raise GenerateError(f"--branches must be at least 1 (got {branches})")
+    return prompt.strip()
+
+
+def check_detokenizer(detokenizer: Path) -> None:
+    """Refuse a missing or incomplete de-tokenizer folder."""
+    from music_dagster.detokenizer import _check
+
+    if not detokenizer.is_dir():
+        raise GenerateError(f"de-tokenizer {detokenizer} does not exist (materialize the detokenizer asset)")
+    _check(detokenizer)
+
+
+def check_checkpoints(checkpoint: Path, detokenizer: Path) -> None:
+    """Refuse a missing or incomplete checkpoint before anything is loaded."""
+    from music_dagster.model import check_checkpoint
+
+    if not checkpoint.is_dir():
+        raise GenerateError(f"checkpoint {checkpoint} does not exist (materialize the lora_checkpoint asset, "
+                            "or pass --checkpoint)")
+    check_checkpoint(checkpoint)
+    check_detokenizer(detokenizer)
+
+
+def clip_text_scores(clip, images: Sequence, text: str) -> list[float]:
+    """Cosine similarity of each image's CLIP embedding with the text's (one batched forward per tower)."""
+    import torch
+
+    pixels = torch.stack([clip.preprocess(im) for im in images]).to(clip.device, clip.dtype)
+    tokens = clip.tokenizer([text]).to(clip.device)
+    with torch.inference_mode():
+        img = torch.nn.functional.normalize(clip.model.encode_image(pixels).float(), dim=-1)
+        txt = torch.nn.functional.normalize(clip.model.encode_text(tokens).float(), dim=-1)
+    return (img @ txt.T)[:, 0].tolist()
+
+
+class Generator:
+    """A loaded MUSIC checkpoint, de-tokenizer and CLIP scorer, reused across `generate` calls."""
+
+    def __init__(self, config: Config, checkpoint: str | os.PathLike | None = None,
+                 detokenizer: str | os.PathLike | None = None):
+        from music_dagster.detokenizer import Detokenizer, load_vae
+        from music_dagster.loaders import load_role
+        from music_dagster.model import MusicModel
+        from music_dagster.training import device_of, load_backbone
+
+        self.config = config
+        self.checkpoint = Path(checkpoint) if checkpoint is not None else lora_dir(config)
+        detokenizer = Path(detokenizer) if detokenizer is not None else detokenizer_dir(config)
+        check_checkpoints(self.checkpoint, detokenizer)
+        config.check_models(["music_llm", "music_vision", "music_unet", "clip"])
+        device = device_of(config)
+        self.model = MusicModel.from_pretrained(self.checkpoint, load_backbone(config, "music_llm"),
+                                                load_backbone(config, "music_vision"))
+        detok_cfg = config.profile.detokenizer
+        vae = load_vae(detok_cfg.vae, device) if detok_cfg.vae is not None else None
+        self.detokenizer = Detokenizer.from_pretrained(detokenizer, vae=vae, device=device)
+        self.clip = load_role("clip", config.models["clip"], device, config.profile.dtype)
+
+    def generate(self, subjects: Sequence, prompt: str, branches: int = 1, seed: int = 0,
+                 progress: bool = False) -> Result:
+        """Generate one image for `prompt` from the reference `subjects` (paths or PIL images), keeping the best
+        of `branches` plans by CLIP text similarity."""
+        prompt = check_request(prompt, branches)
+        images, names = read_subjects(subjects)
+        return self.generate_images(images, prompt, branches, seed, progress, names)
+
+    def generate_images(self, images: Sequence, prompt: str, branches: int = 1, seed: int = 0,
+                        progress: bool = False, names: Sequence[str] | None = None) -> Result:
+        """`generate` for references already read as RGB PIL images (`read_subjects`)."""
+        from tqdm.auto import tqdm
+
+        from music_dagster.model import Sample
+
+        prompt = check_request(prompt, branches)
+        names = tuple(names or (f"<image {i}>" for i in range(1, len(images) + 1)))
+        gen = self.config.profile.generate
+        with tqdm(total=4, desc="music generate", unit="stage", disable=not progress) as bar:
+            bar.set_postfix_str(f"planning {branches} branch(es)")
+            request = Sample(instruction=prompt, references=images)
+            encoded = [self.model.encode(request, with_target=False)]
+            plans = self.model.plan([request], branches=branches, sample=branches > 1,
+                                    temperature=gen.temperature, top_k=gen.top_k,
+                                    max_new_tokens=gen.max_plan_tokens, seed=seed, encoded=encoded)[0]
+            bar.update()
+            bar.set_postfix_str("image tokens")
+            tokens = self.model.image_tokens([request] * branches, plans, encoded=encoded * branches)
+            bar.update()
+            bar.set_postfix_str("decoding")
+            pictures = self.detokenizer.decode(tokens, seed=seed, steps=gen.decode_steps)
+            bar.update()
+            bar.set_postfix_str("CLIP scoring")
+            scores = clip_text_scores(self.clip, pictures, prompt)
+            bar.update()
+        best = int(np.argmax(scores))  # first maximum: ties go to the lower branch
+        return Result(
+            prompt=prompt, seed=seed, best=best, checkpoint=str(self.checkpoint), clip_model=str(self.clip.name),
+            grid=self.model.settings.grid, subjects=names,
+            branches=tuple(Branch(text=p.text, cot=p.cot, layout=p.layout, clip_score=float(s), image=im)
+                           for p, s, im in zip(plans, scores, pictures)),
+        )
+
+
+def generate(subjects: Sequence, prompt: str, branches: int = 1, seed: int = 0,
+             checkpoint: str | os.PathLike | None = None, config: Config | None = None,
+             progress: bool = False) -> Result:
+    """One generation with the project's config (or `config`) and the latest checkpoint (or `checkpoint`).
+    The request is checked before any model is loaded."""
+    from music_dagster.config import default_config
+
+    prompt = check_request(prompt, branches)
+    images, names = read_subjects(subjects)
+    generator = Generator(config or default_config(), checkpoint)
+    return generator.generate_images(images, prompt, branches, seed, progress, names)
+
+
+def cli_generate(args) -> None:
+    """`music generate`: check everything cheap first (output folder, request, checkpoint), then generate and
+    write `image.png`, `plan.json` and `layout.png` into the new folder `--out`."""
+    import torch
+
+    from music_dagster.config import default_config
+
+    out = Path(args.out)
+    if out.exists():
+        raise GenerateError(f"--out {out}: already exists (choose a new folder)")
+    config = default_config()
+    prompt = check_request(args.prompt, args.branches)
+    images, names = read_subjects(args.subject)
+    checkpoint = Path(args.checkpoint) if args.checkpoint else lora_dir(config)
+    check_checkpoints(checkpoint, detokenizer_dir(config))
+    torch.set_num_threads(config.profile.torch_threads)
+    torch.set_flush_denormal(True)
+    generator = Generator(config, checkpoint)
+    result = generator.generate_images(images, prompt, args.branches, args.seed, progress=True, names=names)
+    result.save(out)
+    scores = ", ".join(f"{b.clip_score:.4f}" for b in result.branches)
+    print(f"wrote {out}/{{{IMAGE_FILE},{PLAN_FILE},{OVERLAY_FILE}}}; branch {result.best} of "
+          f"{len(result.branches)} kept (CLIP-T {scores})")

@@ -1,0 +1,176 @@
+"""`music generate`: bad input (exit code 2, no output folder), odd images accepted, and real generations on a tiny
+checkpoint trained here (1 and 4 branches; the branches run as one batch)."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from music_dagster import cli, generate
+from music_dagster.config import PARAMS_FILE, default_config
+
+
+def write_params(path: Path, models: Path, **sections) -> Path:
+    """The project's params.yaml with `paths.models` elsewhere and tiny-profile sections updated."""
+    raw = yaml.safe_load(PARAMS_FILE.read_text())
+    raw["profile"] = "tiny"
+    raw["paths"]["models"] = str(models)
+    for name, values in sections.items():
+        raw["profiles"]["tiny"][name] = {**(raw["profiles"]["tiny"].get(name) or {}), **values}
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.fixture()
+def use_params(monkeypatch):
+    """Point `default_config()` at a params file for one test."""
+    def use(path):
+        monkeypatch.setenv("MUSIC_PARAMS", str(path))
+        monkeypatch.delenv("MUSIC_PROFILE", raising=False)
+        default_config.cache_clear()
+    yield use
+    default_config.cache_clear()
+
+
+def _image(tmp_path, name="s.png", size=(40, 30), mode="RGB", **kw):
+    arr = np.random.default_rng(0).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    path = tmp_path / name
+    Image.fromarray(arr).convert(mode).save(path, **kw)
+    return path
+
+
+def _run(capsys, *argv):
+    code = cli.main(["generate", *map(str, argv)])
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", ["no_subject", "thirteen", "missing", "unreadable", "empty_prompt",
+                                  "zero_branches", "negative_branches", "missing_checkpoint", "out_exists"])
+def test_bad_input_exits_2_with_one_line_and_no_output(case, tmp_path, capsys):
+    good = _image(tmp_path)
+    junk = tmp_path / "junk.png"
+    junk.write_text("not an image")
+    out = tmp_path / "gen" / "out"
+    args = {"subjects": [good], "prompt": "put [1] on the left", "branches": 1, "checkpoint": tmp_path / "nope"}
+    if case == "no_subject":
+        args["subjects"] = []
+    elif case == "thirteen":
+        args["subjects"] = [good] * 13
+    elif case == "missing":
+        args["subjects"] = [good, tmp_path / "absent.png"]
+    elif case == "unreadable":
+        args["subjects"] = [junk]
+    elif case == "empty_prompt":
+        args["prompt"] = "   "
+    elif case == "zero_branches":
+        args["branches"] = 0
+    elif case == "negative_branches":
+        args["branches"] = -3
+    elif case == "out_exists":
+        out.mkdir(parents=True)
+    argv = [a for s in args["subjects"] for a in ("--subject", s)]
+    argv += ["--prompt", args["prompt"], "--branches", args["branches"], "--checkpoint", args["checkpoint"],
+             "--out", out]
+    code, err = _run(capsys, *argv)
+    assert code == 2
+    assert err.startswith("music: error: ") and err.count("\n") == 1, err
+    expected = {"no_subject": "no subject", "thirteen": "13 subjects", "missing": "absent.png",
+                "unreadable": "junk.png", "empty_prompt": "prompt is empty", "zero_branches": "--branches",
+                "negative_branches": "--branches", "missing_checkpoint": "nope", "out_exists": "already exists"}
+    assert expected[case] in err
+    if case == "out_exists":
+        assert list(out.iterdir()) == []
+    else:
+        assert not out.exists() and not out.parent.exists()
+
+
+def test_odd_but_valid_images_are_accepted(tmp_path):
+    rgb = np.random.default_rng(1).integers(0, 255, (30, 40, 3), dtype=np.uint8)
+    paths = [
+        _image(tmp_path, "rgba.png", mode="RGBA"),
+        _image(tmp_path, "cmyk.jpg", mode="CMYK"),
+        _image(tmp_path, "gray.png", mode="L"),
+        _image(tmp_path, "palette.png", mode="P"),
+        _image(tmp_path, "large.jpg", size=(4000, 3000), quality=70),
+    ]
+    sixteen = tmp_path / "16bit.png"
+    Image.fromarray((rgb[..., 0].astype(np.uint16) * 257)).save(sixteen)
+    paths.append(sixteen)
+    images, names = generate.read_subjects(paths + [Image.fromarray(rgb).convert("LA")])
+    assert [im.mode for im in images] == ["RGB"] * 7
+    assert images[4].size == (4000, 3000)
+    assert names[-1] == "<image 7>" and names[0] == str(paths[0])
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory, tiny_zoo):
+    """A de-tokenizer and a LoRA checkpoint trained for two steps on the procedural world, and params using them."""
+    import torch
+
+    from music_dagster.config import load_config
+    from music_dagster.training import procedural_source, train_detokenizer, train_music
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("generate")
+    params = write_params(
+        root / "params.yaml", root / "models",
+        train={"source": "procedural", "procedural_samples": 8, "max_steps": 2, "batch_size": 4,
+               "max_plan_tokens": 24},
+        detokenizer={"max_steps": 2, "batch_size": 4, "decode_steps": 2},
+        generate={"max_plan_tokens": 24})
+    config = load_config(params)
+    samples = procedural_source(config)
+    detok = train_detokenizer(config, [samples], root / "work_detok", resume=False)
+    lora = train_music(config, [samples], root / "work_lora", resume=False)
+    generate.lora_dir(config).parent.mkdir(parents=True)
+    detok.model_dir.rename(generate.detokenizer_dir(config))
+    lora.model_dir.rename(generate.lora_dir(config))
+    refs = []
+    for i, ref in enumerate(samples[0].references):
+        refs.append(root / f"ref{i}.png")
+        ref.save(refs[-1])
+    return {"params": params, "config": config, "refs": refs, "prompt": samples[0].instruction}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("branches", [1, 4])
+def test_cli_writes_image_plan_and_overlay(branches, tiny_checkpoint, tmp_path, use_params, capsys):
+    use_params(tiny_checkpoint["params"])
+    out = tmp_path / "out"
+    argv = [a for r in tiny_checkpoint["refs"] for a in ("--subject", r)]
+    code, err = _run(capsys, *argv, "--prompt", tiny_checkpoint["prompt"], "--branches", branches,
+                     "--seed", 3, "--out", out)
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["image.png", "layout.png", "plan.json"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folder left beside it
+    plan = json.loads((out / "plan.json").read_text())
+    scores = [b["clip_score"] for b in plan["branches"]]
+    assert plan["num_branches"] == branches == len(scores)
+    assert plan["best"] == int(np.argmax(scores)) and all(-1 <= s <= 1 for s in scores)
+    assert plan["cot"] == plan["branches"][plan["best"]]["cot"]
+    assert plan["seed"] == 3 and plan["subjects"] == [str(r) for r in tiny_checkpoint["refs"]]
+    image, overlay = Image.open(out / "image.png"), Image.open(out / "layout.png")
+    unet = json.loads((generate.detokenizer_dir(tiny_checkpoint["config"]) / "unet" / "config.json").read_text())
+    assert image.size == overlay.size == (unet["sample_size"],) * 2  # the de-tokenizer's resolution
+    if plan["layout"] is not None:
+        assert np.asarray(plan["layout"]).shape == (8, 8)
+
+
+@pytest.mark.slow
+def test_branches_run_as_one_batch_and_are_deterministic(tiny_checkpoint, monkeypatch):
+    generator = generate.Generator(tiny_checkpoint["config"])
+    calls = {"plan": [], "tokens": [], "decode": []}
+    plan, tokens, decode = generator.model.plan, generator.model.image_tokens, generator.detokenizer.decode
+    monkeypatch.setattr(generator.model, "plan", lambda *a, **k: calls["plan"].append(k["branches"]) or plan(*a, **k))
+    monkeypatch.setattr(generator.model, "image_tokens",
+                        lambda p, *a, **k: calls["tokens"].append(len(p)) or tokens(p, *a, **k))
+    monkeypatch.setattr(generator.detokenizer, "decode",
+                        lambda t, **k: calls["decode"].append(len(t)) or decode(t, **k))
+    first = generator.generate(tiny_checkpoint["refs"], tiny_checkpoint["prompt"], branches=4, seed=5)
+    assert calls == {"plan": [4], "tokens": [4], "decode": [4]}
+    assert len({b.text for b in first.branches}) > 1  # sampled, not four copies of one greedy plan
+    again = generator.generate(tiny_checkpoint["refs"], tiny_checkpoint["prompt"], branches=4, seed=5)
+    assert first.plan() == again.plan()
+    assert np.array_equal(np.asarray(first.image), np.asarray(again.image))
