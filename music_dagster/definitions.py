@@ -4,11 +4,12 @@ Importing this module must stay cheap: no torch, transformers or diffusers at im
 """
 import dagster as dg
 
-from music_dagster.assets import zoo
+from music_dagster.assets import data, zoo
 from music_dagster.config import default_config
 from music_dagster.resources import build_resources
 
 defs = dg.Definitions.merge(
     zoo.defs,
+    data.defs,
     dg.Definitions(resources=build_resources(default_config())),
 )
