@@ -5,11 +5,13 @@ Importing this module must stay cheap: no torch, transformers or diffusers at im
 import dagster as dg
 
 from music_dagster.assets import data, zoo
+from music_dagster.assets import training
 from music_dagster.config import default_config
 from music_dagster.resources import build_resources
 
 defs = dg.Definitions.merge(
     zoo.defs,
     data.defs,
+    training.defs,
     dg.Definitions(resources=build_resources(default_config())),
 )

@@ -1,0 +1,226 @@
+"""Training assets: the de-tokenizer and the MUSIC LoRA checkpoint, each one MLflow run per materialization.
+
+Both train on what `train.source` selects: every complete `training_samples` shard (MSIC hold-out records are
+skipped by `training.collect_samples`), the procedural world, or both. The resumable training state lives in
+`.cache/training/<asset>-<key>/`, keyed by everything that decides the result (the training config, the backbones,
+the seed and the data version): a re-run after a crash resumes, a changed config or new shards start afresh. The
+final weights are published atomically to `models/detokenizer/` and `models/lora/` (what `music generate` reads);
+`models/lora/mlflow_run.json` names the training run so evaluation can nest its runs under it.
+
+The functions below the assets are plain Python (no Dagster), so scripts and DVC stages can call them.
+"""
+
+import hashlib
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import dagster as dg
+
+from music_dagster import tracking as runs
+from music_dagster.config import PROJECT_ROOT, Config, default_config
+from music_dagster.resources.storage import DatasetStore
+from music_dagster.resources.tracking import MlflowTracking
+
+SAMPLES_ASSET = "training_samples"
+WORK_ROOT = PROJECT_ROOT / ".cache" / "training"
+HISTORY_FILE = "history.json"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Plain functions
+def select_sources(config: Config, shard_root: Path) -> tuple[list, list[str], str]:
+    """(sample sources for `training.collect_samples`, shard keys used, data version) of `train.source`."""
+    from music_dagster.storage import MANIFEST, complete_shards
+
+    train = config.profile.train
+    sources, keys, extra = [], [], []
+    if train.source in ("synthesized", "both"):
+        keys = complete_shards(shard_root)
+        sources += [shard_root / k for k in keys]
+    if train.source in ("procedural", "both"):
+        from music_dagster.training import procedural_source
+
+        sources.append(procedural_source(config))
+        extra.append("procedural:" + json.dumps(
+            {"seed": config.seed, "grid": config.profile.data.grid,
+             **{k: v for k, v in train.model_dump().items() if k.startswith("procedural_")}}, sort_keys=True))
+    version = runs.data_version([shard_root / k / MANIFEST for k in keys], root=shard_root, extra=extra)
+    return sources, keys, version
+
+
+def work_dir(config: Config, name: str, data_version: str) -> Path:
+    """Where the resumable state of a training lives: one folder per (config, backbones, seed, data)."""
+    section = "train" if name == "lora" else "detokenizer"
+    roles = ("music_llm", "music_vision") if name == "lora" else ("music_vision", "music_unet")
+    key = json.dumps({
+        "section": getattr(config.profile, section).model_dump(mode="json"),
+        "image_queries": config.profile.train.image_queries, "grid": config.profile.data.grid,
+        "models": {r: config.models[r].model_dump(mode="json") for r in roles},
+        "seed": config.seed, "data": data_version, "device": config.profile.device, "dtype": config.profile.dtype,
+    }, sort_keys=True)
+    return WORK_ROOT / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def publish(model_dir: Path, target: Path, history: list[dict], run: runs.ActiveRun) -> str:
+    """Copy the final weights to `target` with the run reference and loss history, atomically; returns the
+    checkpoint hash (over the weights and settings, not the run reference)."""
+    from music_dagster.model import _replace_dir
+    from music_dagster.storage import atomic_write_text
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        shutil.copytree(model_dir, tmp, dirs_exist_ok=True)
+        atomic_write_text(tmp / HISTORY_FILE, json.dumps(history, sort_keys=True) + "\n")
+        runs.write_run_ref(tmp, run)
+        digest = runs.folder_hash(tmp)
+        _replace_dir(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return digest
+
+
+def log_steps(run: runs.ActiveRun, entries: list[dict]) -> None:
+    """Per-step losses and learning rate (the `TrainResult.history` entries of earlier, resumed steps)."""
+    for entry in entries:
+        run.log_step(entry["step"], {k: v for k, v in entry.items() if k != "step"})
+
+
+def log_sample_generations(config: Config, run: runs.ActiveRun, sources: list, checkpoint: Path,
+                           detokenizer: Path) -> int:
+    """Generate the first `generate.logged_samples` training samples with the new checkpoint and log each
+    generation (image, plan.json, layout overlay) and the ground-truth layout overlay under `samples/<i>/`."""
+    from music_dagster.generate import Generator
+    from music_dagster.layout import render_overlay
+    from music_dagster.training import collect_samples
+
+    gen = config.profile.generate
+    loaders, _ = collect_samples(sources)
+    if gen.logged_samples == 0 or not loaders:
+        return 0
+    generator = Generator(config, checkpoint, detokenizer)
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, load in enumerate(loaders[:gen.logged_samples]):
+            sample = load()
+            result = generator.generate_images(sample.references, sample.instruction, gen.logged_branches,
+                                               seed=config.seed)
+            folder = result.save(Path(tmp) / f"sample_{i}")
+            render_overlay(sample.target.convert("RGB"), sample.layout).save(folder / "target_layout.png")
+            run.log_artifacts(folder, f"samples/sample_{i}")
+    return min(gen.logged_samples, len(loaders))
+
+
+def weights_finite(folder: Path) -> dict[str, int]:
+    """{"tensors", "non_finite"} over every safetensors file of a checkpoint folder."""
+    import torch
+    from safetensors.torch import load_file
+
+    tensors = bad = 0
+    for path in sorted(folder.rglob("*.safetensors")):
+        for value in load_file(str(path)).values():
+            tensors += 1
+            bad += int(not bool(torch.isfinite(value).all()))
+    return {"tensors": tensors, "non_finite": bad}
+
+
+def _final(history: list[dict], names) -> dict[str, float]:
+    return {f"final_{n}": history[-1][n] for n in names if history and n in history[-1]}
+
+
+def _metadata(result, digest: str, run: runs.ActiveRun, keys: list[str], version: str, target: Path,
+              names) -> dict:
+    return {
+        "path": dg.MetadataValue.path(str(target)),
+        "steps": result.steps, "resumed_from": result.resumed_from, "epochs": float(result.epochs),
+        "samples": result.samples, "skipped_msic": result.skipped_msic,
+        "steps_per_second": float(result.steps_per_second),
+        **{k: float(v) for k, v in _final(result.history, names).items()},
+        "checkpoint_sha256": digest, "data_version": version,
+        "partitions": ", ".join(keys) or "none",
+        "mlflow_run_id": run.run_id, "mlflow_url": dg.MetadataValue.url(run.url),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Assets
+@dg.asset(group_name="training", pool="gpu", kinds={"pytorch", "mlflow"}, deps=[dg.AssetKey(SAMPLES_ASSET)],
+          description="The de-tokenizer (visual tokens -> image), trained by reconstruction on the target images")
+def detokenizer(context: dg.AssetExecutionContext, store: DatasetStore,
+                tracking: MlflowTracking) -> dg.MaterializeResult:
+    from music_dagster.generate import detokenizer_dir
+    from music_dagster.training import train_detokenizer
+
+    config = default_config()
+    sources, keys, version = select_sources(config, store.asset_dir(SAMPLES_ASSET))
+    work = work_dir(config, "detokenizer", version)
+    target = detokenizer_dir(config)
+    with tracking.training_run(config, context, keys, version, name="detokenizer") as run:
+        run.set_tags({runs.TAG_MODEL: "detokenizer"})
+        result = train_detokenizer(config, sources, work, resume=True, on_step=run.log_step)
+        log_steps(run, result.history[:result.resumed_from])
+        digest = publish(result.model_dir, target, result.history, run)
+        run.set_tags({runs.TAG_CHECKPOINT_HASH: digest, "resumed_from": result.resumed_from})
+        run.log_artifacts(target, "detokenizer")
+    context.log.info(f"de-tokenizer: {result.steps} steps on {result.samples} samples -> {target}")
+    return dg.MaterializeResult(metadata=_metadata(result, digest, run, keys, version, target, ("loss",)),
+                                data_version=dg.DataVersion(digest))
+
+
+@dg.asset(group_name="training", pool="gpu", kinds={"pytorch", "mlflow"},
+          deps=[dg.AssetKey(SAMPLES_ASSET), detokenizer],
+          description="MUSIC's LoRA adapter and resamplers, trained on every training shard (never MSIC)")
+def lora_checkpoint(context: dg.AssetExecutionContext, store: DatasetStore,
+                    tracking: MlflowTracking) -> dg.MaterializeResult:
+    from music_dagster.generate import check_checkpoints, check_detokenizer, detokenizer_dir, lora_dir
+    from music_dagster.training import train_music
+
+    config = default_config()
+    detok = detokenizer_dir(config)
+    if config.profile.generate.logged_samples:  # sample generations need it: fail before training, not after
+        check_detokenizer(detok)
+    sources, keys, version = select_sources(config, store.asset_dir(SAMPLES_ASSET))
+    work = work_dir(config, "lora", version)
+    target = lora_dir(config)
+    with tracking.training_run(config, context, keys, version, name="lora_checkpoint") as run:
+        run.set_tags({runs.TAG_MODEL: "lora"})
+        result = train_music(config, sources, work, resume=True, on_step=run.log_step)
+        log_steps(run, result.history[:result.resumed_from])
+        digest = publish(result.model_dir, target, result.history, run)
+        run.set_tags({runs.TAG_CHECKPOINT_HASH: digest, "resumed_from": result.resumed_from})
+        run.log_artifacts(target, "adapter")
+        if config.profile.generate.logged_samples:
+            check_checkpoints(target, detok)
+            logged = log_sample_generations(config, run, sources, target, detok)
+            context.log.info(f"logged {logged} sample generations to MLflow run {run.run_id}")
+    context.log.info(f"LoRA: {result.steps} steps on {result.samples} samples "
+                     f"({result.skipped_msic} MSIC skipped) -> {target}")
+    return dg.MaterializeResult(metadata=_metadata(result, digest, run, keys, version, target, ("L1", "L2", "loss")),
+                                data_version=dg.DataVersion(digest))
+
+
+def _finite_check(target: Path) -> dg.AssetCheckResult:
+    if not target.is_dir():
+        return dg.AssetCheckResult(passed=False, metadata={"error": f"{target} does not exist"})
+    counts = weights_finite(target)
+    return dg.AssetCheckResult(passed=counts["tensors"] > 0 and counts["non_finite"] == 0, metadata=counts)
+
+
+@dg.asset_check(asset=lora_checkpoint, description="every LoRA adapter and resampler weight is finite")
+def lora_weights_finite() -> dg.AssetCheckResult:
+    from music_dagster.generate import lora_dir
+
+    return _finite_check(lora_dir(default_config()))
+
+
+@dg.asset_check(asset=detokenizer, description="every de-tokenizer weight is finite")
+def detokenizer_weights_finite() -> dg.AssetCheckResult:
+    from music_dagster.generate import detokenizer_dir
+
+    return _finite_check(detokenizer_dir(default_config()))
+
+
+defs = dg.Definitions(assets=[detokenizer, lora_checkpoint], asset_checks=[lora_weights_finite,
+                                                                            detokenizer_weights_finite])

@@ -1,0 +1,150 @@
+"""The `detokenizer` and `lora_checkpoint` assets with `dg.materialize` on a tiny budget: what they write, what the
+MLflow run holds, MSIC hold-out never trained on, and a re-run resuming from the last checkpoint."""
+import json
+
+import dagster as dg
+import pytest
+import yaml
+
+from music_dagster import tracking
+from music_dagster.assets import training as assets
+from music_dagster.config import PARAMS_FILE, default_config, load_config
+from music_dagster.generate import detokenizer_dir, lora_dir
+from music_dagster.resources.storage import DatasetStore
+from music_dagster.resources.tracking import MlflowTracking
+
+TRAIN_SHARD, MSIC_SHARD = "shard-000", "shard-001"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_zoo):
+    """Params (source: both, 3 steps, a checkpoint every 2), two shards (one MSIC), a store and an MLflow store."""
+    import torch
+
+    from music_dagster.procedural import WorldSettings, write_procedural_shard
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("training_assets")
+    raw = yaml.safe_load(PARAMS_FILE.read_text())
+    raw["profile"] = "tiny"
+    raw["paths"]["models"] = str(root / "models")
+    tiny = raw["profiles"]["tiny"]
+    tiny["train"].update(source="both", procedural_samples=6, max_steps=3, checkpoint_every=2, batch_size=4,
+                         max_plan_tokens=16)
+    tiny["detokenizer"].update(max_steps=2, batch_size=4, decode_steps=2)
+    tiny["generate"].update(logged_samples=1, logged_branches=2, max_plan_tokens=16)
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    datasets = root / "datasets" / assets.SAMPLES_ASSET
+    write_procedural_shard(datasets / TRAIN_SHARD, 4, seed=7, world=WorldSettings(max_subjects=3))
+    write_procedural_shard(datasets / MSIC_SHARD, 3, seed=8, split="msic")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MUSIC_PARAMS", str(root / "params.yaml"))
+    mp.delenv("MUSIC_PROFILE", raising=False)
+    mp.setattr(assets, "WORK_ROOT", root / "work")
+    default_config.cache_clear()
+    resources = {
+        "store": DatasetStore(root=str(root / "datasets")),
+        "tracking": MlflowTracking(tracking_uri=f"sqlite:///{root / 'mlruns.db'}",
+                                   artifact_root=(root / "artifacts").as_uri(), system_metrics_interval_s=0.5),
+    }
+    yield {"root": root, "config": load_config(root / "params.yaml"), "resources": resources}
+    mp.undo()
+    default_config.cache_clear()
+
+
+def _materialize(setup, selection=None):
+    return dg.materialize([assets.detokenizer, assets.lora_checkpoint, assets.lora_weights_finite,
+                           assets.detokenizer_weights_finite], resources=setup["resources"], selection=selection)
+
+
+@pytest.fixture(scope="module")
+def first(setup):
+    result = _materialize(setup)
+    assert result.success
+    return result
+
+
+@pytest.mark.slow
+def test_assets_write_checkpoints_and_pass_checks(setup, first):
+    config = setup["config"]
+    lora, detok = lora_dir(config), detokenizer_dir(config)
+    for name in ("adapter_config.json", "adapter_model.safetensors", "music_modules.safetensors",
+                 "music_config.json", tracking.RUN_REF, assets.HISTORY_FILE):
+        assert (lora / name).is_file(), name
+    assert (detok / "unet" / "config.json").is_file() and (detok / tracking.RUN_REF).is_file()
+    checks = {e.asset_check_key.name: e.passed for e in first.get_asset_check_evaluations()}
+    assert checks == {"lora_weights_finite": True, "detokenizer_weights_finite": True}
+    meta = first.asset_materializations_for_node("lora_checkpoint")[0].metadata
+    assert meta["steps"].value == 3 and meta["resumed_from"].value == 0
+    # 4 training-shard samples + 6 procedural; the 3 MSIC samples are counted and skipped
+    assert meta["samples"].value == 10 and meta["skipped_msic"].value == 3
+    assert meta["checkpoint_sha256"].value == tracking.folder_hash(lora)
+    assert meta["mlflow_run_id"].value == tracking.read_run_ref(lora)["run_id"]
+    assert meta["mlflow_url"].value.endswith(f"/runs/{meta['mlflow_run_id'].value}")
+    assert all(meta[k].value > 0 for k in ("final_L1", "final_L2", "final_loss"))
+
+
+@pytest.mark.slow
+def test_adapter_loads_with_peft(setup, first):
+    import torch
+    from peft import PeftModel
+
+    from music_dagster.training import load_backbone
+
+    base = load_backbone(setup["config"], "music_llm").model
+    peft = PeftModel.from_pretrained(base, str(lora_dir(setup["config"])))
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        assert torch.isfinite(peft(input_ids=ids).logits).all()
+
+
+@pytest.mark.slow
+def test_mlflow_run_holds_params_metrics_artifacts_tags(setup, first):
+    config = setup["config"]
+    store = setup["resources"]["tracking"].store
+    mlf = tracking.client(store)
+    run = mlf.get_run(tracking.read_run_ref(lora_dir(config))["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params == tracking.config_params(config)
+    assert run.data.params["profile.train.source"] == "both"
+    for name in ("L1", "L2", "loss", "lr"):
+        assert [m.step for m in mlf.get_metric_history(run.info.run_id, name)] == [1, 2, 3], name
+    assert any(k.startswith("system/") for k in run.data.metrics)
+    tags = run.data.tags
+    assert tags[tracking.TAG_DAGSTER_RUN] == first.run_id
+    assert tags[tracking.TAG_PARTITIONS] == f"{TRAIN_SHARD},{MSIC_SHARD}"  # every shard read (MSIC records skipped)
+    sources, _, version = assets.select_sources(config, setup["root"] / "datasets" / assets.SAMPLES_ASSET)
+    assert tags[tracking.TAG_DATA_VERSION] == version
+    assert tags[tracking.TAG_CHECKPOINT_HASH] == tracking.folder_hash(lora_dir(config))
+    assert tags[tracking.TAG_MODEL] == "lora" and tracking.TAG_GIT_COMMIT in tags
+
+    def listing(path):
+        return sorted(a.path for a in mlf.list_artifacts(run.info.run_id, path))
+
+    assert "adapter/adapter_model.safetensors" in listing("adapter")
+    sample = listing("samples/sample_0")
+    assert sample == [f"samples/sample_0/{n}" for n in ("image.png", "layout.png", "plan.json", "target_layout.png")]
+    local = mlf.download_artifacts(run.info.run_id, "samples/sample_0/plan.json", str(setup["root"]))
+    plan = json.loads(open(local).read())
+    assert plan["num_branches"] == 2
+    detok_run = mlf.get_run(tracking.read_run_ref(detokenizer_dir(config))["run_id"])
+    assert detok_run.data.tags[tracking.TAG_MODEL] == "detokenizer"
+    assert [m.step for m in mlf.get_metric_history(detok_run.info.run_id, "loss")] == [1, 2]
+
+
+@pytest.mark.slow
+def test_rerun_resumes_from_last_checkpoint_with_same_result(setup, first):
+    config = setup["config"]
+    before = first.asset_materializations_for_node("lora_checkpoint")[0].metadata
+    history = json.loads((lora_dir(config) / assets.HISTORY_FILE).read_text())
+    again = _materialize(setup, selection=[assets.lora_checkpoint, assets.lora_weights_finite])
+    assert again.success
+    meta = again.asset_materializations_for_node("lora_checkpoint")[0].metadata
+    assert meta["resumed_from"].value == 2 and meta["steps"].value == 3
+    assert json.loads((lora_dir(config) / assets.HISTORY_FILE).read_text()) == history
+    assert meta["checkpoint_sha256"].value == before["checkpoint_sha256"].value
+    mlf = tracking.client(setup["resources"]["tracking"].store)
+    run_id = meta["mlflow_run_id"].value
+    assert run_id != before["mlflow_run_id"].value
+    assert sorted(m.step for m in mlf.get_metric_history(run_id, "L1")) == [1, 2, 3]  # resumed steps logged too
+    assert mlf.get_run(run_id).data.tags["resumed_from"] == "2"
