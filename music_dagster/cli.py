@@ -11,7 +11,8 @@ import sys
 def _zoo(args):
     from music_dagster.zoo import build_zoo
 
-    build_zoo(seed=args.seed, roles=args.role or None)
+    build_zoo(seed=args.seed, roles=args.role or None,
+              progress=lambda r, e: print(f"{r}: {e['class']}, {e['parameters']:,} parameters", flush=True))
 
 
 def _generate(args):

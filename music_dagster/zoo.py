@@ -45,7 +45,7 @@ _SHAPES = ("circle", "square", "triangle")
 
 
 def corpus() -> list[str]:
-    """A few thousand short lines in a fixed order (the tokenizer trainers' input)."""
+    """About 700 short lines in a fixed order (the tokenizers' training text)."""
     lines = []
     n = len(_OBJECTS)
     for i, obj in enumerate(_OBJECTS):
@@ -251,7 +251,8 @@ def _build_vlm(out: Path):
             vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=False,
             bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},  # sums to head_dim/2
+            # mrope_section sums to head_dim / 2
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
         ),
         vision_config=dict(
             depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14,
@@ -522,8 +523,8 @@ def _build_role(role: str, seed: int, root: Path) -> dict:
         torch.manual_seed(role_seed(seed, role))
         saved = BUILDERS[role](tmp)
         hashes = file_hashes(tmp)
-        entry = {"class": type(saved).__name__, "parameters": _count_parameters(saved), "seed": seed, "builder": BUILDER_FINGERPRINT,
-                 "files": hashes, "hash": files_digest(hashes)}
+        entry = {"class": type(saved).__name__, "parameters": _count_parameters(saved), "seed": seed,
+                 "builder": BUILDER_FINGERPRINT, "files": hashes, "hash": files_digest(hashes)}
         target = root / role
         if target.is_dir() and file_hashes(target) == hashes:
             return entry  # same bytes already in place: leave them untouched for concurrent readers

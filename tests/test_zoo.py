@@ -245,3 +245,20 @@ def test_half_precision_stays_float32_on_cpu(load, tiny_zoo):
     assert h.dtype == torch.float32 and next(h.model.parameters()).dtype == torch.float32
     with pytest.raises(LoaderError, match="dtype: unknown dtype 'int8'"):
         load_role("music_vision", ModelSpec(id=str(tiny_zoo["music_vision"])), "cpu", "int8")
+
+
+@pytest.mark.slow
+def test_zoo_asset_materializes_with_metadata(tiny_zoo):
+    import dagster as dg
+
+    from music_dagster.assets.zoo import tiny_model_zoo, zoo_files_match_manifest
+
+    before = {role: file_hashes(folder) for role, folder in tiny_zoo.items()}
+    result = dg.materialize([tiny_model_zoo, zoo_files_match_manifest])
+    assert result.success
+    meta = result.get_asset_materialization_events()[0].materialization.metadata
+    assert meta["dino/class"].value == "ViTModel" and meta["music_unet/parameters"].value > 0
+    assert meta["total_parameters"].value == sum(meta[f"{r}/parameters"].value for r in ROLES)
+    assert [c.passed for c in result.get_asset_check_evaluations()] == [True]
+    # same seed: the project's zoo keeps the same bytes
+    assert {role: file_hashes(folder) for role, folder in tiny_zoo.items()} == before

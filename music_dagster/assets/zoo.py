@@ -1,5 +1,4 @@
 """The tiny model zoo as an asset: `models/tiny/<role>/` for every role (what the tiny profile's resources load)."""
-from __future__ import annotations
 
 import dagster as dg
 from pydantic import Field
