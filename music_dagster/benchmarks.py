@@ -13,11 +13,17 @@ A generated image that cannot be read is a recorded failure, never the end of a 
 """
 from __future__ import annotations
 
+import json
+import math
+import os
 import re
+import shutil
+import tempfile
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from music_dagster.decimation import TAG
 from music_dagster.errors import UserError
@@ -237,13 +243,12 @@ class MsicSubject:
 
 
 @dataclass(frozen=True)
-class MsicItem:
-    """One generated MSIC image: the held-out sample's instruction (with id tags) and subjects, and the image."""
+class MsicSample:
+    """One held-out sample: its instruction (subjects referred to by `[i]` tags) and its reference subjects."""
 
     key: str
     instruction: str
     subjects: tuple[MsicSubject, ...]
-    path: Path
 
     @property
     def text(self) -> str:
@@ -252,22 +257,66 @@ class MsicItem:
         return " ".join(TAG.sub(lambda m: names.get(int(m.group(1)), m.group(0)), self.instruction).split())
 
 
+@dataclass(frozen=True)
+class MsicItem:
+    """A generated image for an MSIC sample."""
+
+    sample: MsicSample
+    path: Path
+
+    @property
+    def key(self) -> str:
+        return self.sample.key
+
+
+def load_msic(shards_dir: str | Path, limit: int | None = None) -> tuple[MsicSample, ...]:
+    """The MSIC samples (`split: msic`) of the complete `training_samples` shards under `shards_dir`.
+
+    With `limit`, samples are taken round-robin over subject counts (in shard and manifest order), so that every
+    count present is represented before any count gets a second sample.
+    """
+    from music_dagster.storage import complete_shards, read_shard
+
+    shards_dir = Path(shards_dir)
+    by_count: dict[int, list[MsicSample]] = defaultdict(list)
+    for key in complete_shards(shards_dir):
+        shard = read_shard(shards_dir / key)
+        for n, record in enumerate(shard.records):
+            if record.get("split") != "msic":
+                continue
+            try:
+                subjects = tuple(MsicSubject(int(s["id"]), str(s["category"]), shard.file(s["reference"]))
+                                 for s in sorted(record["subjects"], key=lambda s: s["id"]))
+                sample = MsicSample(str(record["sample_id"]), str(record["instruction"]), subjects)
+            except (KeyError, TypeError, ValueError) as e:
+                raise BenchmarkError(f"{shard.path}: record {n}: not an MSIC sample (missing or bad {e})") from None
+            if not 1 <= len(subjects) <= 12:
+                raise BenchmarkError(f"{shard.path}: record {n}: {len(subjects)} subjects, MSIC has 1..12")
+            by_count[len(subjects)].append(sample)
+    if not by_count:
+        raise BenchmarkError(f"{shards_dir}: no MSIC samples (materialize training_samples with hold-out shards)")
+    queues = [list(by_count[n]) for n in sorted(by_count)]
+    picked = []
+    while any(queues) and (limit is None or len(picked) < limit):
+        for queue in queues:
+            if queue and (limit is None or len(picked) < limit):
+                picked.append(queue.pop(0))
+    return tuple(picked)
+
+
 def locate_categories(detector, image, categories: Sequence[str], box_threshold: float, text_threshold: float
                       ) -> list[tuple[float, float, float, float] | None]:
-    """For each category, the pixel box (x1, y1, x2, y2) where the detector finds it best in `image`, or None.
+    """For each category, the pixel box (x1, y1, x2, y2) where the detector finds it in `image`, or None.
 
-    One GroundingDINO pass with every category in the text query ("cat. remote control."). A query's score for a
-    category is its highest token probability over that category's tokens; the best query for the category must
-    clear `box_threshold` on its overall score (GroundingDINO's box score) and `text_threshold` on the category.
+    The data graph's grounding (`synthesis.detection`): one GroundingDINO pass with every category in the query,
+    a phrase's score per query from its tokens' probabilities, the best query per category, one category per query.
     """
     import torch
 
-    names = [c.strip().lower() for c in categories]
-    text, spans = "", []
-    for name in names:
-        spans.append((len(text), len(text) + len(name)))
-        text += name + ". "
-    text = text.rstrip()
+    from music_dagster.synthesis.detection import assign_boxes, phrase_scores, query_text
+    from music_dagster.synthesis.schemas import phrase
+
+    text, spans = query_text([phrase(c) for c in categories])
     # Tokenized here, not by the processor, so that the offsets are those of the ids the model sees.
     text_inputs = detector.processor.tokenizer(text, return_offsets_mapping=True, return_tensors="pt")
     offsets = text_inputs.pop("offset_mapping")[0].tolist()
@@ -275,23 +324,20 @@ def locate_categories(detector, image, categories: Sequence[str], box_threshold:
     with torch.inference_mode():
         out = detector.model(**{k: v.to(detector.device, detector.dtype) if v.is_floating_point() else
                                 v.to(detector.device) for k, v in inputs.items()})
-    probs = out.logits[0].float().sigmoid()  # (queries, text positions)
-    box_scores = probs.max(dim=-1).values
-    boxes = out.pred_boxes[0].float()  # normalised (cx, cy, w, h)
+    probs = out.logits[0].float().sigmoid().cpu()
+    scores, token_max = phrase_scores(probs, offsets, spans)
+    boxes = []  # normalised (x1, y1, x2, y2), clipped to the image
+    for cx, cy, w, h in out.pred_boxes[0].float().cpu().tolist():
+        boxes.append([min(1.0, max(0.0, v)) for v in (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2)])
+    chosen, _ = assign_boxes(scores, token_max, boxes, box_threshold, text_threshold, min_area=0.0)
     width, height = image.size
     found = []
-    for start, end in spans:
-        tokens = [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
-        score = probs[:, tokens].max(dim=-1).values
-        score = torch.where(box_scores > box_threshold, score, torch.full_like(score, -1.0))
-        best = int(score.argmax())
-        if float(score[best]) <= text_threshold:
+    for j in range(len(categories)):
+        if j not in chosen:
             found.append(None)
             continue
-        cx, cy, w, h = boxes[best].tolist()
-        x1, x2 = sorted((max(0.0, (cx - w / 2) * width), min(float(width), (cx + w / 2) * width)))
-        y1, y2 = sorted((max(0.0, (cy - h / 2) * height), min(float(height), (cy + h / 2) * height)))
-        found.append((x1, y1, x2, y2))
+        x1, y1, x2, y2 = boxes[chosen[j][0]]
+        found.append((x1 * width, y1 * height, x2 * width, y2 * height))
     return found
 
 
@@ -318,28 +364,29 @@ def score_msic(items: Sequence[MsicItem], embedder: Embedder, detector, box_thre
     ok, images = _read_all(items, failures)
     crops, boxes = [], []
     for item, image in zip(ok, images):
-        found = locate_categories(detector, image, [s.category for s in item.subjects], box_threshold, text_threshold)
+        found = locate_categories(detector, image, [s.category for s in item.sample.subjects], box_threshold,
+                                  text_threshold)
         boxes.append(found)
         crops.extend(crop_box(image, box) for box in found)
     samples = []
     if ok:
         whole = embedder.images(images)
-        clip_t = text_scores(whole, embedder.clip_texts([item.text for item in ok]))
+        clip_t = text_scores(whole, embedder.clip_texts([item.sample.text for item in ok]))
         regions = embedder.images(crops)
-        refs = embedder.references([s.reference for item in ok for s in item.subjects])
-        # Each region against its own subject's reference: the diagonal of the pairwise cosines.
+        refs = embedder.references([s.reference for item in ok for s in item.sample.subjects])
+        # Each region against its own subject's reference: row-wise cosines.
         dino = (regions.dino * refs.dino).sum(dim=1).tolist()
         clip_i = (regions.clip * refs.clip).sum(dim=1).tolist()
         at = 0
         for i, (item, found) in enumerate(zip(ok, boxes)):
             subjects = []
-            for s, box in zip(item.subjects, found):
+            for s, box in zip(item.sample.subjects, found):
                 subjects.append({"id": s.id, "category": s.category, "found": box is not None,
                                  "box": None if box is None else [round(v, 2) for v in box],
                                  "dino": dino[at], "clip_i": clip_i[at]})
                 at += 1
             samples.append({
-                "key": item.key, "num_subjects": len(item.subjects), "text": item.text,
+                "key": item.key, "num_subjects": len(subjects), "text": item.sample.text,
                 "dino": mean([s["dino"] for s in subjects]), "clip_i": mean([s["clip_i"] for s in subjects]),
                 "clip_t": clip_t[i], "found_rate": mean([float(s["found"]) for s in subjects]),
                 "subjects": subjects, **embedder.encoders,
@@ -354,3 +401,263 @@ def score_msic(items: Sequence[MsicItem], embedder: Embedder, detector, box_thre
         "samples": samples,
         "failures": failures,
     }
+
+
+# ------------------------------------------------------------------------------------------- runs and reports
+METHODS = ("music", "music_star")  # MUSIC: one greedy plan; MUSIC*: N sampled plans, the best CLIP-T kept
+LABELS = {"music": "MUSIC", "music_star": "MUSIC*", "real_vs_real": "real vs real"}
+METRIC_LABELS = {"dino": "DINO", "clip_i": "CLIP-I", "clip_t": "CLIP-T"}
+# (references, instruction, branches, seed) -> the generated PIL image; a UserError is that image's failure
+GenerateFn = Callable[[Sequence[Path], str, int, int], Any]
+
+
+@dataclass(frozen=True)
+class Job:
+    key: str
+    references: tuple[Path, ...]
+    instruction: str
+    seed: int
+
+    @property
+    def file_name(self) -> str:
+        return re.sub(r"[^A-Za-z0-9._-]+", "_", self.key) + ".png"
+
+
+def generate_images(jobs: Sequence[Job], generate: GenerateFn, branches: int, folder: Path) -> list[dict]:
+    """Each job's image written as `folder/<file_name>` (PNG); the jobs whose generation failed, as failures."""
+    from music_dagster.storage import png_bytes
+
+    folder.mkdir(parents=True, exist_ok=True)
+    failures = []
+    for job in jobs:
+        try:
+            image = generate(job.references, job.instruction, branches, job.seed)
+        except UserError as e:
+            failures.append({"key": job.key, "path": None, "error": f"generation failed: {e}"})
+            continue
+        (folder / job.file_name).write_bytes(png_bytes(image))
+    return failures
+
+
+def _methods(branches: int) -> dict[str, int]:
+    return {"music": 1, "music_star": branches}
+
+
+def evaluate_dreambench(bench: DreamBench, generate: GenerateFn, embedder: Embedder, folder: Path, branches: int,
+                        images_per_prompt: int, seed: int) -> dict:
+    """Generate every (subject, prompt, sample) image from the subject's fixed reference, for MUSIC and MUSIC*,
+    into `folder/<method>/`, and score them; plus the real-vs-real row. The subject is tagged `[1]` in the
+    unique token's place of the prompt."""
+    from music_dagster.decimation import tag
+    from music_dagster.synthesis.common import derive_seed
+
+    jobs, items = [], []
+    for s in bench.subjects:
+        for i, prompt in enumerate(s.prompts):
+            for k in range(images_per_prompt):
+                key = f"{s.name}/{i:02d}/{k}"
+                jobs.append(Job(key, (s.reference,), s.instruction(i, tag(1)), derive_seed("dreambench", seed, key)))
+                items.append((s.name, prompt))
+    methods = {}
+    for method, n in _methods(branches).items():
+        failed = generate_images(jobs, generate, n, folder / method)
+        bad = {f["key"] for f in failed}
+        scored = [DreamItem(j.key, name, prompt, folder / method / j.file_name)
+                  for j, (name, prompt) in zip(jobs, items) if j.key not in bad]
+        result = score_dreambench(bench, scored, embedder)
+        methods[method] = {**result, "branches": n, "failures": failed + result["failures"]}
+    return {
+        "benchmark": "dreambench", "encoders": embedder.encoders, "branches": branches,
+        "subjects": [s.name for s in bench.subjects], "images_per_prompt": images_per_prompt,
+        "prompts": {s.name: list(s.prompts) for s in bench.subjects},
+        "methods": methods, "real_vs_real": score_real_vs_real(bench, embedder),
+    }
+
+
+def evaluate_msic(samples: Sequence[MsicSample], generate: GenerateFn, embedder: Embedder, detector, folder: Path,
+                  branches: int, box_threshold: float, text_threshold: float, seed: int) -> dict:
+    """Generate each MSIC sample from its references and instruction, for MUSIC and MUSIC*, into
+    `folder/<method>/`, and score the subjects on their detected regions."""
+    from music_dagster.synthesis.common import derive_seed
+
+    jobs = [Job(s.key, tuple(x.reference for x in s.subjects), s.instruction, derive_seed("msic", seed, s.key))
+            for s in samples]
+    methods = {}
+    for method, n in _methods(branches).items():
+        failed = generate_images(jobs, generate, n, folder / method)
+        bad = {f["key"] for f in failed}
+        scored = [MsicItem(s, folder / method / j.file_name) for s, j in zip(samples, jobs) if j.key not in bad]
+        result = score_msic(scored, embedder, detector, box_threshold, text_threshold)
+        methods[method] = {**result, "branches": n, "failures": failed + result["failures"]}
+    return {"benchmark": "msic", "encoders": embedder.encoders, "branches": branches,
+            "samples": [s.key for s in samples], "methods": methods}
+
+
+def summary(report: dict) -> dict:
+    """What goes to `metrics/<benchmark>.json` (DVC metrics): overall scores per method (MSIC: also by subject
+    count), failure counts, the encoders and the branch count."""
+    out = {"benchmark": report["benchmark"], "encoders": report["encoders"], "branches": report["branches"]}
+    for method, result in report["methods"].items():
+        entry = {**result["overall"], "failures": len(result["failures"])}
+        if "by_subject_count" in result:
+            entry = {"overall": entry, "by_subject_count": result["by_subject_count"]}
+        out[method] = entry
+    if "real_vs_real" in report:
+        out["real_vs_real"] = report["real_vs_real"]["overall"]
+    return out
+
+
+def by_subject_count(report: dict) -> dict[str, dict[int, dict]]:
+    """method -> subject count -> summary (DreamBench: every image has one subject)."""
+    out = {}
+    for method, result in report["methods"].items():
+        rows = result.get("by_subject_count")
+        out[method] = {int(n): v for n, v in rows.items()} if rows is not None else {1: result["overall"]}
+    return out
+
+
+def _cell(value) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def table_markdown(report: dict) -> str:
+    """Scores by subject count (rows) for each method (column groups), with an overall row; DreamBench adds the
+    real-vs-real row."""
+    counts = by_subject_count(report)
+    methods = list(report["methods"])
+    cols = [(m, k) for m in methods for k in (*METRICS, "found_rate") if k != "found_rate" or report["benchmark"] == "msic"]
+    head = "| subjects | " + " | ".join(f"{LABELS[m]} {METRIC_LABELS.get(k, 'found')}" for m, k in cols) + " | n |"
+    lines = [head, "|" + " --- |" * (len(cols) + 2)]
+    for n in sorted({n for c in counts.values() for n in c}):
+        cells = [_cell(counts[m].get(n, {}).get(k)) for m, k in cols]
+        lines.append(f"| {n} | " + " | ".join(cells) + f" | {counts[methods[0]].get(n, {}).get('n', 0)} |")
+    overall = [_cell(report["methods"][m]["overall"].get(k)) for m, k in cols]
+    lines.append("| all | " + " | ".join(overall) + f" | {report['methods'][methods[0]]['overall']['n']} |")
+    if "real_vs_real" in report:
+        real = report["real_vs_real"]["overall"]
+        cells = [_cell(real.get(k)) if m == methods[0] else "" for m, k in cols]
+        lines.append("| real vs real | " + " | ".join(cells) + f" | {real['n']} pairs |")
+    return "\n".join(lines)
+
+
+def plot_png(report: dict) -> bytes:
+    """Each metric against subject count, one line per method (PNG bytes, matplotlib's Agg backend)."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    counts = by_subject_count(report)
+    fig = Figure(figsize=(12, 3.6), dpi=100)
+    axes = fig.subplots(1, len(METRICS))
+    for ax, metric in zip(axes, METRICS):
+        for method, rows in counts.items():
+            xs = sorted(n for n, v in rows.items() if v.get(metric) is not None)
+            ax.plot(xs, [rows[n][metric] for n in xs], marker="o", label=LABELS[method])
+        real = report.get("real_vs_real", {}).get("overall", {}).get(metric)
+        if real is not None:
+            ax.axhline(real, linestyle="--", color="grey", label=LABELS["real_vs_real"])
+        ax.set_title(f"{report['benchmark']}: {METRIC_LABELS[metric]}")
+        ax.set_xlabel("subjects")
+        ax.set_xticks(sorted({n for rows in counts.values() for n in rows}) or [1])
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})  # no version string: same bytes on reruns
+    return buf.getvalue()
+
+
+def _json(obj) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True) + "\n"
+
+
+def write_outputs(metrics_dir: Path, report: dict) -> dict[str, Path]:
+    """`<metrics_dir>/<benchmark>.json` (the summary) and `<benchmark>.png` (the plot), each written atomically."""
+    from music_dagster.storage import atomic_write_bytes, atomic_write_text
+
+    name = report["benchmark"]
+    metrics_dir.mkdir(parents=True, exist_ok=True)
+    return {"summary": atomic_write_text(metrics_dir / f"{name}.json", _json(summary(report))),
+            "plot": atomic_write_bytes(metrics_dir / f"{name}.png", plot_png(report))}
+
+
+@contextmanager
+def staged_folder(final: Path) -> Iterator[Path]:
+    """A temporary sibling of `final` to fill; it replaces `final` only when the block ends without error."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_report(folder: Path, report: dict) -> Path:
+    """Every record of a report (per image or sample, failures) as `folder/scores.json`."""
+    path = folder / "scores.json"
+    path.write_text(_json(report))
+    return path
+
+
+def out_of_range(report: dict) -> list[str]:
+    """Every score of a report that is not a finite cosine in [-1, 1] (found rates: [0, 1]), by where it is."""
+    bad = []
+
+    def walk(node, where):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                here = f"{where}.{key}" if where else str(key)
+                if key in METRICS or key == "found_rate":
+                    lo = 0.0 if key == "found_rate" else -1.0
+                    ok = value is None or (isinstance(value, (int, float)) and math.isfinite(value)
+                                           and lo - 1e-6 <= value <= 1 + 1e-6)
+                    if not ok:
+                        bad.append(f"{here}={value!r}")
+                else:
+                    walk(value, here)
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                walk(value, f"{where}[{i}]")
+
+    walk(report, "")
+    return bad
+
+
+def log_mlflow_run(store, checkpoint: Path, report: dict, files: Sequence[Path]) -> dict:
+    """An MLflow run for the report, nested under the training run recorded in `checkpoint` (`mlflow_run.json`),
+    naming the encoders; overall scores as metrics (MSIC: per subject count as steps), `files` as artifacts."""
+    from music_dagster import tracking
+
+    name = report["benchmark"]
+    enc = report["encoders"]
+    tags = {"benchmark": name, "eval.dino_model": enc["dino_model"], "eval.clip_variant": enc["clip_variant"],
+            "checkpoint": str(checkpoint)}
+    parent = tracking.read_run_ref(checkpoint)["run_id"] if (checkpoint / tracking.RUN_REF).is_file() else None
+    if parent is not None:
+        run_cm = tracking.start_nested_run(store, parent, name, tags)
+    else:
+        run_cm = tracking.start_run(store, name, {tracking.TAG_KIND: "evaluation", **tags})
+    with run_cm as run:
+        run.log_params({"dino_model": enc["dino_model"], "clip_variant": enc["clip_variant"],
+                        "branches": report["branches"], "checkpoint": str(checkpoint)})
+        metrics = {}
+        for method, result in report["methods"].items():
+            metrics.update({f"{method}/{k}": v for k, v in result["overall"].items() if v is not None})
+            metrics[f"{method}/failures"] = len(result["failures"])
+            for n, row in sorted((int(n), r) for n, r in result.get("by_subject_count", {}).items()):
+                run.log_step(n, {f"{method}/by_subject_count/{k}": v for k, v in row.items() if v is not None})
+        if "real_vs_real" in report:
+            metrics.update({f"real_vs_real/{k}": v for k, v in report["real_vs_real"]["overall"].items()
+                            if v is not None})
+        run.log_metrics(metrics)
+        for path in files:
+            run.log_artifact(path)
+        return {**run.reference(), "parent_run_id": parent}

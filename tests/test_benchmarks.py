@@ -1,4 +1,5 @@
 """DreamBench loader on the shared copy and on broken folders; DreamBench and MSIC scoring on the tiny zoo."""
+import io
 import json
 import shutil
 
@@ -25,12 +26,10 @@ def dreambench_root():
 
 
 @pytest.fixture(scope="module")
-def handles():
+def handles(tiny_zoo):
     from music_dagster.loaders import load_role
-    from music_dagster.zoo import ensure_zoo
 
     roles = ("dino", "eval_clip", "detector")
-    ensure_zoo(roles=list(roles))
     cfg = default_config()
     return {r: load_role(r, cfg.models[r], "cpu", "float32") for r in roles}
 
@@ -130,9 +129,9 @@ def test_real_vs_real_pairs(tmp_path, dreambench_root, embedder):
 
 
 def test_msic_text_replaces_tags():
-    item = bm.MsicItem("k", "put [2] on the left of [1]", (bm.MsicSubject(1, "dog", None), bm.MsicSubject(2, "cat", None)),
-                       None)
-    assert item.text == "put cat on the left of dog"
+    sample = bm.MsicSample("k", "put [2] on the left of [1].", (bm.MsicSubject(1, "dog", None),
+                                                               bm.MsicSubject(2, "cat", None)))
+    assert sample.text == "put cat on the left of dog."
 
 
 def _msic_item(tmp_path):
@@ -143,7 +142,7 @@ def _msic_item(tmp_path):
         refs.append(bm.MsicSubject(i, category, path))
     gen = tmp_path / "gen.png"
     _noise(20, (128, 96)).save(gen)
-    return bm.MsicItem("s0/0", "a [1] next to a [2] on a table", tuple(refs), gen)
+    return bm.MsicItem(bm.MsicSample("s0/0", "a [1] next to a [2] on a table", tuple(refs)), gen)
 
 
 def test_msic_scores_use_detected_region(tmp_path, embedder, handles):
@@ -152,7 +151,7 @@ def test_msic_scores_use_detected_region(tmp_path, embedder, handles):
     (sample,) = result["samples"]
     image = read_image(item.path)
     whole = embedder.images([image])
-    for sub, ref in zip(sample["subjects"], item.subjects):
+    for sub, ref in zip(sample["subjects"], item.sample.subjects):
         assert sub["found"] and sub["box"] is not None
         x1, y1, x2, y2 = (int(round(v)) for v in sub["box"])
         assert (x2 - x1, y2 - y1) != image.size  # a region, not the whole image
@@ -170,7 +169,7 @@ def test_msic_whole_image_when_not_found(tmp_path, embedder, handles):
     result = bm.score_msic([item], embedder, handles["detector"], box_threshold=1.0, text_threshold=1.0)
     (sample,) = result["samples"]
     whole = embedder.images([read_image(item.path)])
-    for sub, ref in zip(sample["subjects"], item.subjects):
+    for sub, ref in zip(sample["subjects"], item.sample.subjects):
         r = embedder.images([read_image(ref.reference)])
         assert not sub["found"] and sub["dino"] == pytest.approx(float(whole.dino[0] @ r.dino[0]), abs=1e-6)
     assert result["overall"]["found_rate"] == 0.0
@@ -178,7 +177,90 @@ def test_msic_whole_image_when_not_found(tmp_path, embedder, handles):
 
 def test_msic_unreadable_image_is_a_recorded_failure(tmp_path, embedder, handles):
     good = _msic_item(tmp_path)
-    missing = bm.MsicItem("s0/1", good.instruction, good.subjects, tmp_path / "missing.png")
+    missing = bm.MsicItem(bm.MsicSample("s0/1", good.sample.instruction, good.sample.subjects), tmp_path / "missing.png")
     result = bm.score_msic([missing, good], embedder, handles["detector"], 0.0, 0.0)
     assert [f["key"] for f in result["failures"]] == ["s0/1"]
     assert [s["key"] for s in result["samples"]] == ["s0/0"]
+
+
+# ------------------------------------------------------------------------------------------------ MSIC loader
+def _shard(path, counts, split="msic"):
+    from music_dagster.storage import ShardWriter, record_schema
+
+    with ShardWriter(path, record_schema(additional=True)) as w:
+        for i, n in enumerate(counts):
+            sid = f"{path.name}-{i}"
+            subjects = [{"id": k, "category": f"thing{k}",
+                         "reference": w.add_image(f"{sid}/ref{k}.png", _noise(k, (16, 16)))} for k in range(1, n + 1)]
+            w.add_record({"sample_id": sid, "parent_ids": [], "split": split, "num_subjects": n,
+                          "instruction": " and ".join(f"[{k}]" for k in range(1, n + 1)) + ".", "subjects": subjects})
+
+
+def test_load_msic_round_robin_over_subject_counts(tmp_path):
+    root = tmp_path / "training_samples"
+    _shard(root / "a", [3, 3, 1, 12])
+    _shard(root / "b", [2, 2, 2], split="train")  # training shards are never MSIC
+    _shard(root / "c", [3, 1])
+    everything = bm.load_msic(root)
+    assert len(everything) == 6 and {len(s.subjects) for s in everything} == {1, 3, 12}
+    picked = bm.load_msic(root, limit=4)
+    assert [len(s.subjects) for s in picked] == [1, 3, 12, 1]
+    assert [s.key for s in picked] == ["a-2", "a-0", "a-3", "c-1"]
+    three = picked[1]
+    assert three.subjects[0].reference.is_file() and three.text == "thing1 and thing2 and thing3."
+
+
+def test_load_msic_bad_input(tmp_path):
+    with pytest.raises(bm.BenchmarkError, match="no MSIC samples"):
+        bm.load_msic(tmp_path / "training_samples")
+    _shard(tmp_path / "training_samples" / "a", [2], split="train")
+    with pytest.raises(bm.BenchmarkError, match="no MSIC samples"):
+        bm.load_msic(tmp_path / "training_samples")
+    manifest = tmp_path / "training_samples" / "a" / "manifest.jsonl"
+    record = json.loads(manifest.read_text())
+    record["split"] = "msic"
+    record["subjects"][0]["reference"] = "gone.png"
+    manifest.write_text(json.dumps(record) + "\n")
+    with pytest.raises(bm.UserError, match="gone.png"):
+        bm.load_msic(tmp_path / "training_samples")
+
+
+# ---------------------------------------------------------------------------------------------------- reports
+def _report():
+    def result(n, dino):
+        rows = {"2": {"dino": dino, "clip_i": 0.5, "clip_t": 0.1, "found_rate": 1.0, "n": n, "subjects": 2 * n}}
+        return {"overall": {"dino": dino, "clip_i": 0.5, "clip_t": 0.1, "found_rate": 1.0, "n": n, "subjects": 2 * n},
+                "by_subject_count": rows, "samples": [], "failures": [{"key": "x", "error": "bad"}], "branches": 1}
+    return {"benchmark": "msic", "encoders": {"dino_model": "d", "clip_variant": "c"}, "branches": 2,
+            "methods": {"music": result(3, 0.25), "music_star": result(3, 0.5)}}
+
+
+def test_summary_table_and_range_check():
+    report = _report()
+    s = bm.summary(report)
+    assert s["music"]["overall"]["failures"] == 1 and s["music_star"]["by_subject_count"]["2"]["dino"] == 0.5
+    table = bm.table_markdown(report)
+    assert table.splitlines()[0].startswith("| subjects | MUSIC DINO | MUSIC CLIP-I |")
+    assert "| 2 | 0.2500 |" in table and table.splitlines()[-1].startswith("| all |")
+    assert bm.out_of_range(report) == []
+    report["methods"]["music"]["by_subject_count"]["2"]["clip_t"] = float("nan")
+    report["methods"]["music_star"]["overall"]["found_rate"] = -0.5
+    assert bm.out_of_range(report) == ["methods.music.by_subject_count.2.clip_t=nan",
+                                       "methods.music_star.overall.found_rate=-0.5"]
+
+
+def test_plot_is_a_deterministic_png():
+    first, again = bm.plot_png(_report()), bm.plot_png(_report())
+    assert first[:8] == b"\x89PNG\r\n\x1a\n" and first == again
+    assert Image.open(io.BytesIO(first)).size == (1200, 360)
+
+
+def test_staged_folder_replaces_only_on_success(tmp_path):
+    final = tmp_path / "scores"
+    with bm.staged_folder(final) as folder:
+        (folder / "a.txt").write_text("1")
+    with pytest.raises(RuntimeError):
+        with bm.staged_folder(final) as folder:
+            (folder / "a.txt").write_text("2")
+            raise RuntimeError("generation crashed")
+    assert (final / "a.txt").read_text() == "1" and sorted(p.name for p in tmp_path.iterdir()) == ["scores"]

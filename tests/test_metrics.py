@@ -16,11 +16,9 @@ DOG = "dog/00.jpg"
 
 
 @pytest.fixture(scope="module")
-def handles():
+def handles(tiny_zoo):
     from music_dagster.loaders import load_role
-    from music_dagster.zoo import ensure_zoo
 
-    ensure_zoo(roles=["dino", "eval_clip"])
     cfg = default_config()
     return {r: load_role(r, cfg.models[r], "cpu", "float32") for r in ("dino", "eval_clip")}
 

@@ -1,0 +1,151 @@
+"""Evaluation assets: `dreambench_scores` and `msic_scores` for MUSIC and MUSIC* (thin layers over `benchmarks`).
+
+Each generates its images with the trained checkpoint into `datasets/<asset>/<method>/` (with every record in
+`scores.json`), writes `metrics/<benchmark>.json` (DVC metrics) and a plot of each metric against subject count,
+and logs an MLflow run nested under the training run that made the checkpoint, naming the encoders used.
+"""
+import base64
+from pathlib import Path
+
+import dagster as dg
+from pydantic import Field
+
+from music_dagster.resources.models import DetectorResource, DinoResource, EvalClipResource
+from music_dagster.resources.storage import DatasetStore
+from music_dagster.resources.tracking import MlflowTracking
+
+
+class EvaluationConfig(dg.Config):
+    checkpoint: str | None = Field(
+        default=None, description="LoRA checkpoint folder to evaluate (default: what lora_checkpoint writes)")
+
+
+def _setup(config: EvaluationConfig, dino: DinoResource, eval_clip: EvalClipResource):
+    """The project config, the checkpoint folder, a generate function over it and the score encoders."""
+    import torch
+
+    from music_dagster.config import default_config
+    from music_dagster.generate import Generator, lora_dir
+    from music_dagster.metrics import Embedder
+
+    cfg = default_config()
+    torch.set_flush_denormal(True)
+    checkpoint = Path(config.checkpoint) if config.checkpoint else lora_dir(cfg)
+    generator = Generator(cfg, checkpoint)
+
+    def generate(references, instruction, branches, seed):
+        return generator.generate(list(references), instruction, branches, seed).image
+
+    embedder = Embedder(dino.load(), eval_clip.load(), dino_name=cfg.models["dino"].id,
+                        batch_size=cfg.profile.eval.batch_size)
+    return cfg, checkpoint, generate, embedder
+
+
+def _finish(context: dg.AssetExecutionContext, cfg, checkpoint: Path, report: dict, details: Path,
+            tracking: MlflowTracking) -> dg.MaterializeResult:
+    from music_dagster import benchmarks as bm
+
+    files = bm.write_outputs(cfg.paths.resolve("metrics"), report)
+    run = bm.log_mlflow_run(tracking.store, checkpoint, report, [files["summary"], files["plot"], details])
+    failures = {m: r["failures"] for m, r in report["methods"].items()}
+    for method, items in failures.items():
+        for f in items:
+            context.log.warning(f"{bm.LABELS[method]} {f['key']}: {f['error']}")
+    plot = base64.b64encode(files["plot"].read_bytes()).decode()
+    meta = {
+        "scores_by_subject_count": dg.MetadataValue.md(bm.table_markdown(report)),
+        "plot": dg.MetadataValue.md(f"![{report['benchmark']} scores](data:image/png;base64,{plot})"),
+        "metrics_file": dg.MetadataValue.path(str(files["summary"])),
+        "plot_file": dg.MetadataValue.path(str(files["plot"])),
+        "records_file": dg.MetadataValue.path(str(details)),
+        "dino_model": report["encoders"]["dino_model"],
+        "clip_variant": report["encoders"]["clip_variant"],
+        "branches": dg.MetadataValue.int(report["branches"]),
+        "checkpoint": dg.MetadataValue.path(str(checkpoint)),
+        "mlflow_run": dg.MetadataValue.url(run["url"]),
+        "mlflow_parent_run": run["parent_run_id"] or "none (checkpoint has no mlflow_run.json)",
+        "failures": dg.MetadataValue.int(sum(len(v) for v in failures.values())),
+    }
+    for method, result in report["methods"].items():
+        for key, value in result["overall"].items():
+            if value is not None and key != "subjects":
+                meta[f"{method}/{key}"] = dg.MetadataValue.float(float(value)) if key != "n" else \
+                    dg.MetadataValue.int(value)
+    return dg.MaterializeResult(metadata=meta)
+
+
+@dg.asset(group_name="evaluation", pool="gpu", deps=["lora_checkpoint"], kinds={"pytorch", "mlflow"},
+          description="DreamBench DINO / CLIP-I / CLIP-T for MUSIC and MUSIC*, plus the real-vs-real row")
+def dreambench_scores(context: dg.AssetExecutionContext, config: EvaluationConfig, dino: DinoResource,
+                      eval_clip: EvalClipResource, store: DatasetStore, tracking: MlflowTracking
+                      ) -> dg.MaterializeResult:
+    from music_dagster import benchmarks as bm
+    from music_dagster.config import default_config
+
+    ev = default_config().profile.eval
+    bench = bm.load_dreambench(default_config().paths.resolve("dreambench"), ev.dreambench_live_classes)
+    bench = bench.subset(ev.dreambench_subjects, ev.dreambench_prompts)
+    cfg, checkpoint, generate, embedder = _setup(config, dino, eval_clip)
+    context.log.info(f"DreamBench: {len(bench.subjects)} subjects, {bench.num_prompts} prompts, "
+                     f"{ev.dreambench_images_per_prompt} image(s) each, MUSIC and MUSIC* ({ev.branches} branches)")
+    final = store.asset_dir("dreambench_scores")
+    with bm.staged_folder(final) as folder:
+        report = bm.evaluate_dreambench(bench, generate, embedder, folder, ev.branches,
+                                        ev.dreambench_images_per_prompt, cfg.seed)
+        bm.write_report(folder, report)
+    return _finish(context, cfg, checkpoint, report, final / "scores.json", tracking)
+
+
+@dg.asset(group_name="evaluation", pool="gpu", deps=["lora_checkpoint", "training_samples"],
+          kinds={"pytorch", "mlflow"},
+          description="MSIC (held-out, 1..12 subjects) DINO / CLIP-I on detected regions and CLIP-T, by subject count")
+def msic_scores(context: dg.AssetExecutionContext, config: EvaluationConfig, dino: DinoResource,
+                eval_clip: EvalClipResource, detector: DetectorResource, store: DatasetStore,
+                tracking: MlflowTracking) -> dg.MaterializeResult:
+    from music_dagster import benchmarks as bm
+    from music_dagster.config import default_config
+
+    ev = default_config().profile.eval
+    samples = bm.load_msic(store.asset_dir("training_samples"), ev.msic_samples)
+    cfg, checkpoint, generate, embedder = _setup(config, dino, eval_clip)
+    context.log.info(f"MSIC: {len(samples)} held-out samples, MUSIC and MUSIC* ({ev.branches} branches)")
+    final = store.asset_dir("msic_scores")
+    with bm.staged_folder(final) as folder:
+        report = bm.evaluate_msic(samples, generate, embedder, detector.load(), folder, ev.branches,
+                                  ev.box_threshold, ev.text_threshold, cfg.seed)
+        bm.write_report(folder, report)
+    return _finish(context, cfg, checkpoint, report, final / "scores.json", tracking)
+
+
+def _check(store: DatasetStore, asset: str) -> dg.AssetCheckResult:
+    import json
+
+    from music_dagster.benchmarks import out_of_range
+
+    path = store.asset_dir(asset) / "scores.json"
+    if not path.is_file():
+        return dg.AssetCheckResult(passed=False, metadata={"problem": f"{path} is missing"})
+    report = json.loads(path.read_text())
+    bad = out_of_range(report)
+    scored = sum(r["overall"]["n"] for r in report["methods"].values())
+    return dg.AssetCheckResult(passed=not bad and scored > 0, metadata={
+        "scored": dg.MetadataValue.int(scored), "out_of_range": ", ".join(bad[:10]) or "none"})
+
+
+@dg.asset_check(asset=dreambench_scores, name="scores_in_range",
+                description="scores in range: every DINO, CLIP-I and CLIP-T a finite cosine in [-1, 1], >= 1 image scored")
+def dreambench_scores_in_range(store: DatasetStore) -> dg.AssetCheckResult:
+    return _check(store, "dreambench_scores")
+
+
+@dg.asset_check(asset=msic_scores, name="scores_in_range",
+                description="scores in range: every DINO, CLIP-I and CLIP-T a finite cosine in [-1, 1], found rates "
+                            "in [0, 1], >= 1 sample scored")
+def msic_scores_in_range(store: DatasetStore) -> dg.AssetCheckResult:
+    return _check(store, "msic_scores")
+
+
+evaluation_job = dg.define_asset_job("evaluation_job", selection=dg.AssetSelection.groups("evaluation"))
+
+defs = dg.Definitions(assets=[dreambench_scores, msic_scores],
+                      asset_checks=[dreambench_scores_in_range, msic_scores_in_range], jobs=[evaluation_job])

@@ -1,0 +1,157 @@
+"""`dreambench_scores` and `msic_scores` materialize on the tiny profile: metrics files, plots, Dagster metadata and
+checks, MLflow runs nested under the training run, the same bytes on a re-run."""
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from music_dagster.config import PARAMS_FILE, default_config
+
+pytestmark = pytest.mark.slow
+
+
+def _params(root: Path) -> Path:
+    """params.yaml with every output under `root` and a short plan (a random tiny LLM rambles otherwise)."""
+    raw = yaml.safe_load(PARAMS_FILE.read_text())
+    raw["profile"] = "tiny"
+    raw["paths"].update(datasets=str(root / "datasets"), metrics=str(root / "metrics"), models=str(root / "models"),
+                        mlflow_tracking_uri=f"sqlite:///{root / 'mlruns.db'}",
+                        mlflow_artifacts=str(root / "mlartifacts"))
+    tiny = raw["profiles"]["tiny"]
+    tiny["train"] = {**tiny["train"], "source": "procedural", "procedural_samples": 8, "max_steps": 2,
+                     "batch_size": 4, "max_plan_tokens": 24}
+    tiny["detokenizer"] = {**tiny["detokenizer"], "max_steps": 2, "batch_size": 4, "decode_steps": 2}
+    tiny["generate"] = {**tiny["generate"], "max_plan_tokens": 24}
+    path = root / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, tiny_zoo):
+    """A tiny trained checkpoint with its MLflow training run, and MSIC hold-out shards (plus a training shard)."""
+    import torch
+
+    from music_dagster import tracking
+    from music_dagster.config import load_config
+    from music_dagster.generate import detokenizer_dir, lora_dir
+    from music_dagster.procedural import WorldSettings, write_procedural_shard
+    from music_dagster.storage import read_shard
+    from music_dagster.training import procedural_source, train_detokenizer, train_music
+
+    torch.set_num_threads(1)
+    if not (default_config().paths.resolve("dreambench") / "prompts_and_classes.txt").is_file():
+        pytest.skip("no DreamBench copy at paths.dreambench")
+    root = tmp_path_factory.mktemp("evaluation")
+    params = _params(root)
+    config = load_config(params)
+    samples = procedural_source(config)
+    detok = train_detokenizer(config, [samples], root / "work_detok", resume=False)
+    lora = train_music(config, [samples], root / "work_lora", resume=False)
+    lora_dir(config).parent.mkdir(parents=True)
+    detok.model_dir.rename(detokenizer_dir(config))
+    lora.model_dir.rename(lora_dir(config))
+    store = tracking.store_from_config(config)
+    with tracking.start_training_run(store, config, "lora_checkpoint") as run:
+        tracking.write_run_ref(lora_dir(config), run)
+    shards = root / "datasets" / "training_samples"
+    write_procedural_shard(shards / "s0", 6, seed=1, world=WorldSettings(min_subjects=1, max_subjects=3), split="msic")
+    write_procedural_shard(shards / "s1", 2, seed=2, split="train")
+    counts = {str(len(r["subjects"])) for r in read_shard(shards / "s0").records}
+    return {"root": root, "params": params, "training_run": run.run_id, "msic_counts": counts}
+
+
+@pytest.fixture()
+def materialize(project, monkeypatch):
+    monkeypatch.setenv("MUSIC_PARAMS", str(project["params"]))
+    monkeypatch.delenv("MUSIC_PROFILE", raising=False)
+    default_config.cache_clear()
+
+    def run():
+        import dagster as dg
+
+        from music_dagster.assets import evaluation
+        from music_dagster.resources import build_resources
+
+        return dg.materialize([evaluation.dreambench_scores, evaluation.msic_scores,
+                               evaluation.dreambench_scores_in_range, evaluation.msic_scores_in_range],
+                              resources=build_resources(default_config()))
+    yield run
+    default_config.cache_clear()
+
+
+def test_both_score_assets_materialize(project, materialize):
+    from mlflow.tracking import MlflowClient
+
+    result = materialize()
+    assert result.success
+    root = project["root"]
+    metrics = {name: json.loads((root / "metrics" / f"{name}.json").read_text()) for name in ("dreambench", "msic")}
+    expected_encoders = {"dino_model": "models/tiny/dino", "clip_variant": "models/tiny/eval_clip"}
+    db, msic = metrics["dreambench"], metrics["msic"]
+    assert db["encoders"] == msic["encoders"] == expected_encoders and db["branches"] == msic["branches"] == 2
+    assert db["music"]["n"] == db["music_star"]["n"] == 2 * 2  # 2 subjects x 2 prompts x 1 image
+    assert db["real_vs_real"]["n"] > 0 and db["real_vs_real"]["clip_t"] is None
+    for method in ("music", "music_star"):
+        assert db[method]["failures"] == 0 and msic[method]["overall"]["failures"] == 0
+        for m in ("dino", "clip_i", "clip_t"):
+            assert -1 <= db[method][m] <= 1 and -1 <= msic[method]["overall"][m] <= 1
+        assert set(msic[method]["by_subject_count"]) == project["msic_counts"]
+        assert msic[method]["overall"]["n"] == 4 and 0 <= msic[method]["overall"]["found_rate"] <= 1
+    records = json.loads((root / "datasets" / "msic_scores" / "scores.json").read_text())
+    sample = records["methods"]["music_star"]["samples"][0]
+    assert sample["clip_variant"] == "models/tiny/eval_clip" and "[" not in sample["text"]
+    assert sorted(p.name for p in (root / "datasets" / "dreambench_scores").iterdir()) == \
+        ["music", "music_star", "scores.json"]  # no temporary folder left
+    for name in ("dreambench", "msic"):
+        assert (root / "metrics" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    for asset in ("dreambench_scores", "msic_scores"):
+        (mat,) = [m for m in result.asset_materializations_for_node(asset)]
+        meta = mat.metadata
+        assert "| subjects |" in meta["scores_by_subject_count"].value
+        assert meta["plot"].value.startswith("![") and "base64," in meta["plot"].value
+        assert meta["clip_variant"].value == "models/tiny/eval_clip"
+    checks = result.get_asset_check_evaluations()
+    assert len(checks) == 2 and all(c.passed for c in checks)
+
+    client = MlflowClient(f"sqlite:///{root / 'mlruns.db'}")
+    children = client.search_runs(
+        [client.get_run(project["training_run"]).info.experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{project['training_run']}'")
+    assert sorted(r.info.run_name for r in children) == ["dreambench", "msic"]
+    for run in children:
+        assert run.data.tags["eval.dino_model"] == "models/tiny/dino"
+        assert run.data.tags["eval.clip_variant"] == "models/tiny/eval_clip"
+        assert {"music/dino", "music_star/clip_t"} <= set(run.data.metrics)
+        names = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {f"{run.info.run_name}.json", f"{run.info.run_name}.png", "scores.json"} <= names
+    msic_run = next(r for r in children if r.info.run_name == "msic")
+    steps = client.get_metric_history(msic_run.info.run_id, "music/by_subject_count/dino")
+    assert sorted(str(m.step) for m in steps) == sorted(project["msic_counts"])
+
+    first = {p: (root / "metrics" / p).read_bytes() for p in ("dreambench.json", "msic.json", "msic.png")}
+    assert materialize().success
+    assert first == {p: (root / "metrics" / p).read_bytes() for p in first}  # same config + seed -> same bytes
+
+
+def test_missing_dreambench_is_one_line(project, materialize, tmp_path, monkeypatch):
+    import dagster as dg
+
+    raw = yaml.safe_load(project["params"].read_text())
+    raw["paths"]["dreambench"] = str(tmp_path / "no-dreambench")
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(raw))
+    monkeypatch.setenv("MUSIC_PARAMS", str(params))
+    default_config.cache_clear()
+    from music_dagster.assets import evaluation
+    from music_dagster.benchmarks import BenchmarkError
+    from music_dagster.resources import build_resources
+
+    before = os.listdir(project["root"] / "metrics") if (project["root"] / "metrics").exists() else []
+    with pytest.raises(BenchmarkError, match="no-dreambench does not exist"):
+        dg.materialize([evaluation.dreambench_scores], resources=build_resources(default_config()))
+    after = os.listdir(project["root"] / "metrics") if (project["root"] / "metrics").exists() else []
+    assert before == after
