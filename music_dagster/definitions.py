@@ -4,8 +4,7 @@ Importing this module must stay cheap: no torch, transformers or diffusers at im
 """
 import dagster as dg
 
-from music_dagster.assets import data, evaluation, zoo
-from music_dagster.assets import training
+from music_dagster.assets import data, evaluation, training, zoo
 from music_dagster.config import default_config
 from music_dagster.resources import build_resources
 
