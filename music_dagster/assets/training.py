@@ -222,5 +222,7 @@ def detokenizer_weights_finite() -> dg.AssetCheckResult:
     return _finite_check(detokenizer_dir(default_config()))
 
 
-defs = dg.Definitions(assets=[detokenizer, lora_checkpoint], asset_checks=[lora_weights_finite,
-                                                                            detokenizer_weights_finite])
+training_job = dg.define_asset_job("training_job", selection=dg.AssetSelection.groups("training"))
+
+defs = dg.Definitions(assets=[detokenizer, lora_checkpoint],
+                      asset_checks=[lora_weights_finite, detokenizer_weights_finite], jobs=[training_job])
