@@ -86,8 +86,9 @@ def check_subject_range(lo: int, hi: int) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # Geometry and image helpers (boxes are normalised (x1, y1, x2, y2) in [0, 1]).
 def box_area(box: Sequence[float]) -> float:
+    """Normalised area, rounded to 12 decimals so a 0.1 x 0.1 box is 0.01 of the image, not a hair under."""
     x1, y1, x2, y2 = box
-    return max(0.0, x2 - x1) * max(0.0, y2 - y1)
+    return round(max(0.0, x2 - x1) * max(0.0, y2 - y1), 12)
 
 
 def pixel_box(box: Sequence[float], width: int, height: int) -> tuple[int, int, int, int]:

@@ -34,10 +34,11 @@ def _object(properties: dict) -> dict:
 
 
 def category_filter(candidates: list[str], min_keep: int) -> dict:
-    """The LLM keeps a compatible subset of `candidates` (at least `min_keep`) and names the scene."""
+    """The LLM keeps a compatible subset of `candidates` (at least `min_keep`) and names the scene. Repeats are
+    not excluded here (the decoder cannot enforce `uniqueItems`); the stage de-duplicates, then checks the count."""
     return _object({
         "keep": {"type": "array", "items": {"enum": list(candidates)}, "minItems": min(min_keep, len(candidates)),
-                 "maxItems": len(candidates), "uniqueItems": True},
+                 "maxItems": len(candidates)},
         "scene": {"type": "string", "pattern": _SCENE},
     })
 

@@ -1,0 +1,225 @@
+"""The data asset graph in Dagster: definitions, shard registration, bad input, a killed materialization, and the
+whole graph for 2 shards on the tiny profile (byte-identical when re-materialized)."""
+import hashlib
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import dagster as dg
+import pytest
+import yaml
+
+from music_dagster.assets import data
+from music_dagster.config import PARAMS_FILE, default_config, load_config
+from music_dagster.resources.storage import DatasetStore
+from music_dagster.synthesis import SynthesisError
+
+MODEL_HEAVY = {"category_combos", "scene_captions", "target_images", "detected_boxes", "verified_boxes",
+               "reference_subjects", "subject_masks", "cot_annotations"}
+NAMES = ["category_combos", "scene_captions", "target_images", "detected_boxes", "verified_boxes",
+         "reference_subjects", "subject_masks", "grid_layouts", "cot_annotations", "training_samples"]
+
+
+def _resources(root: Path, roles=None) -> dict:
+    from music_dagster.resources.models import model_resources
+
+    models = model_resources(load_config(profile="tiny"))
+    return {**{r: m for r, m in models.items() if roles is None or r in roles}, "store": DatasetStore(root=str(root))}
+
+
+def _instance(n: int = 1) -> dg.DagsterInstance:
+    instance = dg.DagsterInstance.ephemeral()
+    data.ensure_shards(instance, n)
+    return instance
+
+
+@pytest.fixture
+def params(tmp_path, monkeypatch):
+    """Write a modified copy of params.yaml and make it the process's config (for this test only)."""
+    def write(**data_overrides):
+        raw = yaml.safe_load(PARAMS_FILE.read_text())
+        raw["profile"] = "tiny"
+        raw["paths"]["objects365"] = str(load_config(profile="tiny").paths.resolve("objects365"))
+        for key, value in data_overrides.items():
+            if key == "objects365":
+                raw["paths"]["objects365"] = value
+            else:
+                raw["profiles"]["tiny"]["data"][key] = value
+        path = tmp_path / "params.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        monkeypatch.setenv("MUSIC_PARAMS", str(path))
+        monkeypatch.delenv("MUSIC_PROFILE", raising=False)
+        default_config.cache_clear()
+
+    yield write
+    default_config.cache_clear()
+
+
+def _failure(result) -> str:
+    """The message of the user's error that failed the step (Dagster wraps it)."""
+    failures = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    error = failures[0].step_failure_data.error
+    while error.cause is not None:
+        error = error.cause
+    return error.message.strip()
+
+
+def test_definitions_hold_the_data_graph():
+    from music_dagster.definitions import defs
+
+    job = defs.resolve_job_def("data_job")
+    assert job.partitions_def == data.SHARDS
+    graph = defs.resolve_asset_graph()
+    keys = {k.to_user_string() for k in graph.get_all_asset_keys() if graph.get(k).group_name == "data"}
+    assert keys == set(NAMES)
+    for asset in data.DATA_ASSETS:
+        name = asset.key.to_user_string()
+        assert asset.partitions_def == data.SHARDS
+        assert (asset.op.pool == "gpu") == (name in MODEL_HEAVY), name
+        assert asset.check_specs, name
+    parents = {a.key.to_user_string(): {k.to_user_string() for k in a.dependency_keys} for a in data.DATA_ASSETS}
+    assert all(parents[child] == {parent} for parent, child in zip(NAMES, NAMES[1:]))
+
+
+def test_ensure_shards_adds_missing_keys_only():
+    instance = dg.DagsterInstance.ephemeral()
+    assert data.ensure_shards(instance, 2) == ["shard-00000", "shard-00001"]
+    instance.add_dynamic_partitions("shards", ["manual"])
+    assert data.ensure_shards(instance, 3) == ["shard-00000", "shard-00001", "shard-00002"]
+    assert sorted(instance.get_dynamic_partitions("shards")) == ["manual", "shard-00000", "shard-00001",
+                                                                 "shard-00002"]
+    with pytest.raises(SynthesisError):
+        data.ensure_shards(instance, 0)
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"objects365": "/nonexistent/objects365.json"}, "does not exist"),
+    ({"categories": []}, "data.categories is empty"),
+    ({"categories": ["Couch", "Unicorn"]}, "unknown Objects365 category 'Unicorn'"),
+])
+def test_bad_category_input_fails_in_one_line_without_a_shard(tmp_path, params, override, message):
+    params(**override)
+    result = dg.materialize([data.category_combos], partition_key="shard-00000", instance=_instance(),
+                            resources=_resources(tmp_path / "datasets", ["llm"]), raise_on_error=False)
+    assert not result.success
+    error = _failure(result)
+    assert message in error and "\n" not in error
+    assert not (tmp_path / "datasets" / "category_combos").exists()
+
+
+def test_unreadable_image_in_a_shard_fails_in_one_line(tmp_path, tiny_zoo):
+    from PIL import Image
+
+    from music_dagster.synthesis.schemas import RECORDS
+
+    store = DatasetStore(root=str(tmp_path / "datasets"))
+    record = {"sample_id": "shard-00000-00000", "parent_ids": ["shard-00000-00000"], "shard": "shard-00000",
+              "candidates": ["Cat", "Couch"], "categories": ["Cat", "Couch"], "scene": "a room",
+              "combo_attempts": 1, "caption": "A cat on a couch.", "caption_attempts": 1,
+              "image": "target_images/shard-00000/shard-00000-00000.png", "width": 64, "height": 64}
+    with store.writer("target_images", "shard-00000", RECORDS["target_images"]) as writer:
+        writer.add_image("shard-00000-00000.png", Image.new("RGB", (64, 64)))
+        writer.add_record(record)
+    (tmp_path / "datasets" / record["image"]).write_bytes(b"\x89PNG not really")
+    result = dg.materialize([data.detected_boxes], partition_key="shard-00000", instance=_instance(),
+                            resources=_resources(tmp_path / "datasets", ["detector"]), raise_on_error=False)
+    error = _failure(result)
+    assert "shard-00000-00000.png" in error and "\n" not in error
+    assert not (tmp_path / "datasets" / "detected_boxes").exists()
+
+
+KILLED_CHILD = """
+import sys, time
+from pathlib import Path
+import dagster as dg
+from music_dagster import storage
+from music_dagster.assets import data
+from music_dagster.config import load_config
+from music_dagster.resources.models import LLMResource
+from music_dagster.resources.storage import DatasetStore
+
+root, marker = sys.argv[1], Path(sys.argv[2])
+add_record = storage.ShardWriter.add_record
+
+def add_and_hang(self, record):  # the shard is half written: signal the parent and wait to be killed
+    add_record(self, record)
+    marker.touch()
+    time.sleep(600)
+
+storage.ShardWriter.add_record = add_and_hang
+instance = dg.DagsterInstance.ephemeral()
+data.ensure_shards(instance, 1)
+dg.materialize([data.category_combos], partition_key="shard-00000", instance=instance,
+               resources={"llm": LLMResource.from_config(load_config(profile="tiny")), "store": DatasetStore(root=root)})
+"""
+
+
+def test_killed_materialization_leaves_no_partial_shard(tmp_path, tiny_zoo):
+    root = tmp_path / "datasets"
+    marker = tmp_path / "half-written"
+    env = {**os.environ, "MUSIC_PROFILE": "tiny", "OMP_NUM_THREADS": "1"}
+    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(KILLED_CHILD), str(root), str(marker)], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not marker.exists():
+            assert child.poll() is None, "the child ended before writing"
+            assert time.monotonic() < deadline, "the child never started writing"
+            time.sleep(0.2)
+    finally:
+        child.kill()
+        child.wait()
+    store = DatasetStore(root=str(root))
+    leftovers = [p.name for p in (root / "category_combos").iterdir()]
+    assert not store.exists("category_combos", "shard-00000")
+    assert store.complete_shards("category_combos") == []
+    assert leftovers and all(name.startswith(".shard-00000.tmp.") for name in leftovers)
+
+    result = dg.materialize([data.category_combos], partition_key="shard-00000", instance=_instance(),
+                            resources=_resources(root, ["llm"]))
+    assert result.success and store.exists("category_combos", "shard-00000")
+    assert [p.name for p in (root / "category_combos").iterdir()] == ["shard-00000"]  # the leftover is gone
+    assert len(store.read("category_combos", "shard-00000").records) == default_config().profile.data.shard_size
+
+
+def _file_hashes(root: Path, key: str) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.glob(f"*/{key}/**/*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_data_graph_materializes_two_shards_reproducibly(tmp_path, tiny_zoo):
+    root = tmp_path / "datasets"
+    resources = _resources(root)
+    instance = dg.DagsterInstance.ephemeral()
+    keys = data.ensure_shards(instance, 2)
+    job = dg.Definitions(assets=data.DATA_ASSETS, jobs=[data.data_job], resources=resources).resolve_job_def(
+        "data_job")
+    splits = set()
+    for key in keys:
+        result = job.execute_in_process(partition_key=key, instance=instance)
+        assert result.success
+        evaluations = result.get_asset_check_evaluations()
+        assert len(evaluations) == len(NAMES)
+        assert all(e.passed for e in evaluations), [(e.check_name, e.metadata) for e in evaluations if not e.passed]
+        materialized = {e.asset_key.to_user_string(): e.materialization.metadata
+                        for e in result.get_asset_materialization_events()}
+        assert set(materialized) == set(NAMES)
+        for name, metadata in materialized.items():
+            assert metadata["kept"].value > 0, f"{name}[{key}] kept nothing: {metadata['drop_reasons'].value}"
+            assert (root / name / key / "dropped.json").is_file()
+        assert "data:image/png;base64," in materialized["grid_layouts"]["preview"].value
+        assert materialized["detected_boxes"]["samples_per_subject_count"].value
+        records = DatasetStore(root=str(root)).read("training_samples", key).records
+        splits |= {r["split"] for r in records}
+        assert all(Path(root / r["image"]).is_file() and all((root / s["reference"]).is_file()
+                                                                for s in r["subjects"]) for r in records)
+    assert splits == {"train", "msic"}
+
+    before = _file_hashes(root, keys[0])
+    assert len(before) > 40
+    assert job.execute_in_process(partition_key=keys[0], instance=instance).success
+    assert _file_hashes(root, keys[0]) == before
