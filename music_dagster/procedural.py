@@ -19,8 +19,10 @@ any data shard. numpy + PIL only.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -161,15 +163,17 @@ def make_sample(seed: int, index: int, world: WorldSettings = WorldSettings()) -
     reading = sorted(subjects, key=lambda s: (s["attributes"]["row"], s["attributes"]["col"]))
     cot = " ".join(f"{tag(s['id'])} is {_article(s['attributes']['colour'])} {s['attributes']['colour']} "
                    f"{s['category']} at the {s['attributes']['region']}." for s in reading)
+    caption = ", ".join(f"{_article(s['attributes']['colour'])} {s['attributes']['colour']} {s['category']}"
+                        for s in subjects) + " on a grey background"
     return {
-        "sample_id": f"{SOURCE}-{seed}-{index:06d}", "parent_ids": [], "source": SOURCE,
-        "instruction": instruction, "cot": cot, "layout": layout.tolist(), "layout_text": layout_to_text(layout),
-        "subjects": subjects, "target": Image.fromarray(image.clip(0, 255).astype(np.uint8)),
+        "sample_id": f"{SOURCE}-{seed}-{index:06d}", "instruction": instruction, "cot": cot, "caption": caption,
+        "layout": layout.tolist(), "subjects": subjects,
+        "target": Image.fromarray(image.clip(0, 255).astype(np.uint8)),
     }
 
 
 def to_sample(raw: dict):
-    """A `make_sample` dict as a `model.Sample` (attributes kept in `meta` for evaluation)."""
+    """A `make_sample` dict as a `model.Sample` (each subject's attributes kept in `meta`)."""
     from music_dagster.model import Sample
 
     return Sample(
@@ -187,22 +191,71 @@ def procedural_samples(n: int, seed: int, world: WorldSettings = WorldSettings()
 
 def write_procedural_shard(path: str | os.PathLike, n: int, seed: int, world: WorldSettings = WorldSettings(),
                            start: int = 0, split: str = "train") -> Path:
-    """Write samples `start .. start + n - 1` of the world of `seed` as one shard at `path` (atomic, through
-    `storage.ShardWriter`), in the training-sample record format. Returns the shard path."""
+    """Write samples `start .. start + n - 1` of the world of `seed` as the shard `path` = `<root>/<asset>/<key>`
+    (atomic, through `storage.ShardWriter`), with the `training_samples` record schema: image references are
+    datasets-relative (`<asset>/<key>/<file>`), as the data assets write them. Returns the shard path."""
+    from PIL import Image
+
     from music_dagster.storage import ShardWriter
-    from music_dagster.training import SAMPLE_SCHEMA
+    from music_dagster.synthesis.schemas import RECORDS
 
     if n < 1:
         raise ProceduralError(f"a procedural shard needs at least one sample, got {n}")
-    with ShardWriter(path, SAMPLE_SCHEMA) as writer:
+    path = Path(path)
+    prefix = f"{path.parent.name}/{path.name}/"
+    with ShardWriter(path, RECORDS["training_samples"]) as writer:
         for i in range(start, start + n):
             raw = make_sample(seed, i, world)
             sid = raw["sample_id"]
-            subjects = [
-                {"id": s["id"], "category": s["category"], "box": s["box"], "attributes": s["attributes"],
-                 "reference": writer.add_image(f"{sid}/reference_{s['id']}.png", s["reference"])}
-                for s in raw["subjects"]
-            ]
-            writer.add_record({**raw, "subjects": subjects, "split": split,
-                               "target": writer.add_image(f"{sid}/target.png", raw["target"])})
-    return Path(path)
+            g, size = world.grid, world.image_size
+            subjects = []
+            for s in raw["subjects"]:
+                x1, y1, x2, y2 = (round(v * size) for v in s["box"])
+                mask = Image.new("L", (size, size), 0)
+                mask.paste(255, (x1, y1, x2, y2))
+                subjects.append({
+                    "id": s["id"], "category": s["category"], "box": s["box"], "region": "mask",
+                    "reference": prefix + writer.add_image(f"{sid}/reference_{s['id']}.png", s["reference"]),
+                    "mask": prefix + writer.add_image(f"{sid}/mask_{s['id']}.png", mask),
+                })
+            writer.add_record({
+                "sample_id": sid, "parent_ids": [], "shard": path.name, "split": split,
+                "num_subjects": len(subjects), "source_subjects": len(subjects),
+                "image": prefix + writer.add_image(f"{sid}/target.png", raw["target"]),
+                "caption": raw["caption"], "scene": "procedural world", "instruction": raw["instruction"],
+                "cot": raw["cot"], "layout": raw["layout"], "layout_text": layout_to_text(np.asarray(raw["layout"])),
+                "subjects": subjects,
+            })
+    return path
+
+
+_SAID = re.compile(r"\[(\d+)\] is an? (\w+) (\w+)")
+
+
+def stated_looks(cot: str) -> dict[int, tuple[str, str]]:
+    """{subject id: (colour, shape)} as a procedural CoT states them (the first statement of an id counts)."""
+    return {int(i): (c, s) for i, c, s in reversed(_SAID.findall(cot))}
+
+
+def score_plans(samples: Sequence, plans: Sequence) -> dict:
+    """How well plans (`model.Plan`s, one per procedural `Sample`) match the ground truth (the sample's layout
+    and CoT): `parsed` (share of layouts that parse), `cell_acc` (all cells), `subject_cell_acc` (cells owned by
+    a subject in the truth), `colour_acc` and `shape_acc` (per subject as the CoT states them: colour and shape
+    can only come from the reference images)."""
+    parsed = cells = subject_hits = subject_cells = colours = shapes = subjects = 0
+    for sample, plan in zip(samples, plans, strict=True):
+        truth = np.asarray(sample.layout)
+        if plan.layout is not None and plan.layout.shape == truth.shape:
+            parsed += 1
+            cells += float((plan.layout == truth).mean())
+            subject_hits += int((plan.layout == truth)[truth > 0].sum())
+        subject_cells += int((truth > 0).sum())
+        said = stated_looks(plan.cot)
+        for sid, (colour, shape) in stated_looks(sample.cot).items():
+            got = said.get(sid, ("", ""))
+            colours += got[0] == colour
+            shapes += got[1] == shape
+            subjects += 1
+    n = len(samples)
+    return {"parsed": parsed / n, "cell_acc": cells / n, "subject_cell_acc": subject_hits / subject_cells,
+            "colour_acc": colours / subjects, "shape_acc": shapes / subjects}

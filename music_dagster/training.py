@@ -42,36 +42,6 @@ MODEL_DIR = "model"
 HISTORY = "history.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
-# The fields `load_samples` reads from a training-sample record (other fields are allowed and ignored).
-SAMPLE_SCHEMA: dict = {
-    "$schema": "https://json-schema.org/draft/2020-12/schema",
-    "type": "object",
-    "properties": {
-        "sample_id": {"type": "string", "minLength": 1},
-        "parent_ids": {"type": "array", "items": {"type": "string"}},
-        "split": {"enum": ["train", "msic"]},
-        "instruction": {"type": "string", "minLength": 1},
-        "cot": {"type": "string"},
-        "layout": {"type": "array", "items": {"type": "array", "items": {"type": "integer", "minimum": 0}}},
-        "target": {"type": "string", "minLength": 1},
-        "subjects": {
-            "type": "array", "minItems": 1, "maxItems": 12,
-            "items": {
-                "type": "object",
-                "properties": {
-                    "id": {"type": "integer", "minimum": 1},
-                    "category": {"type": "string", "minLength": 1},
-                    "box": {"type": "array", "items": {"type": "number"}, "minItems": 4, "maxItems": 4},
-                    "reference": {"type": "string", "minLength": 1},
-                },
-                "required": ["id", "category", "box", "reference"],
-            },
-        },
-    },
-    "required": ["sample_id", "parent_ids", "split", "instruction", "cot", "layout", "target", "subjects"],
-}
-
-
 class TrainingError(UserError):
     """Training that cannot start: no training samples, a bad source, a checkpoint folder that does not fit."""
 
@@ -98,27 +68,32 @@ class TrainResult:
 # ---------------------------------------------------------------------------------------------------------------
 # Samples
 def _record_sample(shard, record: dict) -> Callable[[], Sample]:
+    root = shard.path.parent.parent  # image references are datasets-relative: <asset>/<key>/<file>
+
     def load() -> Sample:
+        from music_dagster.images import read_image
+
         subjects = sorted(record["subjects"], key=lambda s: s["id"])
         return Sample(
-            instruction=record["instruction"], references=[shard.image(s["reference"]) for s in subjects],
-            cot=record["cot"], layout=np.asarray(record["layout"], np.int64), target=shard.image(record["target"]),
+            instruction=record["instruction"], references=[read_image(root / s["reference"]) for s in subjects],
+            cot=record["cot"], layout=np.asarray(record["layout"], np.int64), target=read_image(root / record["image"]),
             id=record["sample_id"], meta={"split": record["split"], "shard": str(shard.path),
-                                          "subjects": [{k: v for k, v in s.items() if k != "reference"}
-                                                       for s in subjects]},
+                                          "subjects": [{k: s[k] for k in ("id", "category", "box")} for s in subjects]},
         )
     return load
 
 
 def collect_samples(sources: Iterable) -> tuple[list[Callable[[], Sample]], int]:
-    """(loaders of the training samples, number of MSIC samples skipped) of `sources`: shard folders (str or
-    PathLike), `Sample`s, or iterables of `Sample`s. Shard images are read when a sample is loaded."""
+    """(loaders of the training samples, number of MSIC samples skipped) of `sources`: `training_samples` shard
+    folders (str or PathLike; records validated against the asset's schema), `Sample`s, or iterables of `Sample`s.
+    Shard images are read when a sample is loaded."""
     from jsonschema import Draft202012Validator
     from jsonschema.exceptions import best_match
 
     from music_dagster.storage import read_shard
+    from music_dagster.synthesis.schemas import RECORDS
 
-    validator = Draft202012Validator(SAMPLE_SCHEMA)
+    validator = Draft202012Validator(RECORDS["training_samples"])
     items, skipped = [], 0
 
     def add(sample: Sample):
