@@ -217,8 +217,10 @@ class Generator:
         return self.generate_images(images, prompt, branches, seed, progress, names)
 
     def generate_images(self, images: Sequence, prompt: str, branches: int = 1, seed: int = 0,
-                        progress: bool = False, names: Sequence[str] | None = None) -> Result:
-        """`generate` for references already read as RGB PIL images (`read_subjects`)."""
+                        progress: bool = False, names: Sequence[str] | None = None,
+                        sample: bool | None = None) -> Result:
+        """`generate` for references already read as RGB PIL images (`read_subjects`). `sample`: sample the
+        plans (default: when there are several branches; one branch decodes greedily)."""
         from tqdm.auto import tqdm
 
         from music_dagster.model import Sample
@@ -230,7 +232,8 @@ class Generator:
             bar.set_postfix_str(f"planning {branches} branch(es)")
             request = Sample(instruction=prompt, references=images)
             encoded = [self.model.encode(request, with_target=False)]
-            plans = self.model.plan([request], branches=branches, sample=branches > 1,
+            sample = branches > 1 if sample is None else sample
+            plans = self.model.plan([request], branches=branches, sample=sample,
                                     temperature=gen.temperature, top_k=gen.top_k,
                                     max_new_tokens=gen.max_plan_tokens, seed=seed, encoded=encoded)[0]
             bar.update()

@@ -232,6 +232,18 @@ def start_nested_run(store: Store, parent_run_id: str, name: str, tags: Mapping[
     return start_run(store, name, {TAG_KIND: "evaluation", **(tags or {})}, parent_run_id=parent_run_id)
 
 
+def tag_run(store: Store, run_id: str, tags: Mapping[str, object]) -> None:
+    """Add tags to an existing (possibly finished) run, e.g. the checkpoint's DVC hash once it is pushed."""
+    from mlflow.entities import RunTag
+    from mlflow.exceptions import MlflowException
+
+    mlf = client(store)
+    try:
+        mlf.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+    except MlflowException:
+        raise TrackingError(f"MLflow run {run_id!r} cannot be tagged in {store.tracking_uri}") from None
+
+
 def write_run_ref(folder: str | os.PathLike, run: ActiveRun) -> Path:
     """Record in a checkpoint folder which run trained it (atomic)."""
     path = Path(folder) / RUN_REF
@@ -252,6 +264,7 @@ def read_run_ref(folder: str | os.PathLike) -> dict:
 KEY_PARAMS = ("profile_name", "seed", "profile.train.source", "profile.train.max_steps", "profile.train.epochs",
               "profile.train.lr", "profile.train.lora_rank")
 LOSSES = ("loss", "L1", "L2")
+SCORES = ("dino", "clip_i", "clip_t")  # what evaluation runs report (`music_dagster.metrics.METRICS`)
 
 
 def _fmt(value) -> str:
@@ -278,7 +291,7 @@ def list_runs(store: Store, limit: int = 10) -> list[dict]:
         scores = {}
         for child in children:
             for key, value in sorted(child.data.metrics.items()):
-                if not key.startswith("system/"):
+                if key.rsplit("/", 1)[-1] in SCORES and "by_subject_count" not in key:  # overall scores only
                     scores[f"{child.info.run_name}/{key}"] = value
         rows.append({
             "run_id": run.info.run_id,

@@ -69,6 +69,8 @@ def test_nested_run_under_finished_parent_and_run_ref(store, tmp_path):
     tracking.write_run_ref(tmp_path, parent)
     ref = tracking.read_run_ref(tmp_path)
     assert ref["run_id"] == parent.run_id and ref["url"].endswith(f"/runs/{parent.run_id}")
+    tracking.tag_run(store, parent.run_id, {tracking.TAG_DVC_HASH: "d41d8"})  # after the run finished
+    assert tracking.client(store).get_run(parent.run_id).data.tags[tracking.TAG_DVC_HASH] == "d41d8"
     with tracking.start_nested_run(store, ref["run_id"], "msic") as child:
         child.log_metrics({"clip_t": 0.25})
     got = tracking.client(store).get_run(child.run_id)
@@ -81,6 +83,8 @@ def test_unknown_parent_and_missing_ref_are_user_errors(store, tmp_path):
     with pytest.raises(tracking.TrackingError, match="not found"):
         with tracking.start_nested_run(store, "0" * 32, "x"):
             pass
+    with pytest.raises(tracking.TrackingError, match="cannot be tagged"):
+        tracking.tag_run(store, "0" * 32, {"a": 1})
     with pytest.raises(tracking.TrackingError, match="mlflow_run.json"):
         tracking.read_run_ref(tmp_path)
 
@@ -119,16 +123,17 @@ def test_print_runs_lists_params_losses_scores_checkpoint(store, capsys):
             run.set_tags({tracking.TAG_CHECKPOINT_HASH: f"{lr}-hash-long-enough"})
         ids.append(run.run_id)
     with tracking.start_nested_run(store, ids[0], "msic") as child:
-        child.log_metrics({"clip_t": 0.3})
+        child.log_metrics({"music/clip_t": 0.3, "music/failures": 0})
+        child.log_step(2, {"music/by_subject_count/clip_t": 0.1})
     rows = tracking.list_runs(store, limit=5)
     assert [r["run_id"] for r in rows] == ids[::-1]  # newest first, nested evaluation runs not listed
     assert rows[1]["params"] == {"seed": "0", "lr": "0.001"}
     assert rows[1]["losses"] == {"loss": 1.5, "L1": 2.0, "L2": 1.0}
-    assert rows[1]["scores"] == {"msic/clip_t": 0.3}
+    assert rows[1]["scores"] == {"msic/music/clip_t": 0.3}  # overall scores, not counts or per-subject-count rows
     assert len(tracking.list_runs(store, limit=1)) == 1
     tracking.print_runs(5, store=store)
     out = capsys.readouterr().out.splitlines()
     assert out[0].split()[:3] == ["run", "name", "status"]
-    assert ids[0][:8] in out[2] and "msic/clip_t=0.3" in out[2] and "0.001-hash-l" in out[2]
+    assert ids[0][:8] in out[2] and "msic/music/clip_t=0.3" in out[2] and "0.001-hash-l" in out[2]
     with pytest.raises(tracking.TrackingError, match="limit"):
         tracking.list_runs(store, limit=0)

@@ -1,0 +1,117 @@
+"""`music bench generate`: wall time and peak memory of one generation with N = 1, 2, 4, 8 test-time branches
+(MUSIC*), and the ratio of the batched N-branch run to N sequential 1-branch runs. Asserts nothing.
+
+All runs sample their plans (so a 1-branch run does the same work as one branch of N) with the profile's
+`generate` settings, from the project's checkpoint (`models/lora`, `models/detokenizer`) when both exist, else from
+a throwaway checkpoint trained two steps on the procedural world (timing does not depend on training).
+Peak memory: CUDA's peak allocation on a GPU; on the CPU, the peak rise of the process's resident memory, sampled
+every 2 ms.
+"""
+from __future__ import annotations
+
+import contextlib
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+BRANCHES = (1, 2, 4, 8)
+REPEATS = 2  # best of, after one warm-up run
+
+
+@contextlib.contextmanager
+def peak_memory(device: str):
+    """Yields a dict whose "mib" is, on exit, the peak memory this block added (see the module doc)."""
+    import torch
+
+    out = {"mib": 0.0}
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        yield out
+        torch.cuda.synchronize()
+        out["mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+        return
+    import psutil
+
+    proc = psutil.Process()
+    base = proc.memory_info().rss
+    peak = [base]
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss)
+            stop.wait(0.002)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield out
+    finally:
+        stop.set()
+        thread.join()
+        out["mib"] = (max(peak[0], proc.memory_info().rss) - base) / 2**20
+
+
+def _throwaway_checkpoint(config, folder: Path) -> tuple[Path, Path]:
+    from music_dagster.training import _with, procedural_source, train_detokenizer, train_music
+
+    cfg = _with(config, "train", max_steps=2, checkpoint_every=10**9)
+    cfg = _with(cfg, "detokenizer", max_steps=2, checkpoint_every=10**9)
+    samples = procedural_source(cfg, max(cfg.profile.train.batch_size, cfg.profile.detokenizer.batch_size) * 2)
+    detok = train_detokenizer(cfg, [samples], folder / "detok", resume=False)
+    lora = train_music(cfg, [samples], folder / "lora", resume=False)
+    return lora.model_dir, detok.model_dir
+
+
+def _timed(generator, refs, prompt, branches: int, seed: int, device: str) -> tuple[float, float]:
+    import torch
+
+    with peak_memory(device) as mem:
+        start = time.perf_counter()
+        generator.generate_images(refs, prompt, branches, seed=seed, sample=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+    return seconds, mem["mib"]
+
+
+def main() -> None:
+    import torch
+
+    from music_dagster.config import default_config
+    from music_dagster.generate import Generator, detokenizer_dir, lora_dir
+    from music_dagster.training import device_of, procedural_source
+
+    config = default_config()
+    torch.set_num_threads(config.profile.torch_threads)
+    torch.set_flush_denormal(True)
+    device = device_of(config)
+    sample = procedural_source(config, 1)[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        if lora_dir(config).is_dir() and detokenizer_dir(config).is_dir():
+            checkpoint, detok, source = lora_dir(config), detokenizer_dir(config), "project checkpoint"
+        else:
+            checkpoint, detok = _throwaway_checkpoint(config, Path(tmp))
+            source = "throwaway 2-step checkpoint"
+        generator = Generator(config, checkpoint, detok)
+        refs, prompt = sample.references, sample.instruction
+        _timed(generator, refs, prompt, 1, 0, device)  # warm-up: lazy inits, allocator
+        single = [_timed(generator, refs, prompt, 1, s, device) for s in range(max(BRANCHES))]
+        rows = []
+        for n in BRANCHES:
+            runs = [_timed(generator, refs, prompt, n, r, device) for r in range(REPEATS)]
+            seconds, mib = min(r[0] for r in runs), max(r[1] for r in runs)
+            sequential = sum(single[i][0] for i in range(n))
+            rows.append((n, seconds, mib, sequential, max(single[i][1] for i in range(n))))
+    gen, detok_steps = config.profile.generate, generator.detokenizer.settings.decode_steps
+    print(f"generation: profile {config.profile_name}, device {device}, {torch.get_num_threads()} torch thread(s), "
+          f"{source}; {len(refs)} subjects, plans up to "
+          f"{gen.max_plan_tokens or generator.model.settings.max_plan_tokens} tokens, "
+          f"{gen.decode_steps or detok_steps} decode steps; best of {REPEATS}")
+    print(f"{'N':>2} {'batched s':>10} {'peak MiB':>9} {'N x 1-branch s':>15} {'peak MiB (1)':>12} "
+          f"{'batched / sequential':>21}")
+    for n, seconds, mib, sequential, mib1 in rows:
+        print(f"{n:>2} {seconds:>10.2f} {mib:>9.1f} {sequential:>15.2f} {mib1:>12.1f} {seconds / sequential:>21.2f}")
