@@ -217,4 +217,10 @@ def load_role(role: str, spec: ModelSpec, device: str = "auto", dtype: str = "fl
     resolved = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, resolved)
     check_local_folder(role, spec)
-    return _LOADERS[role](role, spec, resolved, torch_dtype)
+    try:
+        return _LOADERS[role](role, spec, resolved, torch_dtype)
+    except UserError:
+        raise
+    except (OSError, ValueError) as e:  # how the libraries report a missing or malformed file, repo or revision
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise LoaderError(f"{role}: cannot load {spec.id}: {first}") from None

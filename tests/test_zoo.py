@@ -262,3 +262,22 @@ def test_zoo_asset_materializes_with_metadata(tiny_zoo):
     assert [c.passed for c in result.get_asset_check_evaluations()] == [True]
     # same seed: the project's zoo keeps the same bytes
     assert {role: file_hashes(folder) for role, folder in tiny_zoo.items()} == before
+
+
+@pytest.mark.parametrize("role, hub_id", [("llm", "Qwen/Qwen3-8B"),
+                                          ("clip", "hf-hub:timm/vit_large_patch14_clip_224.openai")])
+def test_uncached_hub_id_offline_is_one_line_error(role, hub_id, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))  # an empty cache
+    with pytest.raises(LoaderError, match=f"{role}: cannot load {hub_id}") as e:
+        load_role(role, ModelSpec(id=hub_id), "cpu", "float32")
+    assert "\n" not in str(e.value)
+
+
+def test_folder_without_config_is_one_line_error(tiny_zoo, tmp_path):
+    folder = tmp_path / "dino"
+    shutil.copytree(tiny_zoo["dino"], folder)
+    (folder / "config.json").unlink()
+    with pytest.raises(LoaderError, match="dino: cannot load") as e:
+        load_role("dino", ModelSpec(id=str(folder)), "cpu", "float32")
+    assert "\n" not in str(e.value)

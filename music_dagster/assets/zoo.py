@@ -54,4 +54,6 @@ def zoo_files_match_manifest() -> dg.AssetCheckResult:
     return dg.AssetCheckResult(passed=not changed, metadata={"changed_or_missing": ", ".join(changed) or "none"})
 
 
-defs = dg.Definitions(assets=[tiny_model_zoo], asset_checks=[zoo_files_match_manifest])
+zoo_job = dg.define_asset_job("zoo_job", selection=dg.AssetSelection.assets(tiny_model_zoo))
+
+defs = dg.Definitions(assets=[tiny_model_zoo], asset_checks=[zoo_files_match_manifest], jobs=[zoo_job])
