@@ -1,0 +1,119 @@
+"""The training loops: resuming gives the same losses as not stopping, MSIC is never trained on, the saved folders."""
+import json
+
+import pytest
+import torch
+
+from music_dagster.config import load_config
+from music_dagster.detokenizer import Detokenizer
+from music_dagster.model import MusicModel
+from music_dagster.procedural import procedural_samples, write_procedural_shard
+from music_dagster.training import (
+    CHECKPOINTS, TrainingError, _with, load_backbone, train_detokenizer, train_music,
+)
+
+
+class Stop(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def config(tiny_zoo):
+    torch.set_num_threads(1)
+    cfg = load_config(profile="tiny")
+    cfg = _with(cfg, "train", input_queries=4, image_queries=4, lora_rank=4, lora_alpha=8, batch_size=2,
+                epochs=3, max_steps=6, checkpoint_every=2, checkpoints_kept=2, warmup_steps=2, max_plan_tokens=8)
+    return _with(cfg, "detokenizer", resampler_queries=4, batch_size=2, epochs=3, max_steps=6, checkpoint_every=2,
+                 warmup_steps=2)
+
+
+@pytest.fixture(scope="module")
+def samples():
+    return procedural_samples(5, seed=0)  # 2 steps per epoch at batch 2 (the odd one is dropped per epoch)
+
+
+def _stop_after(step):
+    def on_step(s, metrics):
+        if s == step:
+            raise Stop
+    return on_step
+
+
+def test_music_resumes_with_the_losses_of_an_uninterrupted_run(config, samples, tmp_path):
+    seen = []
+    whole = train_music(config, [samples], tmp_path / "whole", on_step=lambda s, m: seen.append((s, m)))
+    assert whole.steps == 6 and whole.resumed_from == 0 and whole.epochs == 3
+    assert [s for s, _ in seen] == list(range(1, 7))
+    assert set(seen[0][1]) == {"L1", "L2", "loss", "lr"}
+    assert [e["step"] for e in whole.history] == list(range(1, 7))
+
+    with pytest.raises(Stop):  # killed during step 5: the last checkpoint is step 4
+        train_music(config, [samples], tmp_path / "cut", on_step=_stop_after(5))
+    assert sorted(p.name for p in (tmp_path / "cut" / CHECKPOINTS).iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    resumed = train_music(config, [samples], tmp_path / "cut")
+    assert resumed.resumed_from == 4 and resumed.steps == 6
+    for a, b in zip(whole.history, resumed.history, strict=True):
+        assert a == pytest.approx(b, rel=1e-6, abs=1e-7)
+
+    # the final folders hold the same weights
+    from safetensors.torch import load_file
+    for name in ("adapter_model.safetensors", "music_modules.safetensors"):
+        x, y = load_file(whole.model_dir / name), load_file(resumed.model_dir / name)
+        assert x.keys() == y.keys()
+        for k in x:
+            torch.testing.assert_close(x[k], y[k], rtol=1e-5, atol=1e-6)
+    history = json.loads((tmp_path / "cut" / "history.json").read_text())
+    assert [e["step"] for e in history] == list(range(1, 7))
+
+
+def test_checkpoints_hold_only_trainable_weights_and_the_result_loads(config, samples, tmp_path):
+    result = train_music(config, [samples], tmp_path / "run")
+    folders = sorted((tmp_path / "run" / CHECKPOINTS).iterdir())
+    assert [p.name for p in folders] == ["checkpoint-2", "checkpoint-4"]  # kept: 2; the end is the model folder
+    for folder in folders:
+        files = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+        assert "model/adapter_model.safetensors" in files and "model/music_modules.safetensors" in files
+        assert not any(f.startswith("model.") or f.startswith("pytorch_model") for f in files)
+        llm_bytes = sum(p.stat().st_size for p in (config.models["music_llm"].local_path).glob("*.safetensors"))
+        assert (folder / "model" / "adapter_model.safetensors").stat().st_size < llm_bytes
+    model = MusicModel.from_pretrained(result.model_dir, load_backbone(config, "music_llm"),
+                                       load_backbone(config, "music_vision"))
+    assert model.settings.image_queries == 4
+    assert len(model.plan(samples[:1])[0][0].token_ids) <= 8
+
+
+def test_msic_samples_are_never_trained_on(config, tmp_path):
+    root = tmp_path / "datasets" / "training_samples"
+    train = write_procedural_shard(root / "shard-0", 4, seed=0)
+    held = write_procedural_shard(root / "shard-1", 3, seed=0, start=4, split="msic")
+    seen = []
+    cfg = _with(config, "train", max_steps=1)
+    orig = MusicModel.encode
+
+    def spy(self, sample, with_target=True):
+        seen.append(sample.id)
+        return orig(self, sample, with_target)
+
+    MusicModel.encode = spy
+    try:
+        result = train_music(cfg, [train, held], tmp_path / "run")
+    finally:
+        MusicModel.encode = orig
+    assert (result.samples, result.skipped_msic) == (4, 3)
+    assert seen and all(int(s.rsplit("-", 1)[1]) < 4 for s in seen)
+    with pytest.raises(TrainingError, match="no training samples .skipped 3 MSIC"):
+        train_music(cfg, [held], tmp_path / "none")
+    assert not (tmp_path / "none" / "model").exists()
+
+
+def test_detokenizer_resumes_and_loads(config, samples, tmp_path):
+    whole = train_detokenizer(config, [samples], tmp_path / "whole")
+    with pytest.raises(Stop):
+        train_detokenizer(config, [samples], tmp_path / "cut", on_step=_stop_after(3))
+    resumed = train_detokenizer(config, [samples], tmp_path / "cut")
+    assert resumed.resumed_from == 2
+    for a, b in zip(whole.history, resumed.history, strict=True):
+        assert a == pytest.approx(b, rel=1e-6, abs=1e-7)
+    detok = Detokenizer.from_pretrained(whole.model_dir)
+    images = detok.decode(torch.zeros(2, 4, 64), seed=0, steps=2)
+    assert [im.size for im in images] == [(32, 32)] * 2
