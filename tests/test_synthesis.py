@@ -278,3 +278,31 @@ def test_checks_flag_broken_records():
     assert checks.annotation_tags_valid([good]).passed
     assert not checks.annotation_tags_valid([dict(good, instruction="Show [1] and [2].")]).passed
     assert not checks.annotation_tags_valid([dict(good, cot="[1] is next to [7].")]).passed
+
+
+# --- previews ---------------------------------------------------------------------------------------------------
+def test_previews_show_boxes_layouts_and_tables():
+    from PIL import Image
+
+    from music_dagster.synthesis import preview
+
+    record = _annotated(3)
+    image = Image.new("RGB", (64, 64), (0, 0, 0))
+    opened = []
+
+    def open_image(ref):
+        opened.append(ref)
+        return image
+
+    boxes = preview.sheet("detected_boxes", [record], open_image)
+    assert boxes.size == (512, 128) and opened == ["t.png"]
+    assert np.asarray(boxes)[:, :128].max() > 0  # the numbered boxes are drawn on the black image
+    layout = preview.sheet("training_samples", [record], open_image)
+    assert np.asarray(layout)[:, :128].std() > 0
+    assert preview.sheet("scene_captions", [{"sample_id": "x", "caption": "A cat."}], open_image) is None
+    assert preview.subject_counts([record, _annotated(2)]) == {2: 1, 3: 1}
+    table = preview.sample_table([record], ("instruction", "scene"))
+    assert table.splitlines()[0] == "| sample | instruction | scene |" and "[1] and [2]" in table
+    dropped = [{"sample_id": f"s{i}", "reason": "llm_answer", "detail": "a | b"} for i in range(10)]
+    drops = preview.drop_table(dropped)
+    assert "a \\| b" in drops and "2 more" in drops

@@ -11,7 +11,6 @@ assets run in the Dagster pool `gpu`.
 
 import base64
 import hashlib
-import io
 from pathlib import Path
 from typing import Callable
 
@@ -115,8 +114,11 @@ def _stage(context: dg.AssetExecutionContext, store: DatasetStore, asset: str, p
     if counts:
         metadata["samples_per_subject_count"] = dg.MetadataValue.md(
             "| subjects | samples |\n| ---: | ---: |\n" + "\n".join(f"| {n} | {c} |" for n, c in counts.items()))
+    if result.dropped:
+        metadata["dropped_samples"] = dg.MetadataValue.md(preview.drop_table(result.dropped))
     if sheet is not None:
         metadata["preview"] = dg.MetadataValue.md(_png_markdown(sheet, f"{asset} {key}"))
+        metadata["preview_path"] = dg.MetadataValue.path(str(path / PREVIEW_FILE))
     if table and records:
         metadata["samples"] = dg.MetadataValue.md(preview.sample_table(records, table))
     context.log.info(f"{asset}[{key}]: kept {len(records)}, dropped {len(result.dropped)} {reasons or ''}")

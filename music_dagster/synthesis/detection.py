@@ -79,8 +79,11 @@ def detected_boxes(detector, ctx: ShardContext, data, records: list[dict], open_
         phrase_lists = [[schemas.phrase(c) for c in r["categories"]] for r in chunk]
         queries = [query_text(p) for p in phrase_lists]
         texts = [q[0] for q in queries]
-        inputs = processor(images=images, text=texts, return_tensors="pt", padding=True)
-        offsets = processor.tokenizer(texts, padding=True, return_offsets_mapping=True)["offset_mapping"]
+        # The processor's two halves, so that the offsets come from the very tokenization the model reads.
+        text_inputs = processor.tokenizer(texts, padding=True, return_offsets_mapping=True, return_tensors="pt")
+        offsets = text_inputs.pop("offset_mapping").tolist()
+        inputs = processor.image_processor(images, return_tensors="pt")
+        inputs.update(text_inputs)
         with torch.inference_mode():
             out = model(**inputs.to(detector.device, dtype=detector.dtype))
         probs = out.logits.float().sigmoid().cpu()

@@ -28,7 +28,7 @@ def segment(segmenter, images: list, boxes: list[list[list[float]]], batch_size:
         inputs = processor(images=[images[i] for i in chunk], input_boxes=prompts, return_tensors="pt")
         with torch.inference_mode():
             out = model(pixel_values=inputs["pixel_values"].to(segmenter.device, dtype=segmenter.dtype),
-                        input_boxes=inputs["input_boxes"].to(segmenter.device, dtype=segmenter.dtype),
+                        input_boxes=inputs["input_boxes"].to(segmenter.device),  # pixel coordinates stay float32
                         multimask_output=False)
         masks = processor.post_process_masks(out.pred_masks.float().cpu(), inputs["original_sizes"])
         for row, i in enumerate(chunk):

@@ -47,3 +47,12 @@ def sample_table(records: list[dict], columns: tuple[str, ...]) -> str:
         values = [", ".join(map(str, r[c])) if isinstance(r.get(c), list) else r.get(c, "") for c in columns]
         rows.append(f"| {r['sample_id']} | " + " | ".join(_cell(v) for v in values) + " |")
     return "\n".join(rows)
+
+
+def drop_table(dropped: list[dict]) -> str:
+    """A markdown table of the first dropped samples with their reasons."""
+    rows = ["| sample | reason | detail |", "| --- | --- | --- |"]
+    rows += [f"| {d['sample_id']} | {d['reason']} | {_cell(d['detail'])} |" for d in dropped[:MAX_PREVIEW]]
+    if len(dropped) > MAX_PREVIEW:
+        rows.append(f"| ... | {len(dropped) - MAX_PREVIEW} more | see dropped.json |")
+    return "\n".join(rows)

@@ -136,8 +136,3 @@ RECORDS = {
     "cot_annotations": record_schema(_ANNOTATED, required=list(_ANNOTATED)),
     "training_samples": record_schema(_SAMPLE, required=list(_SAMPLE)),
 }
-
-DROPPED = {"type": "array", "items": _object({
-    "sample_id": _STR, "parent_ids": {"type": "array", "items": _STR}, "stage": _STR, "reason": _STR,
-    "detail": {"type": "string"},
-})}
