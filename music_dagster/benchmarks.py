@@ -278,6 +278,7 @@ def load_msic(shards_dir: str | Path, limit: int | None = None) -> tuple[MsicSam
     from music_dagster.storage import complete_shards, read_shard
 
     shards_dir = Path(shards_dir)
+    root = shards_dir.parent  # image references are datasets-relative: <asset>/<key>/<file>
     by_count: dict[int, list[MsicSample]] = defaultdict(list)
     for key in complete_shards(shards_dir):
         shard = read_shard(shards_dir / key)
@@ -285,11 +286,15 @@ def load_msic(shards_dir: str | Path, limit: int | None = None) -> tuple[MsicSam
             if record.get("split") != "msic":
                 continue
             try:
-                subjects = tuple(MsicSubject(int(s["id"]), str(s["category"]), shard.file(s["reference"]))
+                subjects = tuple(MsicSubject(int(s["id"]), str(s["category"]), root / s["reference"])
                                  for s in sorted(record["subjects"], key=lambda s: s["id"]))
                 sample = MsicSample(str(record["sample_id"]), str(record["instruction"]), subjects)
             except (KeyError, TypeError, ValueError) as e:
                 raise BenchmarkError(f"{shard.path}: record {n}: not an MSIC sample (missing or bad {e})") from None
+            for s in subjects:
+                if not s.reference.is_file():
+                    raise BenchmarkError(f"{shard.path}: record {n}: subject {s.id}'s reference {s.reference} "
+                                         "is missing")
             if not 1 <= len(subjects) <= 12:
                 raise BenchmarkError(f"{shard.path}: record {n}: {len(subjects)} subjects, MSIC has 1..12")
             by_count[len(subjects)].append(sample)

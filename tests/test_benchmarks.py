@@ -190,8 +190,9 @@ def _shard(path, counts, split="msic"):
     with ShardWriter(path, record_schema(additional=True)) as w:
         for i, n in enumerate(counts):
             sid = f"{path.name}-{i}"
-            subjects = [{"id": k, "category": f"thing{k}",
-                         "reference": w.add_image(f"{sid}/ref{k}.png", _noise(k, (16, 16)))} for k in range(1, n + 1)]
+            # references are datasets-relative: <asset>/<key>/<file>
+            subjects = [{"id": k, "category": f"thing{k}", "reference": f"{path.parent.name}/{path.name}/"
+                         + w.add_image(f"{sid}/ref{k}.png", _noise(k, (16, 16)))} for k in range(1, n + 1)]
             w.add_record({"sample_id": sid, "parent_ids": [], "split": split, "num_subjects": n,
                           "instruction": " and ".join(f"[{k}]" for k in range(1, n + 1)) + ".", "subjects": subjects})
 
@@ -219,9 +220,9 @@ def test_load_msic_bad_input(tmp_path):
     manifest = tmp_path / "training_samples" / "a" / "manifest.jsonl"
     record = json.loads(manifest.read_text())
     record["split"] = "msic"
-    record["subjects"][0]["reference"] = "gone.png"
+    record["subjects"][0]["reference"] = "training_samples/a/gone.png"
     manifest.write_text(json.dumps(record) + "\n")
-    with pytest.raises(bm.UserError, match="gone.png"):
+    with pytest.raises(bm.BenchmarkError, match="subject 1's reference .*gone.png is missing"):
         bm.load_msic(tmp_path / "training_samples")
 
 
