@@ -1,0 +1,246 @@
+"""DVC from the project: the `dvc` command run by subprocess, DVC's hash of an output, and the entry points of
+`dvc.yaml`'s stages.
+
+dvc is never imported here: its hydra-core pins an antlr4 runtime that breaks Dagster's asset-selection parser, so it
+lives in its own environment (`.dvc-tool/`, linked as `.venv/bin/dvc`). `dvc_md5` computes the hash DVC 3 writes
+to `dvc.lock` (md5 of each file; a folder is the md5 of its sorted JSON listing plus `.dir`); `record_output`
+checks it against DVC's own result whenever it commits.
+
+    python -m music_dagster.dvc stage data     # what `dvc repro` runs for the stage `data`
+"""
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from music_dagster.config import PROJECT_ROOT
+from music_dagster.errors import UserError
+
+TOOL_DVC = PROJECT_ROOT / ".dvc-tool" / "bin" / "dvc"
+# Set by DVC for the command of a stage it runs (dvc/stage/run.py): `dvc repro` itself records the outputs then.
+STAGE_ENV = "DVC_STAGE"
+
+
+class DvcError(UserError):
+    """DVC missing, failing, or disagreeing with the project about an output."""
+
+
+def dvc_executable() -> str:
+    """The `dvc` command: on PATH, else the project's isolated tool environment."""
+    found = shutil.which("dvc")
+    if found:
+        return found
+    if TOOL_DVC.is_file():
+        return str(TOOL_DVC)
+    raise DvcError("the dvc command is not installed (`make setup` installs it in .dvc-tool/)")
+
+
+def run_dvc(*args: str, root: Path = PROJECT_ROOT) -> str:
+    """Run `dvc <args>` in `root`; its stdout, or a one-line DvcError with DVC's last error line."""
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    proc = subprocess.run([dvc_executable(), *args], cwd=root, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        lines = [ln.strip() for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
+        errors = [ln for ln in lines if ln.startswith("ERROR")]
+        raise DvcError(f"dvc {' '.join(args)} failed: {(errors or lines or ['no output'])[-1]}")
+    return proc.stdout
+
+
+def _ignore_patterns(root: Path) -> list[str]:
+    path = root / ".dvcignore"
+    if not path.is_file():
+        return []
+    patterns = [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    for p in patterns:
+        # Only what this project's .dvcignore uses: a file name anywhere, or a /rooted path; fail on the rest.
+        if p.startswith("!") or "**" in p or p.endswith("/") or ("/" in p and not p.startswith("/")):
+            raise DvcError(f".dvcignore: pattern {p!r} is not supported by music_dagster.dvc.dvc_md5")
+    return patterns
+
+
+def _ignored(rel: str, patterns: list[str]) -> bool:
+    name = rel.rsplit("/", 1)[-1]
+    return any(fnmatch.fnmatchcase("/" + rel, p) if p.startswith("/") else fnmatch.fnmatchcase(name, p)
+               for p in patterns)
+
+
+def _file_md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def dvc_md5(path: str | os.PathLike, root: Path = PROJECT_ROOT) -> str:
+    """The md5 DVC 3 records for `path` (a file, or a folder: `<md5>.dir`), leaving out `.dvcignore`d files."""
+    path = Path(path).resolve()
+    if path.is_file():
+        return _file_md5(path)
+    if not path.is_dir():
+        raise DvcError(f"{path}: no such file or folder to hash")
+    patterns = _ignore_patterns(root)
+    entries = []
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        rel = file.relative_to(path).as_posix()
+        if not _ignored(file.relative_to(root).as_posix() if file.is_relative_to(root) else rel, patterns):
+            entries.append({"md5": _file_md5(file), "relpath": rel})
+    entries.sort(key=lambda e: e["relpath"])
+    listing = json.dumps(entries, sort_keys=True).encode("utf-8")
+    return hashlib.md5(listing).hexdigest() + ".dir"
+
+
+def _rel(path: str | os.PathLike, root: Path) -> str:
+    path = Path(path)
+    path = path.resolve() if path.is_absolute() else (root / path).resolve()
+    try:
+        return path.relative_to(root.resolve()).as_posix()
+    except ValueError:
+        raise DvcError(f"{path} is outside the DVC project {root}") from None
+
+
+def stage_of(path: str | os.PathLike, root: Path = PROJECT_ROOT) -> str:
+    """The `dvc.yaml` stage whose outputs include `path`."""
+    rel = _rel(path, root)
+    stages = (yaml.safe_load((root / "dvc.yaml").read_text()) or {}).get("stages", {})
+    for name, stage in stages.items():
+        for out in stage.get("outs", []):
+            if (next(iter(out)) if isinstance(out, dict) else out) == rel:
+                return name
+    raise DvcError(f"{rel} is not an output of any stage in dvc.yaml")
+
+
+def lock_hash(path: str | os.PathLike, root: Path = PROJECT_ROOT) -> str | None:
+    """The md5 `dvc.lock` records for the output `path`, or None when it has none yet."""
+    rel = _rel(path, root)
+    lock = root / "dvc.lock"
+    if not lock.is_file():
+        return None
+    for stage in (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).values():
+        for out in stage.get("outs", []):
+            if out.get("path") == rel:
+                return out.get("md5")
+    return None
+
+
+@dataclass(frozen=True)
+class DvcRecord:
+    """What a person needs to get an output back: its DVC hash and the command that pulls it."""
+
+    path: str  # relative to the project root
+    md5: str
+    stage: str
+    committed: bool  # recorded in dvc.lock and the DVC cache by this call
+    pushed: bool  # copied to the default remote by this call
+    note: str
+
+    @property
+    def pull_command(self) -> str:
+        return f"dvc pull {self.path}"
+
+    def metadata(self) -> dict[str, str]:
+        """For a Dagster materialization."""
+        return {"dvc_md5": self.md5, "dvc_stage": self.stage, "dvc_pull": self.pull_command, "dvc_status": self.note}
+
+    def tags(self) -> dict[str, str]:
+        """For an MLflow run (`dvc.md5` is what `music runs` shows as the checkpoint)."""
+        return {"dvc.md5": self.md5, "dvc.path": self.path, "dvc.stage": self.stage}
+
+
+def record_output(path: str | os.PathLike, push: bool = True, root: Path = PROJECT_ROOT) -> DvcRecord:
+    """Record a stage output that Dagster just wrote: `dvc commit` its stage (dvc.lock and the cache), check DVC's
+    hash against `dvc_md5`, then `dvc push` it to the default remote so another clone can `dvc pull` it.
+
+    Under `dvc repro` (DVC_STAGE set) DVC commits the output itself once the command ends: only the hash is
+    computed. When DVC cannot commit (not installed, a stage input missing, the repo locked), the hash is still
+    returned and `note` says why; a hash that disagrees with DVC's raises DvcError.
+    """
+    rel = _rel(path, root)
+    stage = stage_of(rel, root)
+    md5 = dvc_md5(root / rel, root)
+    if os.environ.get(STAGE_ENV):
+        return DvcRecord(rel, md5, stage, False, False, f"dvc repro of stage {os.environ[STAGE_ENV]} records it")
+    try:
+        run_dvc("commit", "--force", stage, root=root)
+    except DvcError as e:
+        return DvcRecord(rel, md5, stage, False, False, f"not committed: {e}")
+    locked = lock_hash(rel, root)
+    if locked != md5:
+        raise DvcError(f"{rel}: dvc.lock records {locked} but the project computed {md5}")
+    if not push:
+        return DvcRecord(rel, md5, stage, True, False, "committed to dvc.lock (not pushed)")
+    try:
+        run_dvc("push", stage, root=root)
+    except DvcError as e:
+        return DvcRecord(rel, md5, stage, True, False, f"committed to dvc.lock; not pushed: {e}")
+    return DvcRecord(rel, md5, stage, True, True, "committed to dvc.lock and pushed to the default remote")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stage entry points: what `dvc repro` runs. Each materializes the stage's assets on the project's Dagster instance
+# (DAGSTER_HOME, default `.dagster_home/`), so the runs also show in the UI.
+STAGE_ASSETS = {
+    "detokenizer": ("training_job", ["detokenizer"]),
+    "train": ("training_job", ["lora_checkpoint"]),
+    "evaluate": ("evaluation_job", None),
+}
+STAGES = ("data", *STAGE_ASSETS)
+
+
+def _instance():
+    os.environ.setdefault("DAGSTER_HOME", str(PROJECT_ROOT / ".dagster_home"))
+    import dagster as dg
+
+    return dg.DagsterInstance.get()
+
+
+def run_stage(name: str) -> None:
+    """Materialize the assets of the DVC stage `name`: `data` runs `data_job` for each of the profile's shards."""
+    import dagster as dg
+
+    from music_dagster.config import default_config
+    from music_dagster.definitions import defs
+
+    if name not in STAGES:
+        raise DvcError(f"unknown stage {name!r} (stages: {', '.join(STAGES)})")
+    instance = _instance()
+    if name == "data":
+        from music_dagster.assets.data import ensure_shards
+
+        job = defs.resolve_job_def("data_job")
+        for key in ensure_shards(instance, default_config().profile.data.num_shards):
+            print(f"stage data: {key}", flush=True)
+            job.execute_in_process(instance=instance, partition_key=key)
+        return
+    job_name, assets = STAGE_ASSETS[name]
+    selection = [dg.AssetKey(a) for a in assets] if assets else None
+    print(f"stage {name}: {job_name} {assets or ''}".rstrip(), flush=True)
+    defs.resolve_job_def(job_name).execute_in_process(instance=instance, asset_selection=selection)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m music_dagster.dvc", description="DVC stage entry points")
+    sub = parser.add_subparsers(dest="command", required=True)
+    stage = sub.add_parser("stage", help="materialize the assets of one dvc.yaml stage")
+    stage.add_argument("name", choices=STAGES)
+    args = parser.parse_args(argv)
+    try:
+        run_stage(args.name)
+    except UserError as e:
+        print(f"music: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""DVC: the project's dvc.yaml matches the code it runs, the DVC hash the project computes is DVC's own, a recorded
+output comes back byte-identical in a second clone by `dvc pull`, and the default remote is shared by clones."""
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from music_dagster import dvc
+from music_dagster.config import PROJECT_ROOT
+
+
+def git(root: Path, *args: str) -> str:
+    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=root, check=True,
+                          capture_output=True, text=True).stdout
+
+
+def dvc_repo(root: Path, remote: Path) -> Path:
+    """A git + DVC repo with the project's .dvcignore, one stage writing `models/lora`, a local remote."""
+    root.mkdir()
+    git(root, "init", "-q")
+    dvc.run_dvc("init", "--quiet", root=root)
+    dvc.run_dvc("remote", "add", "-d", "local", str(remote), root=root)
+    shutil.copy(PROJECT_ROOT / ".dvcignore", root / ".dvcignore")
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"train": {
+        "cmd": "true", "deps": ["data.txt"], "outs": ["models/lora"]}}}))
+    (root / "data.txt").write_text("training data\n")
+    lora = root / "models" / "lora"
+    (lora / "resampler").mkdir(parents=True)
+    (lora / "adapter_model.safetensors").write_bytes(bytes(range(256)) * 40)
+    (lora / "resampler" / "weights.bin").write_bytes(b"\x00\x01" * 1000)
+    (lora / "history.json").write_text('[{"loss": 1.5, "step": 1}]\n')
+    (lora / "mlflow_run.json").write_text('{"run_id": "differs every run"}\n')  # .dvcignore'd
+    return root
+
+
+def files(folder: Path, skip=("mlflow_run.json",)) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name not in skip}
+
+
+def test_recorded_output_is_dvcs_hash_and_a_second_clone_pulls_the_same_bytes(tmp_path):
+    a = dvc_repo(tmp_path / "a", tmp_path / "remote")
+    record = dvc.record_output("models/lora", root=a)
+    assert (record.committed, record.pushed, record.stage) == (True, True, "train")
+    assert record.md5.endswith(".dir")
+    assert dvc.lock_hash("models/lora", root=a) == record.md5
+    assert record.metadata()["dvc_pull"] == "dvc pull models/lora"
+    assert record.tags()["dvc.md5"] == record.md5
+
+    git(a, "add", "-A")
+    git(a, "commit", "-q", "-m", "checkpoint")
+    b = tmp_path / "b"
+    git(tmp_path, "clone", "-q", str(a), str(b))
+    assert not (b / "models" / "lora").exists()
+    dvc.run_dvc("pull", "--quiet", "models/lora", root=b)
+    assert files(b / "models" / "lora") == files(a / "models" / "lora")
+    assert not (b / "models" / "lora" / "mlflow_run.json").exists()  # a run reference is not part of the checkpoint
+    assert dvc.dvc_md5(b / "models" / "lora", root=b) == record.md5
+
+
+def test_the_hash_ignores_run_references_but_sees_every_weight(tmp_path):
+    a = dvc_repo(tmp_path / "a", tmp_path / "remote")
+    lora = a / "models" / "lora"
+    before = dvc.dvc_md5(lora, root=a)
+    (lora / "mlflow_run.json").write_text('{"run_id": "another run"}\n')
+    assert dvc.dvc_md5(lora, root=a) == before
+    (lora / "resampler" / "weights.bin").write_bytes(b"\x00\x02" * 1000)
+    assert dvc.dvc_md5(lora, root=a) != before
+    assert dvc.dvc_md5(a / "data.txt", root=a) == "1be1a53caf8f3bfb0f323c026109b8af"  # md5 of the bytes
+
+
+def test_under_dvc_repro_only_the_hash_is_computed(tmp_path, monkeypatch):
+    a = dvc_repo(tmp_path / "a", tmp_path / "remote")
+    monkeypatch.setenv(dvc.STAGE_ENV, "train")
+    record = dvc.record_output(a / "models" / "lora", root=a)
+    assert (record.committed, record.pushed) == (False, False)
+    assert "dvc repro" in record.note
+    assert not (a / "dvc.lock").exists() and not (tmp_path / "remote").exists()
+
+
+def test_an_output_dvc_cannot_commit_keeps_its_hash_and_says_why(tmp_path):
+    a = dvc_repo(tmp_path / "a", tmp_path / "remote")
+    (a / "data.txt").unlink()
+    record = dvc.record_output("models/lora", root=a)
+    assert (record.committed, record.pushed) == (False, False)
+    assert "data.txt" in record.note and "does not exist" in record.note
+    assert record.md5 == dvc.dvc_md5(a / "models" / "lora", root=a)
+
+
+def test_bad_paths_and_stages_are_one_line_errors(tmp_path):
+    a = dvc_repo(tmp_path / "a", tmp_path / "remote")
+    with pytest.raises(dvc.DvcError, match="not an output of any stage"):
+        dvc.record_output("data.txt", root=a)
+    with pytest.raises(dvc.DvcError, match="outside the DVC project"):
+        dvc.stage_of(tmp_path, root=a)
+    with pytest.raises(dvc.DvcError, match="no such file"):
+        dvc.dvc_md5(a / "missing", root=a)
+    with pytest.raises(dvc.DvcError, match="unknown stage 'nope'"):
+        dvc.run_stage("nope")
+
+
+def test_the_default_remote_is_one_folder_for_every_clone(tmp_path):
+    remotes = set()
+    for name in ("one", "two"):
+        root = tmp_path / name
+        root.mkdir()
+        git(root, "init", "-q")
+        (root / ".dvc").mkdir()
+        shutil.copy(PROJECT_ROOT / ".dvc" / "config", root / ".dvc" / "config")
+        out = dvc.run_dvc("remote", "list", root=root).split()
+        assert out[0] == "local" and "(default)" in out
+        remotes.add(out[1])
+    (remote,) = remotes
+    assert Path(remote).is_absolute() and Path(remote).is_relative_to(Path.home())
+
+
+def test_dvc_yaml_runs_the_project_entry_points():
+    """Every stage calls a real entry point, data outputs are the data assets' folders, metrics and plots are the
+    files the evaluation writes, and the artifact is what `lora_checkpoint` publishes."""
+    from music_dagster.assets.data import DATA_ASSETS
+    from music_dagster.config import default_config
+    from music_dagster.generate import lora_dir
+
+    spec = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())
+    stages = spec["stages"]
+    assert list(stages) == ["zoo", "data", "detokenizer", "train", "evaluate"]
+    assert stages["zoo"]["cmd"].startswith("music zoo build")
+    for name in dvc.STAGES:
+        assert stages[name]["cmd"] == f"python -m music_dagster.dvc stage {name}"
+    assert stages["data"]["outs"] == [f"datasets/{a.key.to_user_string()}" for a in DATA_ASSETS]
+    metrics = [next(iter(m)) for m in stages["evaluate"]["metrics"]]
+    plots = [next(iter(p)) for p in stages["evaluate"]["plots"]]
+    assert metrics == ["metrics/dreambench.json", "metrics/msic.json"]
+    assert plots == ["metrics/dreambench.png", "metrics/msic.png"]
+    lora = lora_dir(default_config()).relative_to(PROJECT_ROOT).as_posix()
+    assert spec["artifacts"]["music-lora"]["path"] == lora == "models/lora"
+    assert dvc.stage_of(lora) == "train"
+    for stage in stages.values():
+        for dep in stage["deps"]:
+            if not dep.startswith(("${", "models/", "datasets/")):
+                assert (PROJECT_ROOT / dep).exists(), dep
+    listed = dvc.run_dvc("stage", "list", "--name-only").split()
+    assert listed == list(stages)
