@@ -179,3 +179,22 @@ def test_verification_threshold_drops_with_reason(handles, tmp_path):
     lenient = verification.verified_boxes(handles["vlm"], _ctx("verified_boxes"), DATA, [record],
                                           lambda ref: read_image(tmp_path / ref))
     assert [s["category"] for s in lenient.records[0]["subjects"]] == ["Cat", "Couch"]
+
+
+def test_an_empty_parent_shard_gives_empty_stages(handles):
+    def no_image(ref):
+        raise AssertionError(f"opened {ref}")
+
+    h = handles
+    results = [
+        captions.scene_captions(h["llm"], _ctx("scene_captions"), DATA, []),
+        targets.target_images(h["t2i"], _ctx("target_images"), DATA, []),
+        detection.detected_boxes(h["detector"], _ctx("detected_boxes"), DATA, [], no_image),
+        verification.verified_boxes(h["vlm"], _ctx("verified_boxes"), DATA, [], no_image),
+        references.reference_subjects(h["i2i"], _ctx("reference_subjects"), DATA, [], no_image),
+        masks.subject_masks(h["segmenter"], h["clip"], _ctx("subject_masks"), DATA, [], no_image),
+        layouts.grid_layouts(_ctx("grid_layouts"), DATA, [], no_image),
+        cot.cot_annotations(h["vlm"], _ctx("cot_annotations"), DATA, [], no_image),
+        samples.training_samples(_ctx("training_samples"), DATA, [], held_out=False),
+    ]
+    assert all(r.records == [] and r.images == {} and r.dropped == [] for r in results)

@@ -49,7 +49,8 @@ def verified_boxes(vlm, ctx: ShardContext, data, records: list[dict], open_image
     tokenizer = vlm.processor.tokenizer
     answers = ask_vlm(
         vlm, [prompts.verify(schemas.phrase(records[r]["subjects"][s]["category"])) for r, s in items], crops,
-        [schemas.VERIFY] * len(items), batch_size=data.batch_size, max_retries=data.max_retries,
+        # Greedy, so a retry would repeat the same answer: none.
+        [schemas.VERIFY] * len(items), batch_size=data.batch_size, max_retries=0,
         max_new_tokens=data.max_new_tokens, temperature=0.0, seed=ctx.seed_for("vlm"),
         score=lambda tokens, scores: {"p_yes": yes_probability(tokenizer, tokens, scores)})
     by_record: dict[int, list] = {}
