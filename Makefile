@@ -37,4 +37,4 @@ mlflow-ui: setup
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlruns.db --host 127.0.0.1 --port 5000 --workers 1
 
 bench: setup
-	for b in zoo data train generate metrics parallel; do $(VENV)/bin/music bench $$b; done
+	for b in zoo location data train generate metrics parallel; do $(VENV)/bin/music bench $$b; done

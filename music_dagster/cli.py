@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     runs.set_defaults(func=_runs)
 
     bench = sub.add_parser("bench", help="benchmarks that print figures")
-    bench.add_argument("what", choices=["zoo", "data", "train", "generate", "metrics", "parallel"])
+    bench.add_argument("what", choices=["zoo", "location", "data", "train", "generate", "metrics", "parallel"])
     bench.set_defaults(func=_bench)
     return parser
 
