@@ -178,12 +178,8 @@ def _read_all(items: Sequence, failures: list[dict]):
     return ok, images
 
 
-def _summary(records: Sequence[dict], extra: Iterable[str] = ()) -> dict:
-    out = {m: mean([r[m] for r in records]) for m in METRICS}
-    for key in extra:
-        out[key] = mean([r[key] for r in records])
-    out["n"] = len(records)
-    return out
+def _summary(records: Sequence[dict]) -> dict:
+    return {**{m: mean([r[m] for r in records]) for m in METRICS}, "n": len(records)}
 
 
 def score_dreambench(bench: DreamBench, items: Sequence[DreamItem], embedder: Embedder) -> dict:
@@ -225,7 +221,8 @@ def score_real_vs_real(bench: DreamBench, embedder: Embedder) -> dict:
         if n < 2:
             continue
         off = ~torch.eye(n, dtype=torch.bool)
-        values = {"dino": cosine(refs.dino, refs.dino)[off].tolist(), "clip_i": cosine(refs.clip, refs.clip)[off].tolist()}
+        values = {"dino": cosine(refs.dino, refs.dino)[off].tolist(),
+                  "clip_i": cosine(refs.clip, refs.clip)[off].tolist()}
         per_subject[s.name] = {"dino": mean(values["dino"]), "clip_i": mean(values["clip_i"]), "clip_t": None,
                                "n": len(values["dino"]), **embedder.encoders}
         for m in pairs:
@@ -530,7 +527,8 @@ def table_markdown(report: dict) -> str:
     real-vs-real row."""
     counts = by_subject_count(report)
     methods = list(report["methods"])
-    cols = [(m, k) for m in methods for k in (*METRICS, "found_rate") if k != "found_rate" or report["benchmark"] == "msic"]
+    keys = (*METRICS, "found_rate") if report["benchmark"] == "msic" else METRICS
+    cols = [(m, k) for m in methods for k in keys]
     head = "| subjects | " + " | ".join(f"{LABELS[m]} {METRIC_LABELS.get(k, 'found')}" for m, k in cols) + " | n |"
     lines = [head, "|" + " --- |" * (len(cols) + 2)]
     for n in sorted({n for c in counts.values() for n in c}):

@@ -177,7 +177,8 @@ def test_msic_whole_image_when_not_found(tmp_path, embedder, handles):
 
 def test_msic_unreadable_image_is_a_recorded_failure(tmp_path, embedder, handles):
     good = _msic_item(tmp_path)
-    missing = bm.MsicItem(bm.MsicSample("s0/1", good.sample.instruction, good.sample.subjects), tmp_path / "missing.png")
+    other = bm.MsicSample("s0/1", good.sample.instruction, good.sample.subjects)
+    missing = bm.MsicItem(other, tmp_path / "missing.png")
     result = bm.score_msic([missing, good], embedder, handles["detector"], 0.0, 0.0)
     assert [f["key"] for f in result["failures"]] == ["s0/1"]
     assert [s["key"] for s in result["samples"]] == ["s0/0"]

@@ -133,7 +133,8 @@ def _check(store: DatasetStore, asset: str) -> dg.AssetCheckResult:
 
 
 @dg.asset_check(asset=dreambench_scores, name="scores_in_range",
-                description="scores in range: every DINO, CLIP-I and CLIP-T a finite cosine in [-1, 1], >= 1 image scored")
+                description="scores in range: every DINO, CLIP-I and CLIP-T a finite cosine in [-1, 1], >= 1 image "
+                            "scored")
 def dreambench_scores_in_range(store: DatasetStore) -> dg.AssetCheckResult:
     return _check(store, "dreambench_scores")
 
