@@ -1,0 +1,42 @@
+"""Scheduled regeneration of the dataset: new shards on a fixed cadence, off until someone turns it on in the UI.
+
+Each tick registers the next shard keys (`shard-<n>` after the highest existing one) as partitions of `shards` and
+requests one `data_job` run per new key. It is a sensor with a minimum interval, not a cron schedule: in Dagster a
+schedule cannot add dynamic partitions, while a sensor's `SensorResult` adds them before its runs launch. Training
+needs no trigger of its own: `lora_checkpoint` and `detokenizer` train on every complete `training_samples` shard
+at the time they run (MSIC hold-out shards are never trained on).
+"""
+import re
+
+import dagster as dg
+
+from music_dagster.assets.data import SHARDS, data_job, shard_key
+
+REGENERATION_INTERVAL_S = 24 * 60 * 60
+_INDEXED = re.compile(r"^shard-(\d+)$")
+
+
+def next_shard_keys(existing, n: int) -> list[str]:
+    """`n` new keys numbered after the highest existing `shard-<i>` (other key names do not count)."""
+    indexes = [int(m.group(1)) for m in map(_INDEXED.match, existing) if m]
+    start = max(indexes, default=-1) + 1
+    return [shard_key(i) for i in range(start, start + n)]
+
+
+@dg.sensor(job=data_job, minimum_interval_seconds=REGENERATION_INTERVAL_S,
+           default_status=dg.DefaultSensorStatus.STOPPED,
+           description="Daily: add `data.num_shards` new shards and materialize the data graph for each")
+def shard_regeneration(context: dg.SensorEvaluationContext) -> dg.SensorResult:
+    from music_dagster.config import default_config
+
+    keys = next_shard_keys(context.instance.get_dynamic_partitions(SHARDS.name),
+                           default_config().profile.data.num_shards)
+    context.log.info(f"adding shards {keys[0]} .. {keys[-1]}")
+    return dg.SensorResult(
+        run_requests=[dg.RunRequest(partition_key=key, run_key=key) for key in keys],
+        dynamic_partitions_requests=[SHARDS.build_add_request(keys)],
+        cursor=keys[-1],
+    )
+
+
+defs = dg.Definitions(sensors=[shard_regeneration])
