@@ -20,6 +20,7 @@ import dagster as dg
 
 from music_dagster import tracking as runs
 from music_dagster.config import PROJECT_ROOT, Config, default_config
+from music_dagster.dvc import record_output
 from music_dagster.resources.storage import DatasetStore
 from music_dagster.resources.tracking import MlflowTracking
 
@@ -61,6 +62,14 @@ def work_dir(config: Config, name: str, data_version: str) -> Path:
         "seed": config.seed, "data": data_version, "device": config.profile.device, "dtype": config.profile.dtype,
     }, sort_keys=True)
     return WORK_ROOT / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def drop_stale_work(work: Path) -> None:
+    """Remove the resumable state of earlier configs or data of the same training (kept: `work`)."""
+    name = work.name.rsplit("-", 1)[0]
+    for other in work.parent.glob(f"{name}-*"):
+        if other != work and other.is_dir():
+            shutil.rmtree(other, ignore_errors=True)
 
 
 def publish(model_dir: Path, target: Path, history: list[dict], run: runs.ActiveRun) -> str:
@@ -162,10 +171,14 @@ def detokenizer(context: dg.AssetExecutionContext, store: DatasetStore,
         result = train_detokenizer(config, sources, work, resume=True, on_step=run.log_step)
         log_steps(run, result.history[:result.resumed_from])
         digest = publish(result.model_dir, target, result.history, run)
+        drop_stale_work(work)
         run.set_tags({runs.TAG_CHECKPOINT_HASH: digest, "resumed_from": result.resumed_from})
+        dvc_record = record_output(target)  # dvc.lock + push, so another clone can `dvc pull` it
+        run.set_tags(dvc_record.tags())
         run.log_artifacts(target, "detokenizer")
     context.log.info(f"de-tokenizer: {result.steps} steps on {result.samples} samples -> {target}")
-    return dg.MaterializeResult(metadata=_metadata(result, digest, run, keys, version, target, ("loss",)),
+    return dg.MaterializeResult(metadata={**_metadata(result, digest, run, keys, version, target, ("loss",)),
+                                          **dvc_record.metadata()},
                                 data_version=dg.DataVersion(digest))
 
 
@@ -189,7 +202,10 @@ def lora_checkpoint(context: dg.AssetExecutionContext, store: DatasetStore,
         result = train_music(config, sources, work, resume=True, on_step=run.log_step)
         log_steps(run, result.history[:result.resumed_from])
         digest = publish(result.model_dir, target, result.history, run)
+        drop_stale_work(work)
         run.set_tags({runs.TAG_CHECKPOINT_HASH: digest, "resumed_from": result.resumed_from})
+        dvc_record = record_output(target)  # dvc.lock + push, so another clone can `dvc pull` it
+        run.set_tags(dvc_record.tags())
         run.log_artifacts(target, "adapter")
         if config.profile.generate.logged_samples:
             check_checkpoints(target, detok)
@@ -197,7 +213,8 @@ def lora_checkpoint(context: dg.AssetExecutionContext, store: DatasetStore,
             context.log.info(f"logged {logged} sample generations to MLflow run {run.run_id}")
     context.log.info(f"LoRA: {result.steps} steps on {result.samples} samples "
                      f"({result.skipped_msic} MSIC skipped) -> {target}")
-    return dg.MaterializeResult(metadata=_metadata(result, digest, run, keys, version, target, ("L1", "L2", "loss")),
+    return dg.MaterializeResult(metadata={**_metadata(result, digest, run, keys, version, target, ("L1", "L2", "loss")),
+                                          **dvc_record.metadata()},
                                 data_version=dg.DataVersion(digest))
 
 
