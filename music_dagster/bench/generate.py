@@ -4,8 +4,8 @@
 All runs sample their plans (so a 1-branch run does the same work as one branch of N) with the profile's
 `generate` settings, from the project's checkpoint (`models/lora`, `models/detokenizer`) when both exist, else from
 a throwaway checkpoint trained two steps on the procedural world (timing does not depend on training).
-Peak memory: CUDA's peak allocation on a GPU; on the CPU, the peak rise of the process's resident memory, sampled
-every 2 ms.
+Peak memory: CUDA's peak allocation on a GPU; on the CPU, the peak rise of the process's resident memory (sampled
+every 2 ms, after returning freed heap memory to the OS so that reused memory counts).
 """
 from __future__ import annotations
 
@@ -17,6 +17,17 @@ from pathlib import Path
 
 BRANCHES = (1, 2, 4, 8)
 REPEATS = 2  # best of, after one warm-up run
+
+
+def _trim_heap() -> None:
+    """Give freed heap memory back to the OS (glibc), else memory reused from earlier runs never shows in RSS."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name:
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(name).malloc_trim(0)
 
 
 @contextlib.contextmanager
@@ -35,6 +46,7 @@ def peak_memory(device: str):
         return
     import psutil
 
+    _trim_heap()
     proc = psutil.Process()
     base = proc.memory_info().rss
     peak = [base]
@@ -99,13 +111,16 @@ def main() -> None:
         generator = Generator(config, checkpoint, detok)
         refs, prompt = sample.references, sample.instruction
         _timed(generator, refs, prompt, 1, 0, device)  # warm-up: lazy inits, allocator
-        single = [_timed(generator, refs, prompt, 1, s, device) for s in range(max(BRANCHES))]
         rows = []
         for n in BRANCHES:
-            runs = [_timed(generator, refs, prompt, n, r, device) for r in range(REPEATS)]
-            seconds, mib = min(r[0] for r in runs), max(r[1] for r in runs)
-            sequential = sum(single[i][0] for i in range(n))
-            rows.append((n, seconds, mib, sequential, max(single[i][1] for i in range(n))))
+            batched, sequential = [], []
+            for r in range(REPEATS):  # interleaved, so both see the same machine load
+                batched.append(_timed(generator, refs, prompt, n, r, device))
+                # the same N plans one at a time: seeds differ, so plan lengths do too (sampling stops at eos)
+                singles = [_timed(generator, refs, prompt, 1, r * n + i, device) for i in range(n)]
+                sequential.append((sum(t for t, _ in singles), max(m for _, m in singles)))
+            rows.append((n, min(t for t, _ in batched), max(m for _, m in batched),
+                         min(t for t, _ in sequential), max(m for _, m in sequential)))
     gen, detok_steps = config.profile.generate, generator.detokenizer.settings.decode_steps
     print(f"generation: profile {config.profile_name}, device {device}, {torch.get_num_threads()} torch thread(s), "
           f"{source}; {len(refs)} subjects, plans up to "
