@@ -148,6 +148,9 @@ class DetokenizerConfig(_Section):
     resampler_heads: int = Field(default=8, gt=0)
     vae: ModelSpec | None = None  # a latent-space UNet (in_channels != 3) decodes through this AutoencoderKL
     train_timesteps: int = Field(default=1000, gt=1)  # DDPM noise schedule length
+    beta_schedule: Literal["linear", "scaled_linear"] = "scaled_linear"  # SDXL's; a fresh UNet can use DDPM's
+    beta_start: float = Field(default=0.00085, gt=0, lt=1)
+    beta_end: float = Field(default=0.012, gt=0, lt=1)
     decode_steps: int = Field(default=50, gt=0)  # DDIM steps at inference
     lr: float = Field(default=1e-5, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)

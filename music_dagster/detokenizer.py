@@ -49,13 +49,15 @@ class DetokenizerSettings:
     resampler_depth: int = 1
     resampler_heads: int = 4
     train_timesteps: int = 1000
+    beta_schedule: str = "linear"
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
     decode_steps: int = 25
 
     @classmethod
     def from_config(cls, detok, token_dim: int) -> "DetokenizerSettings":
-        return cls(token_dim=token_dim, resampler_queries=detok.resampler_queries,
-                   resampler_depth=detok.resampler_depth, resampler_heads=detok.resampler_heads,
-                   train_timesteps=detok.train_timesteps, decode_steps=detok.decode_steps)
+        names = [f for f in cls.__dataclass_fields__ if f != "token_dim"]
+        return cls(token_dim=token_dim, **{k: getattr(detok, k) for k in names})
 
 
 def load_vae(spec, device="cpu", dtype=torch.float32):
@@ -91,7 +93,8 @@ class Detokenizer(nn.Module):
         if self.text_time:
             pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
             self.pooled = nn.Linear(cross, pooled).to(device)
-        self.noise = DDPMScheduler(num_train_timesteps=settings.train_timesteps)
+        self.noise = DDPMScheduler(num_train_timesteps=settings.train_timesteps, beta_schedule=settings.beta_schedule,
+                                   beta_start=settings.beta_start, beta_end=settings.beta_end)
 
     @property
     def device(self):
@@ -139,7 +142,8 @@ class Detokenizer(nn.Module):
     def condition(self, tokens: torch.Tensor) -> dict:
         """UNet keyword arguments for visual tokens [B, Q, token_dim]."""
         if tokens.ndim != 3 or tokens.shape[-1] != self.settings.token_dim:
-            raise DetokenizerError(f"visual tokens must be [B, Q, {self.settings.token_dim}], got {tuple(tokens.shape)}")
+            raise DetokenizerError(
+                f"visual tokens must be [B, Q, {self.settings.token_dim}], got {tuple(tokens.shape)}")
         states = self.resampler(tokens.to(self.device, torch.float32))
         kwargs = {"encoder_hidden_states": states.to(self.unet.dtype)}
         if self.text_time:

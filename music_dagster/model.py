@@ -2,7 +2,7 @@
 
 One sequence serves both stages of the paper:
 
-    [bos] instruction  " subject 1" <img> q..q </img>  ...  " subject N" <img> q..q </img>   (prompt)
+    [bos] instruction  " [1]" <img> q..q </img>  ...  " [N]" <img> q..q </img>               (prompt)
     " " CoT " layout: 0011..."  <eos>                                                      (plan: f1, L1)
     <query> x image_queries                                                                (f2, L2)
 
@@ -38,6 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from music_dagster.decimation import tag
 from music_dagster.errors import UserError
 from music_dagster.layout import TEXT_PREFIX, LayoutError, layout_from_text, layout_to_text
 
@@ -123,8 +124,8 @@ class Plan:
 
 
 def subject_label(i: int) -> str:
-    """How subject `i` (1-based) is introduced before its image in the prompt."""
-    return f" subject {i}"
+    """How subject `i` (1-based) is introduced before its image: its id tag, as instructions and CoTs use it."""
+    return f" {tag(i)}"
 
 
 def plan_text(cot: str, layout: np.ndarray) -> str:

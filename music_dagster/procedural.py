@@ -2,8 +2,8 @@
 
 Random tiny foundation models draw noise, so nothing can be learned from the tiny zoo's data; here the method can
 be shown to learn. A sample has 2..4 subjects; each subject is a shape (its category: circle, square, triangle)
-with an identity (a colour and a stripe texture), placed in one of nine named regions at one of two sizes, on a
-noisy grey background. Ground truth follows from the placement:
+with an identity (a colour and a texture: plain or striped), placed in one of nine named regions at one of two
+sizes, on a noisy grey background. Ground truth follows from the placement:
 
 - instruction: `place [1] small at the top left, [2] large at the center.` (subjects by id tag, `decimation.tag`);
 - CoT: `[1] is a red circle at the top left. [2] is an orange ...` (subjects in reading order of position);
@@ -38,7 +38,7 @@ COLOURS = {
     "red": (220, 40, 40), "green": (40, 170, 40), "blue": (40, 70, 220), "yellow": (230, 210, 30),
     "purple": (150, 50, 200), "pink": (240, 120, 190), "orange": (245, 130, 20), "brown": (120, 70, 30),
 }
-TEXTURES = ("plain", "horizontal stripes", "vertical stripes")
+TEXTURES = ("plain", "striped")
 BACKGROUND = 200.0
 
 
@@ -84,10 +84,10 @@ def _shape_patch(px: int, shape: str, rgb, texture: str) -> tuple[np.ndarray, np
     else:
         draw.polygon([(px / 2, e), (e, px - 1 - e), (px - 1 - e, px - 1 - e)], fill=255)
     colour = np.ones((px, px, 3), np.float32) * np.asarray(rgb, np.float32)
-    yy, xx = np.mgrid[0:px, 0:px]
+    yy = np.arange(px)[:, None]
     period = max(2, px // 6)
-    if texture != "plain":
-        colour[(((yy if texture == "horizontal stripes" else xx) // period) % 2) == 1] *= 0.45
+    if texture == "striped":
+        colour[np.broadcast_to((yy // period) % 2 == 1, (px, px))] *= 0.45
     return colour, np.asarray(mask) > 127
 
 
@@ -207,7 +207,7 @@ def write_procedural_shard(path: str | os.PathLike, n: int, seed: int, world: Wo
         for i in range(start, start + n):
             raw = make_sample(seed, i, world)
             sid = raw["sample_id"]
-            g, size = world.grid, world.image_size
+            size = world.image_size
             subjects = []
             for s in raw["subjects"]:
                 x1, y1, x2, y2 = (round(v * size) for v in s["box"])

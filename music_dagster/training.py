@@ -22,7 +22,6 @@ This module imports torch at its top: import it inside asset functions.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shutil
@@ -166,7 +165,8 @@ def _accelerator(mixed_precision: str, out_dir: Path):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
-    return Accelerator(mixed_precision=mixed_precision,
+    # One scheduler step per optimizer step: a step already consumes the global batch of every process.
+    return Accelerator(mixed_precision=mixed_precision, step_scheduler_with_optimizer=False,
                        project_config=ProjectConfiguration(project_dir=str(out_dir)))
 
 
@@ -397,30 +397,25 @@ def train_detokenizer(config, sample_sources: Iterable, out_dir: str | os.PathLi
 # ---------------------------------------------------------------------------------------------------------------
 # Benchmark
 def measure_training_speed(config, steps: int = 20, warmup: int = 3, out_dir: str | os.PathLike | None = None) -> dict:
-    """Steps per second of `train_music` and `train_detokenizer` on the procedural world (features cached, so
-    this times the optimizer steps), with the config's batch sizes; for `bench/train.py`. `steps` timed steps
-    after `warmup` untimed ones (each trainer runs warmup + steps steps)."""
+    """Optimizer steps per second of `train_music` and `train_detokenizer` on the procedural world with the
+    config's batch sizes and backbones, for `bench/train.py`. Each trainer runs `warmup` untimed steps (one epoch:
+    every sample's features are encoded and cached) and then `steps` timed ones (checkpointing off)."""
     import tempfile
 
-    n_music = (warmup + steps) * config.profile.train.batch_size
-    n_detok = (warmup + steps) * config.profile.detokenizer.batch_size
-    samples = procedural_source(config, max(n_music, n_detok))
-    times = {}
+    figures = {}
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
-        for name, fn, n, section in (("music", train_music, n_music, "train"),
-                                     ("detokenizer", train_detokenizer, n_detok, "detokenizer")):
+        for name, fn, section in (("music", train_music, "train"), ("detokenizer", train_detokenizer, "detokenizer")):
+            batch = getattr(config.profile, section).batch_size
+            extra = {"cache_features": True} if section == "train" else {}
+            cfg = _with(config, section, epochs=10 ** 6, max_steps=warmup + steps, checkpoint_every=10 ** 9, **extra)
             stamps = []
-            cfg = _with(config, section, epochs=1, max_steps=warmup + steps, checkpoint_every=10 ** 9,
-                        cache_features=True) if section == "train" else \
-                _with(config, section, epochs=1, max_steps=warmup + steps, checkpoint_every=10 ** 9)
-            fn(cfg, [samples[:n]], Path(tmp) / name, resume=False,
+            fn(cfg, [procedural_source(config, batch * max(1, warmup))], Path(tmp) / name, resume=False,
                on_step=lambda s, _m, stamps=stamps: stamps.append(time.perf_counter()))
             timed = stamps[warmup - 1:] if warmup else stamps
-            times[f"{name}_steps_per_s"] = (len(timed) - 1) / (timed[-1] - timed[0]) if len(timed) > 1 else 0.0
-            times[f"{name}_batch_size"] = getattr(cfg.profile, section).batch_size
-    times["device"] = device_of(config)
-    times["threads"] = torch.get_num_threads()
-    return times
+            figures[f"{name}_steps_per_s"] = (len(timed) - 1) / (timed[-1] - timed[0]) if len(timed) > 1 else 0.0
+            figures[f"{name}_batch_size"] = batch
+    figures.update(device=device_of(config), threads=torch.get_num_threads())
+    return figures
 
 
 def _with(config, section: str, **values):
