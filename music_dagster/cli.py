@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="generate one image from reference subjects and an instruction")
     gen.add_argument("--subject", action="append", default=[], metavar="IMG", help="a reference image (repeat, 1..12)")
-    gen.add_argument("--prompt", required=True, help="the instruction; refer to subjects by id, e.g. 'subject 1'")
+    gen.add_argument("--prompt", required=True, help="the instruction; refer to subjects by id tag, e.g. 'put [1] next to [2]'")
     gen.add_argument("--branches", type=int, default=1, help="test-time scaling: N plans, best CLIP-T kept (MUSIC*)")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--checkpoint", help="LoRA checkpoint folder (default: the latest under models/)")
