@@ -36,12 +36,11 @@ class DvcError(UserError):
 
 
 def dvc_executable() -> str:
-    """The `dvc` command: on PATH, else the project's isolated tool environment."""
-    found = shutil.which("dvc")
-    if found:
-        return found
-    if TOOL_DVC.is_file():
-        return str(TOOL_DVC)
+    """The `dvc` command: on PATH, else beside this Python (`make setup` links it into .venv/bin), else the
+    project's isolated tool environment."""
+    for candidate in (shutil.which("dvc"), Path(sys.executable).parent / "dvc", TOOL_DVC):
+        if candidate and Path(candidate).is_file():
+            return str(candidate)
     raise DvcError("the dvc command is not installed (`make setup` installs it in .dvc-tool/)")
 
 
@@ -135,39 +134,44 @@ def lock_hash(path: str | os.PathLike, root: Path = PROJECT_ROOT) -> str | None:
 
 @dataclass(frozen=True)
 class DvcRecord:
-    """What a person needs to get an output back: its DVC hash and the command that pulls it."""
+    """What a person needs to get an output back: its DVC hash and the stage whose output it is."""
 
-    path: str  # relative to the project root
+    path: str  # relative to the project root (absolute when outside it)
     md5: str
-    stage: str
+    stage: str | None  # None: not an output of dvc.yaml, so DVC cannot pull it
     committed: bool  # recorded in dvc.lock and the DVC cache by this call
     pushed: bool  # copied to the default remote by this call
     note: str
 
-    @property
-    def pull_command(self) -> str:
-        return f"dvc pull {self.path}"
-
     def metadata(self) -> dict[str, str]:
         """For a Dagster materialization."""
-        return {"dvc_md5": self.md5, "dvc_stage": self.stage, "dvc_pull": self.pull_command, "dvc_status": self.note}
+        meta = {"dvc_md5": self.md5, "dvc_status": self.note}
+        if self.stage is not None:
+            meta.update(dvc_stage=self.stage, dvc_pull=f"dvc pull {self.path}")
+        return meta
 
     def tags(self) -> dict[str, str]:
         """For an MLflow run (`dvc.md5` is what `music runs` shows as the checkpoint)."""
-        return {"dvc.md5": self.md5, "dvc.path": self.path, "dvc.stage": self.stage}
+        return {"dvc.md5": self.md5, "dvc.path": self.path, "dvc.stage": self.stage or "none"}
 
 
 def record_output(path: str | os.PathLike, push: bool = True, root: Path = PROJECT_ROOT) -> DvcRecord:
-    """Record a stage output that Dagster just wrote: `dvc commit` its stage (dvc.lock and the cache), check DVC's
-    hash against `dvc_md5`, then `dvc push` it to the default remote so another clone can `dvc pull` it.
+    """Record an output of a `dvc.yaml` stage that Dagster just wrote: `dvc commit` its stage (dvc.lock and the
+    cache), check DVC's hash against `dvc_md5`, then `dvc push` it to the default remote so that another clone
+    can `dvc pull` it.
 
     Under `dvc repro` (DVC_STAGE set) DVC commits the output itself once the command ends: only the hash is
-    computed. When DVC cannot commit (not installed, a stage input missing, the repo locked), the hash is still
-    returned and `note` says why; a hash that disagrees with DVC's raises DvcError.
+    computed. Where DVC cannot record it (a folder that is no stage output, dvc not installed, a stage input
+    missing, the repo locked) the hash is still returned and `note` says why. A hash that disagrees with DVC's
+    raises DvcError.
     """
-    rel = _rel(path, root)
-    stage = stage_of(rel, root)
-    md5 = dvc_md5(root / rel, root)
+    path = Path(path) if Path(path).is_absolute() else root / path
+    md5 = dvc_md5(path, root)
+    try:
+        rel = _rel(path, root)
+        stage = stage_of(rel, root)
+    except DvcError as e:
+        return DvcRecord(str(path), md5, None, False, False, f"not recorded by DVC: {e}")
     if os.environ.get(STAGE_ENV):
         return DvcRecord(rel, md5, stage, False, False, f"dvc repro of stage {os.environ[STAGE_ENV]} records it")
     try:

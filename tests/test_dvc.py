@@ -1,7 +1,9 @@
 """DVC: the project's dvc.yaml matches the code it runs, the DVC hash the project computes is DVC's own, a recorded
 output comes back byte-identical in a second clone by `dvc pull`, and the default remote is shared by clones."""
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -47,6 +49,7 @@ def test_recorded_output_is_dvcs_hash_and_a_second_clone_pulls_the_same_bytes(tm
     assert record.md5.endswith(".dir")
     assert dvc.lock_hash("models/lora", root=a) == record.md5
     assert record.metadata()["dvc_pull"] == "dvc pull models/lora"
+    assert record.path == "models/lora"
     assert record.tags()["dvc.md5"] == record.md5
 
     git(a, "add", "-A")
@@ -89,10 +92,21 @@ def test_an_output_dvc_cannot_commit_keeps_its_hash_and_says_why(tmp_path):
     assert record.md5 == dvc.dvc_md5(a / "models" / "lora", root=a)
 
 
+def test_outputs_dvc_does_not_track_get_a_hash_and_a_reason(tmp_path):
+    a = dvc_repo(tmp_path / "a", tmp_path / "remote")
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "w.bin").write_bytes(b"w")
+    for path, reason in ((a / "data.txt", "not an output of any stage"), (outside, "outside the DVC project")):
+        record = dvc.record_output(path, root=a)
+        assert (record.stage, record.committed, record.pushed) == (None, False, False)
+        assert reason in record.note and "dvc_pull" not in record.metadata()
+        assert record.md5 == dvc.dvc_md5(path, root=a)
+    assert not (a / "dvc.lock").exists()
+
+
 def test_bad_paths_and_stages_are_one_line_errors(tmp_path):
     a = dvc_repo(tmp_path / "a", tmp_path / "remote")
-    with pytest.raises(dvc.DvcError, match="not an output of any stage"):
-        dvc.record_output("data.txt", root=a)
     with pytest.raises(dvc.DvcError, match="outside the DVC project"):
         dvc.stage_of(tmp_path, root=a)
     with pytest.raises(dvc.DvcError, match="no such file"):
@@ -143,3 +157,94 @@ def test_dvc_yaml_runs_the_project_entry_points():
                 assert (PROJECT_ROOT / dep).exists(), dep
     listed = dvc.run_dvc("stage", "list", "--name-only").split()
     assert listed == list(stages)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# End to end on the project itself: clone A runs the pipeline through Dagster (which records the checkpoint with
+# DVC), clone B pulls the checkpoint, clone C reproduces everything with `dvc repro` from nothing.
+def project_copy(dest: Path) -> Path:
+    """The working tree (tracked and untracked, not ignored files) as a fresh git repo, with params shrunk to a
+    minimal run: 2 shards of 2 samples, a few training steps, a small evaluation."""
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=PROJECT_ROOT, check=True,
+                            capture_output=True).stdout.decode().split("\0")
+    stages = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())["stages"].values()
+    outputs = tuple(f"{out}/" for stage in stages for out in stage["outs"])
+    for name in filter(None, listed):
+        if (PROJECT_ROOT / name).is_file() and not name.startswith(outputs):
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(PROJECT_ROOT / name, dest / name)
+    raw = yaml.safe_load((dest / "params.yaml").read_text())
+    for key in ("objects365", "dreambench"):  # shared data next to the checkout, wherever the copy is
+        raw["paths"][key] = str((PROJECT_ROOT / raw["paths"][key]).resolve())
+    tiny = raw["profiles"]["tiny"]
+    tiny["data"].update(num_shards=2, shard_size=2)
+    tiny["train"].update(max_steps=3, batch_size=4, checkpoint_every=2, max_plan_tokens=16)
+    tiny["detokenizer"].update(max_steps=2, batch_size=4, decode_steps=2)
+    tiny["generate"].update(logged_samples=0)
+    tiny["eval"].update(dreambench_subjects=1, dreambench_prompts=1, msic_samples=2, branches=2)
+    (dest / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    git(dest, "init", "-q")
+    git(dest, "add", "-A")
+    git(dest, "commit", "-q", "-m", "project copy")
+    return dest
+
+
+def in_clone(root: Path, home: Path, *cmd: str) -> str:
+    """A command in a clone with the project's environment on PATH, the clone's code first on sys.path, its own
+    Dagster instance, and HOME moved so that the default DVC remote (~/.cache/...) is a test folder."""
+    # The project's environment first; then dvc's own (after it: it has a `python` of its own).
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"],
+                            str(Path(dvc.dvc_executable()).parent)])
+    env = {**os.environ, "PATH": path,
+           "PYTHONPATH": str(root), "DAGSTER_HOME": str(root / ".dagster_home"), "HOME": str(home),
+           "MUSIC_PARAMS": str(root / "params.yaml"), "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1",
+           "MLFLOW_DISABLE_TELEMETRY": "true", "GIT_CONFIG_GLOBAL": os.devnull}
+    env.pop("MUSIC_PROFILE", None)
+    proc = subprocess.run(list(cmd), cwd=root, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, f"{' '.join(cmd)} in {root.name}:\n{(proc.stdout + proc.stderr)[-4000:]}"
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_dagster_checkpoint_is_recorded_pulled_byte_identical_and_reproduced_by_dvc_repro(tmp_path, tiny_zoo):
+    import dagster as dg
+
+    from music_dagster import tracking
+
+    home = tmp_path / "home"
+    home.mkdir()
+    dvc_cmd = dvc.dvc_executable()
+    a = project_copy(tmp_path / "a")
+    shutil.copytree(PROJECT_ROOT / "models" / "tiny", a / "models" / "tiny",
+                    ignore=shutil.ignore_patterns(".lock", ".*.tmp*"))
+    in_clone(a, home, "music", "pipeline")
+
+    # The training materialization recorded the checkpoint: dvc.lock, the MLflow run, the Dagster metadata.
+    lora = dvc.lock_hash("models/lora", root=a)
+    assert lora and lora == dvc.dvc_md5(a / "models" / "lora", root=a)
+    run_id = tracking.read_run_ref(a / "models" / "lora")["run_id"]
+    store = tracking.Store(tracking_uri=f"sqlite:///{a / 'mlruns.db'}", artifact_root=(a / "mlartifacts").as_uri())
+    assert tracking.client(store).get_run(run_id).data.tags["dvc.md5"] == lora
+    instance = dg.DagsterInstance.from_config(str(a / ".dagster_home"))
+    event = instance.get_latest_materialization_event(dg.AssetKey("lora_checkpoint"))
+    metadata = event.asset_materialization.metadata
+    assert metadata["dvc_md5"].value == lora and metadata["dvc_pull"].value == "dvc pull models/lora"
+    assert "pushed" in metadata["dvc_status"].value
+
+    # Everything else Dagster made goes into dvc.lock and the default remote too; git keeps the lock.
+    in_clone(a, home, dvc_cmd, "commit", "--force")
+    in_clone(a, home, dvc_cmd, "push")
+    git(a, "add", "dvc.lock", "models/.gitignore")
+    git(a, "commit", "-q", "-m", "pipeline outputs")
+
+    b = tmp_path / "b"
+    git(tmp_path, "clone", "-q", str(a), str(b))
+    in_clone(b, home, dvc_cmd, "pull", "models/lora")
+    assert files(b / "models" / "lora") == files(a / "models" / "lora")
+    assert dvc.dvc_md5(b / "models" / "lora", root=b) == lora
+
+    c = tmp_path / "c"
+    git(tmp_path, "clone", "-q", str(a), str(c))
+    in_clone(c, home, dvc_cmd, "repro")
+    # Same stages, commands, inputs and output hashes (the order of stages in the file is the order of commits).
+    assert yaml.safe_load((c / "dvc.lock").read_text()) == yaml.safe_load((a / "dvc.lock").read_text())

@@ -1,0 +1,113 @@
+"""`music bench parallel`: wall time of the data graph for 4 shards run one after another vs all at once.
+
+Each shard is one run of `data_job` as Dagster launches it: its own process (as the default run launcher does),
+the multiprocess executor (a subprocess per step), on a temporary on-disk instance configured by the project's
+`.dagster_home/dagster.yaml`, whose pool limit caps the model-heavy (`gpu` pool) steps running at once across runs.
+Both modes run the same 4 shard keys of the configured profile into separate temporary datasets folders, after an
+untimed warm-up shard (one-off costs such as compile caches). Prints figures; asserts nothing.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import yaml
+
+SHARDS = 4
+
+
+def data_job():
+    """`data_job` with resources from the config of this process (MUSIC_PARAMS): what each step process rebuilds."""
+    import dagster as dg
+
+    from music_dagster.assets.data import DATA_ASSETS
+    from music_dagster.assets.data import data_job as job
+    from music_dagster.config import default_config
+    from music_dagster.resources import build_resources
+
+    return dg.Definitions(assets=DATA_ASSETS, jobs=[job],
+                          resources=build_resources(default_config())).resolve_job_def("data_job")
+
+
+def run_shard(key: str, dagster_home: str, params: str) -> tuple[str, float]:
+    """One run of `data_job` for shard `key` with the config file `params`; (run id, seconds)."""
+    os.environ["MUSIC_PARAMS"] = params  # inherited by the step processes
+    import dagster as dg
+
+    instance = dg.DagsterInstance.from_config(dagster_home)
+    start = time.perf_counter()
+    result = dg.execute_job(dg.reconstructable(data_job), instance=instance, tags={"dagster/partition": key})
+    if not result.success:
+        raise RuntimeError(f"data_job failed for {key} (run {result.run_id} in {dagster_home})")
+    return result.run_id, time.perf_counter() - start
+
+
+def run_shards(keys: list[str], at_once: int, dagster_home: str, params: str) -> tuple[float, list[str], list[float]]:
+    """Every shard of `keys` in its own process, `at_once` runs at a time: (wall seconds, run ids, run seconds)."""
+    start = time.perf_counter()
+    with ProcessPoolExecutor(max_workers=at_once, mp_context=multiprocessing.get_context("spawn")) as pool:
+        results = list(pool.map(run_shard, keys, [dagster_home] * len(keys), [params] * len(keys)))
+    return time.perf_counter() - start, [r for r, _ in results], [s for _, s in results]
+
+
+def params_file(folder: Path, name: str, **data) -> str:
+    """A copy of this process's config writing datasets to `folder/name`, with `data` overrides: its path."""
+    from music_dagster.config import PARAMS_FILE, default_config
+
+    config = default_config()
+    raw = yaml.safe_load(Path(os.environ.get("MUSIC_PARAMS") or PARAMS_FILE).read_text())
+    raw["profile"] = config.profile_name
+    raw["paths"]["objects365"] = str(config.paths.resolve("objects365"))
+    raw["paths"]["datasets"] = str(folder / name)
+    raw["profiles"][config.profile_name]["data"].update(data)
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return str(path)
+
+
+def instance_home(folder: Path, **pools) -> Path:
+    """A Dagster instance home under `folder` with the project's dagster.yaml (`pools` overrides its pool settings)."""
+    from music_dagster.config import PROJECT_ROOT
+
+    home = folder / "dagster_home"
+    home.mkdir()
+    config = yaml.safe_load((PROJECT_ROOT / ".dagster_home" / "dagster.yaml").read_text()) or {}
+    config.setdefault("concurrency", {}).setdefault("pools", {}).update(pools)
+    (home / "dagster.yaml").write_text(yaml.safe_dump(config))
+    return home
+
+
+def main() -> None:
+    import dagster as dg
+
+    from music_dagster.assets.data import ensure_shards
+    from music_dagster.config import default_config
+
+    config = default_config()
+    config.check_models(("llm", "vlm", "t2i", "i2i", "detector", "segmenter", "clip"))
+    with tempfile.TemporaryDirectory(prefix="music-bench-parallel-") as tmp:
+        tmp = Path(tmp)
+        home = instance_home(tmp)
+        instance = dg.DagsterInstance.from_config(str(home))
+        pools = instance.get_concurrency_config().pool_config
+        keys = ensure_shards(instance, SHARDS + 1)
+        warmup, keys = keys[0], keys[1:]
+        print(f"data graph, {SHARDS} shards of {config.profile.data.shard_size} samples, profile "
+              f"{config.profile_name}; {len(os.sched_getaffinity(0))} CPU cores; pool limit per step "
+              f"{pools.default_pool_limit} (enforced: {instance.event_log_storage.supports_global_concurrency_limits})",
+              flush=True)
+        run_shards([warmup], 1, str(home), params_file(tmp, "warmup"))
+        seq_wall, _, seq_runs = run_shards(keys, 1, str(home), params_file(tmp, "sequential"))
+        par_wall, _, par_runs = run_shards(keys, SHARDS, str(home), params_file(tmp, "parallel"))
+
+    rows = [("mode", "runs at once", "wall s", "s per shard", "longest run s"),
+            ("sequential", "1", f"{seq_wall:.1f}", f"{seq_wall / SHARDS:.1f}", f"{max(seq_runs):.1f}"),
+            ("parallel", str(SHARDS), f"{par_wall:.1f}", f"{par_wall / SHARDS:.1f}", f"{max(par_runs):.1f}")]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.rjust(w) for cell, w in zip(row, widths)))
+    print(f"speedup: {seq_wall / par_wall:.2f}x")

@@ -1,0 +1,68 @@
+"""Concurrency: model-heavy assets share the `gpu` pool, the project's instance config enforces its limit per step,
+and independent shards run in parallel under the multiprocess executor without exceeding that limit."""
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from music_dagster.config import PROJECT_ROOT, ROLES
+
+
+def test_every_model_heavy_asset_is_in_the_gpu_pool():
+    from music_dagster.definitions import defs
+
+    graph = defs.resolve_asset_graph()
+    for key in graph.get_all_asset_keys():
+        asset = graph.get(key).assets_def
+        uses_a_model = bool(set(ROLES) & asset.required_resource_keys)
+        trains_or_scores = asset.group_names_by_key[key] in ("training", "evaluation")
+        expected = "gpu" if uses_a_model or trains_or_scores else None
+        assert asset.node_def.pool == expected, key.to_user_string()
+
+
+def test_the_instance_config_limits_the_pool_per_step(tmp_path):
+    import shutil
+
+    shutil.copy(PROJECT_ROOT / ".dagster_home" / "dagster.yaml", tmp_path / "dagster.yaml")
+    instance = dg.DagsterInstance.from_config(str(tmp_path))
+    pools = instance.get_concurrency_config().pool_config
+    assert pools.default_pool_limit and pools.default_pool_limit >= 1
+    assert pools.pool_granularity is None or pools.pool_granularity.value == "op"  # claimed by each step
+    assert instance.event_log_storage.supports_global_concurrency_limits
+
+
+def _intervals(instance: dg.DagsterInstance, run_id: str) -> dict[str, tuple[float, float]]:
+    """step key -> (start, end) timestamps of a run's steps."""
+    starts, ends = {}, {}
+    for record in instance.all_logs(run_id, of_type={dg.DagsterEventType.STEP_START,
+                                                      dg.DagsterEventType.STEP_SUCCESS}):
+        target = starts if record.dagster_event.event_type == dg.DagsterEventType.STEP_START else ends
+        target[record.dagster_event.step_key] = record.timestamp
+    return {step: (starts[step], ends[step]) for step in starts}
+
+
+def _most_at_once(intervals: list[tuple[float, float]]) -> int:
+    events = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals], key=lambda x: (x[0], x[1]))
+    now = most = 0
+    for _, change in events:
+        now += change
+        most = max(most, now)
+    return most
+
+
+@pytest.mark.slow
+def test_two_shards_run_in_parallel_with_one_gpu_step_at_a_time(tmp_path, tiny_zoo):
+    from music_dagster.assets.data import DATA_ASSETS, ensure_shards
+    from music_dagster.bench.parallel import instance_home, params_file, run_shards
+
+    home = instance_home(tmp_path, default_limit=1)
+    instance = dg.DagsterInstance.from_config(str(home))
+    keys = ensure_shards(instance, 2)
+    _, run_ids, _ = run_shards(keys, 2, str(home), params_file(tmp_path, "datasets", shard_size=1))
+    runs = [_intervals(instance, run_id) for run_id in run_ids]
+    gpu = {a.key.to_user_string() for a in DATA_ASSETS if a.node_def.pool == "gpu"}
+    assert all(set(steps) == {a.key.to_user_string() for a in DATA_ASSETS} for steps in runs)
+    spans = [(min(s for s, _ in r.values()), max(e for _, e in r.values())) for r in runs]
+    assert spans[0][0] < spans[1][1] and spans[1][0] < spans[0][1], "the two shards' runs did not overlap"
+    assert _most_at_once([i for r in runs for step, i in r.items() if step in gpu]) == 1
+    assert Path(tmp_path, "datasets", "training_samples", keys[1], "manifest.jsonl").is_file()
