@@ -112,8 +112,10 @@ def _hf_kwargs(spec: ModelSpec) -> dict:
 
 
 def _model(auto_cls, spec: ModelSpec, device, dtype, **extra):
-    return auto_cls.from_pretrained(spec.source, use_safetensors=True, dtype=dtype, **_hf_kwargs(spec), **extra) \
-        .eval().to(device)
+    model = auto_cls.from_pretrained(spec.source, use_safetensors=True, dtype=dtype, **_hf_kwargs(spec), **extra)
+    # The config's name is what derived checkpoints record as their base: the portable id, not this checkout's path.
+    model.config._name_or_path = model.name_or_path = spec.id
+    return model.eval().to(device)
 
 
 def _load_causal_lm(role, spec, device, dtype):
@@ -153,6 +155,7 @@ def _load_unet(role, spec, device, dtype):
 
     kw = {k: v for k, v in _hf_kwargs(spec).items() if k != "trust_remote_code"}
     unet = UNet2DConditionModel.from_pretrained(spec.source, use_safetensors=True, dtype=dtype, **kw)
+    unet.register_to_config(_name_or_path=spec.id)  # as in _model: the portable id, not this checkout's path
     return ModelHandle(role, device, dtype, unet=unet.eval().to(device))
 
 

@@ -502,6 +502,9 @@ class MusicModel(nn.Module):
         directory.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
         try:
+            lora = self.llm.peft_config["default"]
+            if isinstance(lora.target_modules, set):  # peft writes a set in hash order: differs per process
+                lora.target_modules = sorted(lora.target_modules)
             self.llm.save_pretrained(str(tmp), safe_serialization=True)
             tensors = {k: v.detach().to("cpu", torch.float32).contiguous()
                        for k, v in self.trainable_state_dict().items()}

@@ -174,7 +174,7 @@ def _run(*, accelerator, model, n_items: int, cfg, seed: int, out_dir: Path, res
          step_fn: Callable, save_fn: Callable, load_fn: Callable, on_step, metric_names: Sequence[str]):
     """The training loop. `step_fn(model, indices) -> dict of scalar tensors with "loss"`;
     `save_fn(unwrapped_model, folder)` / `load_fn(unwrapped_model, folder)` write / read the trainable weights.
-    Returns (history, steps, resumed_from, seconds, epochs)."""
+    Returns (unwrapped model, history, total steps, resumed-from step, seconds, epochs)."""
     from accelerate.utils import set_seed
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -242,7 +242,7 @@ def _run(*, accelerator, model, n_items: int, cfg, seed: int, out_dir: Path, res
         history.append(entry)
         if on_step is not None and accelerator.is_main_process:
             on_step(step + 1, {k: v for k, v in entry.items() if k != "step"})
-        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total:
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == total:  # the last one makes a re-run a no-op
             _save_checkpoint(accelerator, ckpt_root, step + 1, history, cfg.checkpoints_kept)
     seconds = time.perf_counter() - t0
     accelerator.wait_for_everyone()
@@ -302,6 +302,7 @@ def train_music(config, sample_sources: Iterable, out_dir: str | os.PathLike, re
     if not items:
         raise TrainingError(f"no training samples (skipped {skipped} MSIC hold-out samples)")
     torch.set_flush_denormal(True)  # denormals make CPU training many times slower
+    torch.set_num_threads(config.profile.torch_threads)  # float sums differ with the thread count
     accelerator = _accelerator(train.mixed_precision, out_dir)
     from accelerate.utils import set_seed
 
@@ -363,6 +364,7 @@ def train_detokenizer(config, sample_sources: Iterable, out_dir: str | os.PathLi
     if not items:
         raise TrainingError(f"no training samples (skipped {skipped} MSIC hold-out samples)")
     torch.set_flush_denormal(True)
+    torch.set_num_threads(config.profile.torch_threads)  # float sums differ with the thread count
     accelerator = _accelerator(detok_cfg.mixed_precision, out_dir)
     from accelerate.utils import set_seed
 
