@@ -1,5 +1,5 @@
-"""The Dagster UI in a real browser: every asset of the code location is in the asset graph, and one asset
-materialized from its page succeeds."""
+"""The Dagster UI in a real browser: every asset of the code location is in the asset graph, one asset
+materialized from its page succeeds, and the shard regeneration shows as an automation that is off."""
 import re
 
 import pytest
@@ -63,3 +63,19 @@ def test_asset_graph_lists_every_asset_and_materializes_one(page, dagster_server
     page.goto(f"{dagster_server.url}/assets/{UI_ASSET}?view=events")
     expect(page.get_by_role("link", name=run["runId"][:8]).first).to_be_visible()
     page.screenshot(path=output_dir / "dagster_asset_events.png")
+
+
+def test_shard_regeneration_is_listed_off_with_a_switch(page, dagster_server, output_dir):
+    from playwright.sync_api import expect
+
+    page.goto(f"{dagster_server.url}/automation")
+    link = page.locator('a[href$="/sensors/shard_regeneration"]')
+    expect(link).to_be_visible()
+    page.screenshot(path=output_dir / "dagster_automation.png")
+    link.click()
+    expect(page.get_by_text("shard_regeneration").first).to_be_visible()
+    switch = page.get_by_role("checkbox")
+    expect(switch).to_have_count(1)
+    expect(switch).not_to_be_checked()  # STOPPED by default; the switch turns it on
+    expect(switch).to_be_enabled()
+    page.screenshot(path=output_dir / "dagster_sensor.png")
