@@ -19,11 +19,17 @@ def _instance():
     return dg.DagsterInstance.get()
 
 
+# The console shows what a person follows (stage progress, kept/dropped counts); the UI keeps every event.
+_RUN_CONFIG = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
+
+
 def _run(defs, job_name: str, instance, partition_key: str | None = None) -> None:
     label = job_name if partition_key is None else f"{job_name}[{partition_key}]"
     start = time.perf_counter()
     print(f"music pipeline: {label} ...", flush=True)
-    result = defs.resolve_job_def(job_name).execute_in_process(instance=instance, partition_key=partition_key)
+    result = defs.resolve_job_def(job_name).execute_in_process(
+        run_config=_RUN_CONFIG, instance=instance, partition_key=partition_key
+    )
     print(f"music pipeline: {label} succeeded in {time.perf_counter() - start:.1f} s (run {result.run_id})", flush=True)
 
 
