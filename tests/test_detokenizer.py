@@ -88,7 +88,8 @@ def test_latent_sdxl_style_unet_with_vae():
 @pytest.mark.slow
 def test_detokenizer_learns_and_reads_its_conditioning(config, tmp_path):
     """Reconstruction training on the procedural world's targets: the loss falls, and on held-out images the
-    noise is predicted better with each image's own visual tokens than with another image's."""
+    noise is predicted better with each image's own visual tokens than with another image's (paired: same
+    images, noise and timesteps; at this budget about 4% lower, for over 80% of the images)."""
     from music_dagster.model import target_tokens
     from music_dagster.procedural import procedural_samples
     from music_dagster.training import _with, train_detokenizer
@@ -96,23 +97,27 @@ def test_detokenizer_learns_and_reads_its_conditioning(config, tmp_path):
     cfg = _with(config, "detokenizer", max_steps=STEPS, epochs=10 ** 6, checkpoint_every=10 ** 6, batch_size=16)
     result = train_detokenizer(cfg, [procedural_samples(256, seed=0)], tmp_path / "run")
     losses = [e["loss"] for e in result.history]
-    assert np.mean(losses[-25:]) < 0.5 * np.mean(losses[:25])
+    assert np.mean(losses[-25:]) < 0.2 * np.mean(losses[:25])
 
     detok = Detokenizer.from_pretrained(result.model_dir)
     vision = load_backbone(cfg, "music_vision")
-    held = procedural_samples(48, seed=0, start=10 ** 5)
-    images = [s.target for s in held]
+    images = [s.target for s in procedural_samples(48, seed=0, start=10 ** 5)]
     tokens = target_tokens(vision.model, vision.processor, images, cfg.profile.train.image_queries)
     x0 = detok.preprocess(images)
     g = torch.Generator().manual_seed(0)
-    own, shuffled = [], []
+    gaps = []
     with torch.no_grad():
-        for t in (50, 200, 400):
+        for t in (100, 300, 500):
             noise = torch.randn(x0.shape, generator=g)
             steps = torch.full((len(x0),), t)
-            own.append(detok.noise_loss(x0, tokens, steps, noise).item())
-            shuffled.append(detok.noise_loss(x0, tokens.roll(1, 0), steps, noise).item())
-    assert np.mean(own) < 0.9 * np.mean(shuffled), (own, shuffled)
+            xt = detok.noise.add_noise(x0, noise, steps)
+            own = (detok.unet(xt, steps, **detok.condition(tokens)).sample - noise).pow(2).mean((1, 2, 3))
+            other = (detok.unet(xt, steps, **detok.condition(tokens.roll(1, 0))).sample - noise).pow(2).mean((1, 2, 3))
+            assert own.mean() < other.mean(), (t, own.mean().item(), other.mean().item())
+            gaps.append(other - own)
+    gap = torch.cat(gaps)
+    z = gap.mean() / (gap.std() / len(gap) ** 0.5)
+    assert z > 3 and (gap > 0).float().mean() > 0.65, (z.item(), (gap > 0).float().mean().item())
 
 
-STEPS = 300
+STEPS = 400

@@ -69,13 +69,15 @@ def test_music_resumes_with_the_losses_of_an_uninterrupted_run(config, samples, 
 def test_checkpoints_hold_only_trainable_weights_and_the_result_loads(config, samples, tmp_path):
     result = train_music(config, [samples], tmp_path / "run")
     folders = sorted((tmp_path / "run" / CHECKPOINTS).iterdir())
-    assert [p.name for p in folders] == ["checkpoint-2", "checkpoint-4"]  # kept: 2; the end is the model folder
+    assert [p.name for p in folders] == ["checkpoint-4", "checkpoint-6"]  # every 2 steps and the last; kept: 2
     for folder in folders:
         files = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
         assert "model/adapter_model.safetensors" in files and "model/music_modules.safetensors" in files
         assert not any(f.startswith("model.") or f.startswith("pytorch_model") for f in files)
         llm_bytes = sum(p.stat().st_size for p in (config.models["music_llm"].local_path).glob("*.safetensors"))
         assert (folder / "model" / "adapter_model.safetensors").stat().st_size < llm_bytes
+    again = train_music(config, [samples], tmp_path / "run")  # a finished run resumes at its end: no steps
+    assert (again.resumed_from, again.steps, again.history) == (6, 6, result.history)
     model = MusicModel.from_pretrained(result.model_dir, load_backbone(config, "music_llm"),
                                        load_backbone(config, "music_vision"))
     assert model.settings.image_queries == 4
