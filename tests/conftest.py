@@ -5,6 +5,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import pytest
+from hypothesis import settings
+
+# Property tests assert behaviour, never speed: on a busy 2-core machine a per-example deadline only makes them flaky.
+settings.register_profile("music", deadline=None)
+settings.load_profile("music")
 
 
 @pytest.fixture(scope="session")
