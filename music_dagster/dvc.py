@@ -201,35 +201,17 @@ STAGE_ASSETS = {
 STAGES = ("data", *STAGE_ASSETS)
 
 
-def _instance():
-    os.environ.setdefault("DAGSTER_HOME", str(PROJECT_ROOT / ".dagster_home"))
-    import dagster as dg
-
-    return dg.DagsterInstance.get()
-
-
 def run_stage(name: str) -> None:
     """Materialize the assets of the DVC stage `name`: `data` runs `data_job` for each of the profile's shards."""
-    import dagster as dg
-
-    from music_dagster.config import default_config
-    from music_dagster.definitions import defs
+    from music_dagster.pipeline import materialize_shards, project_instance, run_job
 
     if name not in STAGES:
         raise DvcError(f"unknown stage {name!r} (stages: {', '.join(STAGES)})")
-    instance = _instance()
     if name == "data":
-        from music_dagster.assets.data import ensure_shards
-
-        job = defs.resolve_job_def("data_job")
-        for key in ensure_shards(instance, default_config().profile.data.num_shards):
-            print(f"stage data: {key}", flush=True)
-            job.execute_in_process(instance=instance, partition_key=key)
+        materialize_shards(project_instance())
         return
     job_name, assets = STAGE_ASSETS[name]
-    selection = [dg.AssetKey(a) for a in assets] if assets else None
-    print(f"stage {name}: {job_name} {assets or ''}".rstrip(), flush=True)
-    defs.resolve_job_def(job_name).execute_in_process(instance=instance, asset_selection=selection)
+    run_job(job_name, project_instance(), assets=assets)
 
 
 def main(argv: list[str] | None = None) -> int:
