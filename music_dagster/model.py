@@ -506,6 +506,7 @@ class MusicModel(nn.Module):
             if isinstance(lora.target_modules, set):  # peft writes a set in hash order: differs per process
                 lora.target_modules = sorted(lora.target_modules)
             self.llm.save_pretrained(str(tmp), safe_serialization=True)
+            (tmp / "README.md").unlink(missing_ok=True)  # peft's model card names the local base path: not portable
             tensors = {k: v.detach().to("cpu", torch.float32).contiguous()
                        for k, v in self.trainable_state_dict().items()}
             save_file(tensors, str(tmp / MODULES_FILE), metadata={"format": "pt"})

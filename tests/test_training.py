@@ -52,16 +52,11 @@ def test_music_resumes_with_the_losses_of_an_uninterrupted_run(config, samples, 
     assert sorted(p.name for p in (tmp_path / "cut" / CHECKPOINTS).iterdir()) == ["checkpoint-2", "checkpoint-4"]
     resumed = train_music(config, [samples], tmp_path / "cut")
     assert resumed.resumed_from == 4 and resumed.steps == 6
-    for a, b in zip(whole.history, resumed.history, strict=True):
-        assert a == pytest.approx(b, rel=1e-6, abs=1e-7)
-
-    # the final folders hold the same weights
-    from safetensors.torch import load_file
-    for name in ("adapter_model.safetensors", "music_modules.safetensors"):
-        x, y = load_file(whole.model_dir / name), load_file(resumed.model_dir / name)
-        assert x.keys() == y.keys()
-        for k in x:
-            torch.testing.assert_close(x[k], y[k], rtol=1e-5, atol=1e-6)
+    assert resumed.history == whole.history
+    # same config and seed, same bytes
+    for name in ("adapter_model.safetensors", "adapter_config.json", "music_modules.safetensors",
+                 "music_config.json"):
+        assert (whole.model_dir / name).read_bytes() == (resumed.model_dir / name).read_bytes(), name
     history = json.loads((tmp_path / "cut" / "history.json").read_text())
     assert [e["step"] for e in history] == list(range(1, 7))
 
@@ -114,8 +109,9 @@ def test_detokenizer_resumes_and_loads(config, samples, tmp_path):
         train_detokenizer(config, [samples], tmp_path / "cut", on_step=_stop_after(3))
     resumed = train_detokenizer(config, [samples], tmp_path / "cut")
     assert resumed.resumed_from == 2
-    for a, b in zip(whole.history, resumed.history, strict=True):
-        assert a == pytest.approx(b, rel=1e-6, abs=1e-7)
+    assert resumed.history == whole.history
+    for name in ("detokenizer_modules.safetensors", "unet/diffusion_pytorch_model.safetensors"):
+        assert (whole.model_dir / name).read_bytes() == (resumed.model_dir / name).read_bytes(), name
     detok = Detokenizer.from_pretrained(whole.model_dir)
     images = detok.decode(torch.zeros(2, 4, 64), seed=0, steps=2)
     assert [im.size for im in images] == [(32, 32)] * 2
