@@ -74,6 +74,7 @@ def test_music_learns_on_the_procedural_world(tiny_zoo, tmp_path):
     after = score_plans(test, [p[0] for p in model.plan(test)])
     shuffled = score_plans(test, [p[0] for p in model.plan(_shuffled_references(test))])
     report = dict(baseline=baseline, l2=l2, shuffled_l2=shuffled_l2, before=before, after=after, shuffled=shuffled)
+    print(report)  # the figures behind the margins (pytest -s)
 
     assert after["parsed"] >= 0.8, report
     assert after["subject_cell_acc"] > before["subject_cell_acc"] + 0.15, report
