@@ -34,15 +34,23 @@ def data_job():
 
 
 def run_shard(key: str, dagster_home: str, params: str) -> tuple[str, float]:
-    """One run of `data_job` for shard `key` with the config file `params`; (run id, seconds)."""
+    """One run of `data_job` for shard `key` with the config file `params`, in a worker process whose output (and
+    its step processes') goes to `<dagster_home>/logs/<key>.log`; (run id, seconds)."""
     os.environ["MUSIC_PARAMS"] = params  # inherited by the step processes
+    log = Path(dagster_home) / "logs" / f"{key}.log"
+    log.parent.mkdir(exist_ok=True)
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
     import dagster as dg
 
     instance = dg.DagsterInstance.from_config(dagster_home)
     start = time.perf_counter()
     result = dg.execute_job(dg.reconstructable(data_job), instance=instance, tags={"dagster/partition": key})
     if not result.success:
-        raise RuntimeError(f"data_job failed for {key} (run {result.run_id} in {dagster_home})")
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:])
+        raise RuntimeError(f"data_job failed for {key} (run {result.run_id}):\n{tail}")
     return result.run_id, time.perf_counter() - start
 
 
