@@ -140,11 +140,11 @@ def test_rerun_resumes_from_last_checkpoint_with_same_result(setup, first):
     again = _materialize(setup, selection=[assets.lora_checkpoint, assets.lora_weights_finite])
     assert again.success
     meta = again.asset_materializations_for_node("lora_checkpoint")[0].metadata
-    assert meta["resumed_from"].value == 2 and meta["steps"].value == 3
+    assert meta["resumed_from"].value == 3 and meta["steps"].value == 3
     assert json.loads((lora_dir(config) / assets.HISTORY_FILE).read_text()) == history
     assert meta["checkpoint_sha256"].value == before["checkpoint_sha256"].value
     mlf = tracking.client(setup["resources"]["tracking"].store)
     run_id = meta["mlflow_run_id"].value
     assert run_id != before["mlflow_run_id"].value
     assert sorted(m.step for m in mlf.get_metric_history(run_id, "L1")) == [1, 2, 3]  # resumed steps logged too
-    assert mlf.get_run(run_id).data.tags["resumed_from"] == "2"
+    assert mlf.get_run(run_id).data.tags["resumed_from"] == "3"
