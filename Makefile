@@ -5,7 +5,7 @@ VENV := .venv
 export DAGSTER_HOME := $(CURDIR)/.dagster_home
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: setup run test test-fast ui mlflow-ui bench clean-outputs
+.PHONY: setup run test test-fast repro ui mlflow-ui bench
 
 # The project's environment. DVC lives in its own environment (.dvc-tool): its hydra-core pins an antlr4 runtime
 # that breaks Dagster's asset-selection parser, so the `dvc` command is linked into .venv/bin instead of installed there.
@@ -30,10 +30,18 @@ test: setup
 test-fast: setup
 	$(VENV)/bin/pytest -m "not slow and not e2e"
 
+# DVC's stages call `music` and the project's python: put the environment first on PATH.
+repro: setup
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/dvc repro
+
 ui: setup
 	$(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
-mlflow-ui: setup
+mlflow-# DVC's stages call `music` and the project's python: put the environment first on PATH.
+repro: setup
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/dvc repro
+
+ui: setup
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlruns.db --host 127.0.0.1 --port 5000 --workers 1
 
 bench: setup
