@@ -29,7 +29,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from music_dagster.errors import UserError
-from music_dagster.model import Resampler, _replace_dir
+from music_dagster.model import Resampler
+from music_dagster.storage import replace_dir
 
 CONFIG_FILE = "detokenizer_config.json"
 MODULES_FILE = "detokenizer_modules.safetensors"
@@ -203,7 +204,7 @@ class Detokenizer(nn.Module):
                        for k, v in self.trainable_state_dict().items()}
             save_file(tensors, str(tmp / MODULES_FILE), metadata={"format": "pt"})
             (tmp / CONFIG_FILE).write_text(json.dumps(asdict(self.settings), indent=1, sort_keys=True) + "\n")
-            _replace_dir(tmp, directory)
+            replace_dir(tmp, directory)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

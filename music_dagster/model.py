@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from music_dagster.decimation import tag
 from music_dagster.errors import UserError
 from music_dagster.layout import TEXT_PREFIX, LayoutError, layout_from_text, layout_to_text
+from music_dagster.storage import replace_dir
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
@@ -513,7 +514,7 @@ class MusicModel(nn.Module):
             meta = {"settings": self.settings.to_json(), "vision_hidden": self.vision.config.hidden_size,
                     "llm_hidden": self.llm.get_base_model().config.hidden_size}
             (tmp / MODEL_CONFIG).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
-            _replace_dir(tmp, directory)
+            replace_dir(tmp, directory)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -565,16 +566,4 @@ def check_checkpoint(directory: Path) -> dict:
         return json.loads((directory / MODEL_CONFIG).read_text())
     except json.JSONDecodeError:
         raise CheckpointError(f"{directory / MODEL_CONFIG}: not valid JSON") from None
-
-
-def _replace_dir(tmp: Path, directory: Path) -> None:
-    """Move a finished temporary folder to `directory`, replacing an older one."""
-    old = None
-    if directory.exists():
-        old = directory.with_name(f".{directory.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(directory, old)
-    os.replace(tmp, directory)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 

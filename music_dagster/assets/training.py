@@ -75,8 +75,7 @@ def drop_stale_work(work: Path) -> None:
 def publish(model_dir: Path, target: Path, history: list[dict], run: runs.ActiveRun) -> str:
     """Copy the final weights to `target` with the run reference and loss history, atomically; returns the
     checkpoint hash (over the weights and settings, not the run reference)."""
-    from music_dagster.model import _replace_dir
-    from music_dagster.storage import atomic_write_text
+    from music_dagster.storage import atomic_write_text, replace_dir
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
@@ -85,7 +84,7 @@ def publish(model_dir: Path, target: Path, history: list[dict], run: runs.Active
         atomic_write_text(tmp / HISTORY_FILE, json.dumps(history, sort_keys=True) + "\n")
         runs.write_run_ref(tmp, run)
         digest = runs.folder_hash(tmp)
-        _replace_dir(tmp, target)
+        replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
