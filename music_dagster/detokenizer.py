@@ -214,7 +214,7 @@ class Detokenizer(nn.Module):
         """Load the UNet and resampler weights of a `save_pretrained` folder into this model."""
         from safetensors.torch import load_file
 
-        directory = _check(Path(directory))
+        directory = check_checkpoint(Path(directory))
         unet_file = next((directory / UNET_DIR).glob("*.safetensors"), None)
         if unet_file is None:
             raise DetokenizerError(f"de-tokenizer {directory} is incomplete: no UNet safetensors")
@@ -228,7 +228,7 @@ class Detokenizer(nn.Module):
         from diffusers import UNet2DConditionModel
         from safetensors.torch import load_file
 
-        directory = _check(Path(directory))
+        directory = check_checkpoint(Path(directory))
         settings = DetokenizerSettings(**json.loads((directory / CONFIG_FILE).read_text()))
         unet = UNet2DConditionModel.from_pretrained(str(directory / UNET_DIR), use_safetensors=True,
                                                     torch_dtype=dtype).to(device)
@@ -240,7 +240,8 @@ class Detokenizer(nn.Module):
         return model.eval()
 
 
-def _check(directory: Path) -> Path:
+def check_checkpoint(directory: Path) -> Path:
+    """Refuse a missing or incomplete de-tokenizer folder with a one-line error; the folder otherwise."""
     if not directory.is_dir():
         raise DetokenizerError(f"de-tokenizer {directory} does not exist")
     for name in (CONFIG_FILE, MODULES_FILE, f"{UNET_DIR}/config.json"):

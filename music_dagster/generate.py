@@ -155,11 +155,11 @@ def check_request(prompt: str, branches: int) -> str:
 
 def check_detokenizer(detokenizer: Path) -> None:
     """Refuse a missing or incomplete de-tokenizer folder."""
-    from music_dagster.detokenizer import _check
+    from music_dagster.detokenizer import check_checkpoint
 
     if not detokenizer.is_dir():
         raise GenerateError(f"de-tokenizer {detokenizer} does not exist (materialize the detokenizer asset)")
-    _check(detokenizer)
+    check_checkpoint(detokenizer)
 
 
 def check_checkpoints(checkpoint: Path, detokenizer: Path) -> None:
