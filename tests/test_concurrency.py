@@ -51,6 +51,9 @@ def _most_at_once(intervals: list[tuple[float, float]]) -> int:
 
 
 @pytest.mark.slow
+# Two runs in separate processes share one SQLite instance on 2 busy cores: a run's start or an event write can be
+# late enough to fail it once (seen in 1 of 3 full CI runs); a second failure is a real one.
+@pytest.mark.flaky(reruns=1)
 def test_two_shards_run_in_parallel_with_one_gpu_step_at_a_time(tmp_path, tiny_zoo):
     from music_dagster.assets.data import DATA_ASSETS, ensure_shards
     from music_dagster.bench.parallel import instance_home, params_file, run_shards
