@@ -224,11 +224,12 @@ class Generator:
         from tqdm.auto import tqdm
 
         from music_dagster.model import Sample
+        from music_dagster.training import flush_denormals
 
         prompt = check_request(prompt, branches)
         names = tuple(names or (f"<image {i}>" for i in range(1, len(images) + 1)))
         gen = self.config.profile.generate
-        with tqdm(total=4, desc="music generate", unit="stage", disable=not progress) as bar:
+        with flush_denormals(), tqdm(total=4, desc="music generate", unit="stage", disable=not progress) as bar:
             bar.set_postfix_str(f"planning {branches} branch(es)")
             request = Sample(instruction=prompt, references=images)
             encoded = [self.model.encode(request, with_target=False)]
@@ -284,7 +285,6 @@ def cli_generate(args) -> None:
     checkpoint = Path(args.checkpoint) if args.checkpoint else lora_dir(config)
     check_checkpoints(checkpoint, detokenizer_dir(config))
     torch.set_num_threads(config.profile.torch_threads)
-    torch.set_flush_denormal(True)
     generator = Generator(config, checkpoint)
     result = generator.generate_images(images, prompt, args.branches, args.seed, progress=True, names=names)
     result.save(out)

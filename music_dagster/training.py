@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -140,6 +141,18 @@ def device_of(config) -> str:
     if wanted == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return wanted
+
+
+@contextmanager
+def flush_denormals():
+    """Flush float denormals to zero inside the block (they make CPU matmuls many times slower), and turn it off
+    again after: the flag is process-wide processor state, and left on it changes float semantics for the rest of
+    the process (hypothesis, for one, then refuses to generate floats)."""
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
 
 
 def load_backbone(config, role: str):
@@ -301,7 +314,6 @@ def train_music(config, sample_sources: Iterable, out_dir: str | os.PathLike, re
     items, skipped = collect_samples(sample_sources)
     if not items:
         raise TrainingError(f"no training samples (skipped {skipped} MSIC hold-out samples)")
-    torch.set_flush_denormal(True)  # denormals make CPU training many times slower
     torch.set_num_threads(config.profile.torch_threads)  # float sums differ with the thread count
     accelerator = _accelerator(train.mixed_precision, out_dir)
     from accelerate.utils import set_seed
@@ -330,10 +342,11 @@ def train_music(config, sample_sources: Iterable, out_dir: str | os.PathLike, re
         core = accelerator.unwrap_model(wrapped)
         return wrapped(core.collate([encoded(i) for i in indices]))
 
-    core, history, steps, start, seconds, epochs = _run(
-        accelerator=accelerator, model=model, n_items=len(items), cfg=train, seed=config.seed, out_dir=out_dir,
-        resume=resume, step_fn=step, save_fn=lambda m, d: m.save_pretrained(d),
-        load_fn=lambda m, d: m.load_trainable(d), on_step=on_step, metric_names=("L1", "L2", "loss"))
+    with flush_denormals():
+        core, history, steps, start, seconds, epochs = _run(
+            accelerator=accelerator, model=model, n_items=len(items), cfg=train, seed=config.seed, out_dir=out_dir,
+            resume=resume, step_fn=step, save_fn=lambda m, d: m.save_pretrained(d),
+            load_fn=lambda m, d: m.load_trainable(d), on_step=on_step, metric_names=("L1", "L2", "loss"))
     target = _finish(accelerator, out_dir, history, core.save_pretrained)
     return TrainResult(target, steps, epochs, len(items), skipped, start, history, seconds)
 
@@ -363,7 +376,6 @@ def train_detokenizer(config, sample_sources: Iterable, out_dir: str | os.PathLi
     items, skipped = collect_samples(sample_sources)
     if not items:
         raise TrainingError(f"no training samples (skipped {skipped} MSIC hold-out samples)")
-    torch.set_flush_denormal(True)
     torch.set_num_threads(config.profile.torch_threads)  # float sums differ with the thread count
     accelerator = _accelerator(detok_cfg.mixed_precision, out_dir)
     from accelerate.utils import set_seed
@@ -388,10 +400,11 @@ def train_detokenizer(config, sample_sources: Iterable, out_dir: str | os.PathLi
     def save(m, d):
         m.save_pretrained(d)
 
-    core, history, steps, start, seconds, epochs = _run(
-        accelerator=accelerator, model=detok, n_items=len(items), cfg=detok_cfg, seed=config.seed,
-        out_dir=out_dir, resume=resume, step_fn=step, save_fn=save, load_fn=lambda m, d: m.load_trainable(d),
-        on_step=on_step, metric_names=("loss",))
+    with flush_denormals():
+        core, history, steps, start, seconds, epochs = _run(
+            accelerator=accelerator, model=detok, n_items=len(items), cfg=detok_cfg, seed=config.seed,
+            out_dir=out_dir, resume=resume, step_fn=step, save_fn=save, load_fn=lambda m, d: m.load_trainable(d),
+            on_step=on_step, metric_names=("loss",))
     target = _finish(accelerator, out_dir, history, core.save_pretrained)
     return TrainResult(target, steps, epochs, len(items), skipped, start, history, seconds)
 

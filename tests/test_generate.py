@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -174,3 +175,4 @@ def test_branches_run_as_one_batch_and_are_deterministic(tiny_checkpoint, monkey
     again = generator.generate(tiny_checkpoint["refs"], tiny_checkpoint["prompt"], branches=4, seed=5)
     assert first.plan() == again.plan()
     assert np.array_equal(np.asarray(first.image), np.asarray(again.image))
+    assert torch.tensor([1e-40]).mul(1.0).item() != 0.0  # generation turns denormal flushing off again

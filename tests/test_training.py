@@ -9,7 +9,7 @@ from music_dagster.detokenizer import Detokenizer
 from music_dagster.model import MusicModel
 from music_dagster.procedural import procedural_samples, write_procedural_shard
 from music_dagster.training import (
-    CHECKPOINTS, TrainingError, _with, load_backbone, train_detokenizer, train_music,
+    CHECKPOINTS, TrainingError, _with, flush_denormals, load_backbone, train_detokenizer, train_music,
 )
 
 
@@ -59,6 +59,28 @@ def test_music_resumes_with_the_losses_of_an_uninterrupted_run(config, samples, 
         assert (whole.model_dir / name).read_bytes() == (resumed.model_dir / name).read_bytes(), name
     history = json.loads((tmp_path / "cut" / "history.json").read_text())
     assert [e["step"] for e in history] == list(range(1, 7))
+
+
+def denormals_flushed() -> bool:
+    return torch.tensor([1e-40]).mul(1.0).item() == 0.0
+
+
+def test_denormals_are_flushed_only_while_training(config, samples, tmp_path):
+    # The flag is process-wide processor state: left on, it changes float semantics for the rest of the process.
+    flushed = []
+
+    def on_step(step, metrics):
+        flushed.append(denormals_flushed())
+        if step == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train_music(config, [samples], tmp_path / "run", on_step=on_step)
+    assert flushed == [True, True]
+    assert not denormals_flushed()
+    with flush_denormals():
+        assert denormals_flushed()
+    assert not denormals_flushed()
 
 
 def test_checkpoints_hold_only_trainable_weights_and_the_result_loads(config, samples, tmp_path):

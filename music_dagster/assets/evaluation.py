@@ -22,14 +22,11 @@ class EvaluationConfig(dg.Config):
 
 def _setup(config: EvaluationConfig, dino: DinoResource, eval_clip: EvalClipResource):
     """The project config, the checkpoint folder, a generate function over it and the score encoders."""
-    import torch
-
     from music_dagster.config import default_config
     from music_dagster.generate import Generator, lora_dir
     from music_dagster.metrics import Embedder
 
     cfg = default_config()
-    torch.set_flush_denormal(True)
     checkpoint = Path(config.checkpoint) if config.checkpoint else lora_dir(cfg)
     generator = Generator(cfg, checkpoint)
 

@@ -99,7 +99,6 @@ def main() -> None:
 
     config = default_config()
     torch.set_num_threads(config.profile.torch_threads)
-    torch.set_flush_denormal(True)
     device = device_of(config)
     sample = procedural_source(config, 1)[0]
     with tempfile.TemporaryDirectory() as tmp:
