@@ -27,6 +27,12 @@ def _pipeline(args):
     run_pipeline(num_shards=args.shards)
 
 
+def _stage(args):
+    from music_dagster.dvc import run_stage
+
+    run_stage(args.name)
+
+
 def _runs(args):
     from music_dagster.tracking import print_runs
 
@@ -62,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--checkpoint", help="LoRA checkpoint folder (default: the latest under models/)")
     gen.add_argument("--out", required=True, help="output folder (must not exist)")
     gen.set_defaults(func=_generate)
+
+    stage = sub.add_parser("stage", help="materialize the assets of one dvc.yaml stage (what `dvc repro` runs)")
+    stage.add_argument("name", help="data, detokenizer, train or evaluate")
+    stage.set_defaults(func=_stage)
 
     runs = sub.add_parser("runs", help="the latest MLflow runs with key params, losses, scores and checkpoint hash")
     runs.add_argument("--limit", type=int, default=10)

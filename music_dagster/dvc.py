@@ -6,11 +6,10 @@ lives in its own environment (`.dvc-tool/`, linked as `.venv/bin/dvc`). `dvc_md5
 to `dvc.lock` (md5 of each file; a folder is the md5 of its sorted JSON listing plus `.dir`); `record_output`
 checks it against DVC's own result whenever it commits.
 
-    python -m music_dagster.dvc stage data     # what `dvc repro` runs for the stage `data`
+    music stage data     # what `dvc repro` runs for the stage `data`
 """
 from __future__ import annotations
 
-import argparse
 import fnmatch
 import hashlib
 import json
@@ -213,20 +212,3 @@ def run_stage(name: str) -> None:
     job_name, assets = STAGE_ASSETS[name]
     run_job(job_name, project_instance(), assets=assets)
 
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m music_dagster.dvc", description="DVC stage entry points")
-    sub = parser.add_subparsers(dest="command", required=True)
-    stage = sub.add_parser("stage", help="materialize the assets of one dvc.yaml stage")
-    stage.add_argument("name", choices=STAGES)
-    args = parser.parse_args(argv)
-    try:
-        run_stage(args.name)
-    except UserError as e:
-        print(f"music: error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -3,7 +3,7 @@
 `music pipeline` builds the tiny model zoo when a configured folder is missing, registers the profile's shards,
 materializes the data graph shard by shard, then training and evaluation. Every run lands in the instance under
 `DAGSTER_HOME` (default `.dagster_home/`), so `make ui` shows the runs, lineage and metadata afterwards. DVC's stages
-(`python -m music_dagster.dvc stage ...`) run the same jobs through `run_job` and `materialize_shards`.
+(`music stage ...`) run the same jobs through `run_job` and `materialize_shards`.
 """
 from __future__ import annotations
 

@@ -115,6 +115,14 @@ def test_bad_paths_and_stages_are_one_line_errors(tmp_path):
         dvc.run_stage("nope")
 
 
+def test_an_unknown_stage_exits_2_with_one_line(capsys):
+    from music_dagster import cli
+
+    assert cli.main(["stage", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert err == "music: error: unknown stage 'nope' (stages: data, detokenizer, train, evaluate)\n"
+
+
 def test_the_default_remote_is_one_folder_for_every_clone(tmp_path):
     remotes = set()
     for name in ("one", "two"):
@@ -142,7 +150,7 @@ def test_dvc_yaml_runs_the_project_entry_points():
     assert list(stages) == ["zoo", "data", "detokenizer", "train", "evaluate"]
     assert stages["zoo"]["cmd"].startswith("music zoo build")
     for name in dvc.STAGES:
-        assert stages[name]["cmd"] == f"python -m music_dagster.dvc stage {name}"
+        assert stages[name]["cmd"] == f"music stage {name}"
     assert stages["data"]["outs"] == [f"datasets/{a.key.to_user_string()}" for a in DATA_ASSETS]
     metrics = [next(iter(m)) for m in stages["evaluate"]["metrics"]]
     plots = [next(iter(p)) for p in stages["evaluate"]["plots"]]

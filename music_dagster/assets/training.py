@@ -14,15 +14,20 @@ import hashlib
 import json
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import dagster as dg
 
 from music_dagster import tracking as runs
 from music_dagster.config import PROJECT_ROOT, Config, default_config
-from music_dagster.dvc import record_output
+from music_dagster.dvc import DvcRecord, record_output
 from music_dagster.resources.storage import DatasetStore
 from music_dagster.resources.tracking import MlflowTracking
+
+if TYPE_CHECKING:
+    from music_dagster.training import TrainResult
 
 SAMPLES_ASSET = "training_samples"
 WORK_ROOT = PROJECT_ROOT / ".cache" / "training"
@@ -134,22 +139,55 @@ def weights_finite(folder: Path) -> dict[str, int]:
     return {"tensors": tensors, "non_finite": bad}
 
 
-def _final(history: list[dict], names) -> dict[str, float]:
-    return {f"final_{n}": history[-1][n] for n in names if history and n in history[-1]}
+@dataclass
+class Trained:
+    """One training materialization: what it trained on, its result and where it was published and recorded."""
+    sources: list
+    keys: list[str]
+    version: str
+    target: Path
+    result: "TrainResult"
+    digest: str
+    run: runs.ActiveRun
+    dvc_record: DvcRecord
+
+    def metadata(self, names) -> dict:
+        result, history = self.result, self.result.history
+        final = {f"final_{n}": float(history[-1][n]) for n in names if history and n in history[-1]}
+        return {
+            "path": dg.MetadataValue.path(str(self.target)),
+            "steps": result.steps, "resumed_from": result.resumed_from, "epochs": float(result.epochs),
+            "samples": result.samples, "skipped_msic": result.skipped_msic,
+            "steps_per_second": float(result.steps_per_second), **final,
+            "checkpoint_sha256": self.digest, "data_version": self.version,
+            "partitions": ", ".join(self.keys) or "none",
+            "mlflow_run_id": self.run.run_id, "mlflow_url": dg.MetadataValue.url(self.run.url),
+            **self.dvc_record.metadata(),
+        }
 
 
-def _metadata(result, digest: str, run: runs.ActiveRun, keys: list[str], version: str, target: Path,
-              names) -> dict:
-    return {
-        "path": dg.MetadataValue.path(str(target)),
-        "steps": result.steps, "resumed_from": result.resumed_from, "epochs": float(result.epochs),
-        "samples": result.samples, "skipped_msic": result.skipped_msic,
-        "steps_per_second": float(result.steps_per_second),
-        **{k: float(v) for k, v in _final(result.history, names).items()},
-        "checkpoint_sha256": digest, "data_version": version,
-        "partitions": ", ".join(keys) or "none",
-        "mlflow_run_id": run.run_id, "mlflow_url": dg.MetadataValue.url(run.url),
-    }
+def train_and_publish(context: dg.AssetExecutionContext, config: Config, store: DatasetStore,
+                      tracking: MlflowTracking, model: str, train_fn: Callable, target: Path, artifact_path: str,
+                      then: Callable[[Trained], None] | None = None) -> Trained:
+    """Train `model` ("lora" or "detokenizer") with `train_fn` in its own MLflow run, resuming from its work
+    folder; publish the weights to `target`, record them with DVC, log them under `artifact_path`, and call
+    `then` while the run is still open."""
+    sources, keys, version = select_sources(config, store.asset_dir(SAMPLES_ASSET))
+    work = work_dir(config, model, version)
+    with tracking.training_run(config, context, keys, version) as run:
+        run.set_tags({runs.TAG_MODEL: model})
+        result = train_fn(config, sources, work, resume=True, on_step=run.log_step)
+        log_steps(run, result.history[:result.resumed_from])
+        digest = publish(result.model_dir, target, result.history, run)
+        drop_stale_work(work)
+        run.set_tags({runs.TAG_CHECKPOINT_HASH: digest, "resumed_from": result.resumed_from})
+        dvc_record = record_output(target)  # dvc.lock + push, so another clone can `dvc pull` it
+        run.set_tags(dvc_record.tags())
+        run.log_artifacts(target, artifact_path)
+        trained = Trained(sources, keys, version, target, result, digest, run, dvc_record)
+        if then is not None:
+            then(trained)
+    return trained
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -162,23 +200,11 @@ def detokenizer(context: dg.AssetExecutionContext, store: DatasetStore,
     from music_dagster.training import train_detokenizer
 
     config = default_config()
-    sources, keys, version = select_sources(config, store.asset_dir(SAMPLES_ASSET))
-    work = work_dir(config, "detokenizer", version)
-    target = detokenizer_dir(config)
-    with tracking.training_run(config, context, keys, version, name="detokenizer") as run:
-        run.set_tags({runs.TAG_MODEL: "detokenizer"})
-        result = train_detokenizer(config, sources, work, resume=True, on_step=run.log_step)
-        log_steps(run, result.history[:result.resumed_from])
-        digest = publish(result.model_dir, target, result.history, run)
-        drop_stale_work(work)
-        run.set_tags({runs.TAG_CHECKPOINT_HASH: digest, "resumed_from": result.resumed_from})
-        dvc_record = record_output(target)  # dvc.lock + push, so another clone can `dvc pull` it
-        run.set_tags(dvc_record.tags())
-        run.log_artifacts(target, "detokenizer")
-    context.log.info(f"de-tokenizer: {result.steps} steps on {result.samples} samples -> {target}")
-    return dg.MaterializeResult(metadata={**_metadata(result, digest, run, keys, version, target, ("loss",)),
-                                          **dvc_record.metadata()},
-                                data_version=dg.DataVersion(digest))
+    trained = train_and_publish(context, config, store, tracking, "detokenizer", train_detokenizer,
+                                detokenizer_dir(config), "detokenizer")
+    result = trained.result
+    context.log.info(f"de-tokenizer: {result.steps} steps on {result.samples} samples -> {trained.target}")
+    return dg.MaterializeResult(metadata=trained.metadata(("loss",)), data_version=dg.DataVersion(trained.digest))
 
 
 @dg.asset(group_name="training", pool="gpu", kinds={"pytorch", "mlflow"},
@@ -191,30 +217,22 @@ def lora_checkpoint(context: dg.AssetExecutionContext, store: DatasetStore,
 
     config = default_config()
     detok = detokenizer_dir(config)
-    if config.profile.generate.logged_samples:  # sample generations need it: fail before training, not after
+    logging_samples = config.profile.generate.logged_samples > 0
+    if logging_samples:  # sample generations need it: fail before training, not after
         check_detokenizer(detok)
-    sources, keys, version = select_sources(config, store.asset_dir(SAMPLES_ASSET))
-    work = work_dir(config, "lora", version)
-    target = lora_dir(config)
-    with tracking.training_run(config, context, keys, version, name="lora_checkpoint") as run:
-        run.set_tags({runs.TAG_MODEL: "lora"})
-        result = train_music(config, sources, work, resume=True, on_step=run.log_step)
-        log_steps(run, result.history[:result.resumed_from])
-        digest = publish(result.model_dir, target, result.history, run)
-        drop_stale_work(work)
-        run.set_tags({runs.TAG_CHECKPOINT_HASH: digest, "resumed_from": result.resumed_from})
-        dvc_record = record_output(target)  # dvc.lock + push, so another clone can `dvc pull` it
-        run.set_tags(dvc_record.tags())
-        run.log_artifacts(target, "adapter")
-        if config.profile.generate.logged_samples:
-            check_checkpoints(target, detok)
-            logged = log_sample_generations(config, run, sources, target, detok)
-            context.log.info(f"logged {logged} sample generations to MLflow run {run.run_id}")
+
+    def log_generations(trained: Trained) -> None:
+        check_checkpoints(trained.target, detok)
+        logged = log_sample_generations(config, trained.run, trained.sources, trained.target, detok)
+        context.log.info(f"logged {logged} sample generations to MLflow run {trained.run.run_id}")
+
+    trained = train_and_publish(context, config, store, tracking, "lora", train_music, lora_dir(config), "adapter",
+                                then=log_generations if logging_samples else None)
+    result = trained.result
     context.log.info(f"LoRA: {result.steps} steps on {result.samples} samples "
-                     f"({result.skipped_msic} MSIC skipped) -> {target}")
-    return dg.MaterializeResult(metadata={**_metadata(result, digest, run, keys, version, target, ("L1", "L2", "loss")),
-                                          **dvc_record.metadata()},
-                                data_version=dg.DataVersion(digest))
+                     f"({result.skipped_msic} MSIC skipped) -> {trained.target}")
+    return dg.MaterializeResult(metadata=trained.metadata(("L1", "L2", "loss")),
+                                data_version=dg.DataVersion(trained.digest))
 
 
 def _finite_check(target: Path) -> dg.AssetCheckResult:
