@@ -148,3 +148,35 @@ def test_rerun_resumes_from_last_checkpoint_with_same_result(setup, first):
     assert run_id != before["mlflow_run_id"].value
     assert sorted(m.step for m in mlf.get_metric_history(run_id, "L1")) == [1, 2, 3]  # resumed steps logged too
     assert mlf.get_run(run_id).data.tags["resumed_from"] == "3"
+
+
+@pytest.mark.slow
+def test_two_runs_with_different_params_compare_in_one_experiment(setup, first):
+    """A second training with another learning rate: a fresh run (not a resume) in the same experiment, with the
+    same metrics, and `music runs` lists both with their learning rates and checkpoint hashes."""
+    params = setup["root"] / "params.yaml"
+    original = params.read_text()
+    raw = yaml.safe_load(original)
+    raw["profiles"]["tiny"]["train"]["lr"] = 3e-3
+    params.write_text(yaml.safe_dump(raw))
+    default_config.cache_clear()
+    try:
+        second = _materialize(setup, selection=[assets.lora_checkpoint])
+    finally:
+        params.write_text(original)
+        default_config.cache_clear()
+    assert second.success
+    meta = second.asset_materializations_for_node("lora_checkpoint")[0].metadata
+    assert meta["resumed_from"].value == 0 and meta["steps"].value == 3  # another config: trained afresh
+    before = first.asset_materializations_for_node("lora_checkpoint")[0].metadata
+    mlf = tracking.client(setup["resources"]["tracking"].store)
+    runs = [mlf.get_run(m["mlflow_run_id"].value) for m in (before, meta)]
+    assert runs[0].info.experiment_id == runs[1].info.experiment_id
+    changed = {k for k in runs[0].data.params if runs[0].data.params[k] != runs[1].data.params.get(k)}
+    assert changed == {"profile.train.lr"}
+    for name in ("L1", "L2", "loss", "lr"):
+        steps = [[m.step for m in mlf.get_metric_history(r.info.run_id, name)] for r in runs]
+        assert steps == [[1, 2, 3], [1, 2, 3]], name
+    listed = {r["run_id"]: r for r in tracking.list_runs(setup["resources"]["tracking"].store, limit=10)}
+    assert listed[runs[0].info.run_id]["params"]["lr"] != listed[runs[1].info.run_id]["params"]["lr"]
+    assert listed[runs[1].info.run_id]["checkpoint"] != listed[runs[0].info.run_id]["checkpoint"]
