@@ -15,15 +15,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import shutil
-import tempfile
 from collections import defaultdict
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from music_dagster.decimation import TAG
 from music_dagster.errors import UserError
@@ -585,22 +581,6 @@ def write_outputs(metrics_dir: Path, report: dict) -> dict[str, Path]:
     metrics_dir.mkdir(parents=True, exist_ok=True)
     return {"summary": atomic_write_text(metrics_dir / f"{name}.json", _json(summary(report))),
             "plot": atomic_write_bytes(metrics_dir / f"{name}.png", plot_png(report))}
-
-
-@contextmanager
-def staged_folder(final: Path) -> Iterator[Path]:
-    """A temporary sibling of `final` to fill; it replaces `final` only when the block ends without error."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        yield tmp
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_report(folder: Path, report: dict) -> Path:

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -30,7 +28,7 @@ import torch.nn.functional as F
 
 from music_dagster.errors import UserError
 from music_dagster.model import Resampler
-from music_dagster.storage import replace_dir
+from music_dagster.storage import staged_dir
 
 CONFIG_FILE = "detokenizer_config.json"
 MODULES_FILE = "detokenizer_modules.safetensors"
@@ -195,20 +193,13 @@ class Detokenizer(nn.Module):
         """`unet/` (diffusers, safetensors), the resampler in safetensors and the settings, atomically."""
         from safetensors.torch import save_file
 
-        directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-        try:
+        with staged_dir(directory) as tmp:
             self.unet.save_pretrained(str(tmp / UNET_DIR), safe_serialization=True)
             tensors = {k: v.detach().to("cpu", torch.float32).contiguous()
                        for k, v in self.trainable_state_dict().items()}
             save_file(tensors, str(tmp / MODULES_FILE), metadata={"format": "pt"})
             (tmp / CONFIG_FILE).write_text(json.dumps(asdict(self.settings), indent=1, sort_keys=True) + "\n")
-            replace_dir(tmp, directory)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return directory
+        return Path(directory)
 
     def load_trainable(self, directory: str | os.PathLike) -> None:
         """Load the UNet and resampler weights of a `save_pretrained` folder into this model."""

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
@@ -102,21 +100,15 @@ class Result:
     def save(self, out: str | os.PathLike) -> Path:
         """Write image, plan and overlay into the new folder `out`, atomically: a temporary sibling renamed at the
         end, so a failure leaves no `out` at all. `out` must not exist."""
-        from music_dagster.storage import png_bytes
+        from music_dagster.storage import png_bytes, staged_dir
 
         out = Path(out)
         if out.exists():
             raise GenerateError(f"--out {out}: already exists (choose a new folder)")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp.", dir=out.parent))
-        try:
+        with staged_dir(out, replace=False) as tmp:
             (tmp / IMAGE_FILE).write_bytes(png_bytes(self.image))
             (tmp / OVERLAY_FILE).write_bytes(png_bytes(self.overlay()))
             (tmp / PLAN_FILE).write_text(json.dumps(self.plan(), indent=2, sort_keys=True) + "\n")
-            os.rename(tmp, out)  # fails rather than replaces if `out` appeared meanwhile
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return out
 
 

@@ -27,8 +27,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
@@ -41,7 +39,7 @@ import torch.nn.functional as F
 from music_dagster.decimation import tag
 from music_dagster.errors import UserError
 from music_dagster.layout import TEXT_PREFIX, LayoutError, layout_from_text, layout_to_text
-from music_dagster.storage import replace_dir
+from music_dagster.storage import staged_dir
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
@@ -499,10 +497,7 @@ class MusicModel(nn.Module):
         atomically (a temporary sibling folder renamed into place)."""
         from safetensors.torch import save_file
 
-        directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-        try:
+        with staged_dir(directory) as tmp:
             lora = self.llm.peft_config["default"]
             if isinstance(lora.target_modules, set):  # peft writes a set in hash order: differs per process
                 lora.target_modules = sorted(lora.target_modules)
@@ -514,11 +509,7 @@ class MusicModel(nn.Module):
             meta = {"settings": self.settings.to_json(), "vision_hidden": self.vision.config.hidden_size,
                     "llm_hidden": self.llm.get_base_model().config.hidden_size}
             (tmp / MODEL_CONFIG).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
-            replace_dir(tmp, directory)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return directory
+        return Path(directory)
 
     def load_trainable(self, directory: str | os.PathLike) -> None:
         """Load the adapter and module weights of a `save_pretrained` folder into this (trainable) model."""

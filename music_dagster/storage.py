@@ -19,9 +19,12 @@ import json
 import os
 import re
 import shutil
+import tempfile
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import Iterator
 
 from music_dagster.errors import UserError
 
@@ -85,16 +88,28 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return path
 
 
-def replace_dir(tmp: Path, directory: Path) -> None:
-    """Move a finished temporary folder to `directory`, replacing an older one."""
-    old = None
-    if directory.exists():
-        old = directory.with_name(f".{directory.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(directory, old)
-    os.replace(tmp, directory)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+@contextmanager
+def staged_dir(directory: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
+    """A temporary sibling of `directory` to fill: renamed to `directory` only when the block ends without error,
+    so readers see the old folder or the new one, never a half-written one; deleted otherwise. `replace=False`:
+    `directory` must not exist (FileExistsError)."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.staged.", dir=directory.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private
+        old = None
+        if directory.exists():
+            if not replace:
+                raise FileExistsError(f"{directory} already exists")
+            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
+            os.replace(directory, old / directory.name)
+        os.replace(tmp, directory)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

@@ -255,14 +255,3 @@ def test_plot_is_a_deterministic_png():
     first, again = bm.plot_png(_report()), bm.plot_png(_report())
     assert first[:8] == b"\x89PNG\r\n\x1a\n" and first == again
     assert Image.open(io.BytesIO(first)).size == (1200, 360)
-
-
-def test_staged_folder_replaces_only_on_success(tmp_path):
-    final = tmp_path / "scores"
-    with bm.staged_folder(final) as folder:
-        (folder / "a.txt").write_text("1")
-    with pytest.raises(RuntimeError):
-        with bm.staged_folder(final) as folder:
-            (folder / "a.txt").write_text("2")
-            raise RuntimeError("generation crashed")
-    assert (final / "a.txt").read_text() == "1" and sorted(p.name for p in tmp_path.iterdir()) == ["scores"]

@@ -17,7 +17,7 @@ from PIL import Image, PngImagePlugin
 from music_dagster.errors import UserError
 from music_dagster.storage import (
     MANIFEST, ShardError, ShardWriter, atomic_write_bytes, atomic_write_text, complete_shards, read_shard,
-    record_schema, remove_stale,
+    record_schema, remove_stale, staged_dir,
 )
 
 SCHEMA = record_schema({"caption": {"type": "string"}, "image": {"type": "string"},
@@ -303,3 +303,21 @@ def test_dataset_store(tmp_path):
 def test_store_import_does_not_import_torch():
     code = "import sys, music_dagster.resources.storage; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_staged_dir_replaces_only_on_success(tmp_path):
+    final = tmp_path / "scores"
+    with staged_dir(final) as folder:
+        (folder / "a.txt").write_text("1")
+    with pytest.raises(RuntimeError):
+        with staged_dir(final) as folder:
+            (folder / "a.txt").write_text("2")
+            raise RuntimeError("generation crashed")
+    assert (final / "a.txt").read_text() == "1"
+    with staged_dir(final) as folder:
+        (folder / "b.txt").write_text("3")
+    assert sorted(p.name for p in final.iterdir()) == ["b.txt"]  # replaced whole, not merged
+    with pytest.raises(FileExistsError):
+        with staged_dir(final, replace=False) as folder:
+            (folder / "c.txt").write_text("4")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scores"]  # no temporary or old folder left behind

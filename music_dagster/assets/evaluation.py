@@ -13,6 +13,7 @@ from pydantic import Field
 from music_dagster.resources.models import DetectorResource, DinoResource, EvalClipResource
 from music_dagster.resources.storage import DatasetStore
 from music_dagster.resources.tracking import MlflowTracking
+from music_dagster.storage import staged_dir
 
 
 class EvaluationConfig(dg.Config):
@@ -86,7 +87,7 @@ def dreambench_scores(context: dg.AssetExecutionContext, config: EvaluationConfi
     context.log.info(f"DreamBench: {len(bench.subjects)} subjects, {bench.num_prompts} prompts, "
                      f"{ev.dreambench_images_per_prompt} image(s) each, MUSIC and MUSIC* ({ev.branches} branches)")
     final = store.asset_dir("dreambench_scores")
-    with bm.staged_folder(final) as folder:
+    with staged_dir(final) as folder:
         report = bm.evaluate_dreambench(bench, generate, embedder, folder, ev.branches,
                                         ev.dreambench_images_per_prompt, cfg.seed)
         bm.write_report(folder, report)
@@ -107,7 +108,7 @@ def msic_scores(context: dg.AssetExecutionContext, config: EvaluationConfig, din
     cfg, checkpoint, generate, embedder = _setup(config, dino, eval_clip)
     context.log.info(f"MSIC: {len(samples)} held-out samples, MUSIC and MUSIC* ({ev.branches} branches)")
     final = store.asset_dir("msic_scores")
-    with bm.staged_folder(final) as folder:
+    with staged_dir(final) as folder:
         report = bm.evaluate_msic(samples, generate, embedder, detector.load(), folder, ev.branches,
                                   ev.box_threshold, ev.text_threshold, cfg.seed)
         bm.write_report(folder, report)

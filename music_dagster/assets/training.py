@@ -80,19 +80,13 @@ def drop_stale_work(work: Path) -> None:
 def publish(model_dir: Path, target: Path, history: list[dict], run: runs.ActiveRun) -> str:
     """Copy the final weights to `target` with the run reference and loss history, atomically; returns the
     checkpoint hash (over the weights and settings, not the run reference)."""
-    from music_dagster.storage import atomic_write_text, replace_dir
+    from music_dagster.storage import atomic_write_text, staged_dir
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with staged_dir(target) as tmp:
         shutil.copytree(model_dir, tmp, dirs_exist_ok=True)
         atomic_write_text(tmp / HISTORY_FILE, json.dumps(history, sort_keys=True) + "\n")
         runs.write_run_ref(tmp, run)
         digest = runs.folder_hash(tmp)
-        replace_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return digest
 
 
