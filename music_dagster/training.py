@@ -174,13 +174,20 @@ def _checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _accelerator(mixed_precision: str, out_dir: Path):
+def _start(config, sample_sources: Iterable, out_dir: Path, mixed_precision: str):
+    """(sample loaders, MSIC samples skipped, accelerator) of a training run, with the torch threads and seeds set."""
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import ProjectConfiguration, set_seed
 
+    items, skipped = collect_samples(sample_sources)
+    if not items:
+        raise TrainingError(f"no training samples (skipped {skipped} MSIC hold-out samples)")
+    torch.set_num_threads(config.profile.torch_threads)  # float sums differ with the thread count
     # One scheduler step per optimizer step: a step already consumes the global batch of every process.
-    return Accelerator(mixed_precision=mixed_precision, step_scheduler_with_optimizer=False,
-                       project_config=ProjectConfiguration(project_dir=str(out_dir)))
+    accelerator = Accelerator(mixed_precision=mixed_precision, step_scheduler_with_optimizer=False,
+                              project_config=ProjectConfiguration(project_dir=str(out_dir)))
+    set_seed(config.seed)
+    return items, skipped, accelerator
 
 
 def _run(*, accelerator, model, n_items: int, cfg, seed: int, out_dir: Path, resume: bool,
@@ -311,14 +318,7 @@ def train_music(config, sample_sources: Iterable, out_dir: str | os.PathLike, re
     """
     train = config.profile.train
     out_dir = Path(out_dir)
-    items, skipped = collect_samples(sample_sources)
-    if not items:
-        raise TrainingError(f"no training samples (skipped {skipped} MSIC hold-out samples)")
-    torch.set_num_threads(config.profile.torch_threads)  # float sums differ with the thread count
-    accelerator = _accelerator(train.mixed_precision, out_dir)
-    from accelerate.utils import set_seed
-
-    set_seed(config.seed)
+    items, skipped, accelerator = _start(config, sample_sources, out_dir, train.mixed_precision)
     model = build_model(config, llm, vision)
     cache: dict[int, dict] = {}
 
@@ -373,14 +373,7 @@ def train_detokenizer(config, sample_sources: Iterable, out_dir: str | os.PathLi
     with `Detokenizer.from_pretrained`."""
     detok_cfg = config.profile.detokenizer
     out_dir = Path(out_dir)
-    items, skipped = collect_samples(sample_sources)
-    if not items:
-        raise TrainingError(f"no training samples (skipped {skipped} MSIC hold-out samples)")
-    torch.set_num_threads(config.profile.torch_threads)  # float sums differ with the thread count
-    accelerator = _accelerator(detok_cfg.mixed_precision, out_dir)
-    from accelerate.utils import set_seed
-
-    set_seed(config.seed)
+    items, skipped, accelerator = _start(config, sample_sources, out_dir, detok_cfg.mixed_precision)
     vision = vision or load_backbone(config, "music_vision")
     detok = build_detokenizer(config, unet, vision)
     q = config.profile.train.image_queries
