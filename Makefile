@@ -25,7 +25,7 @@ run: setup
 	$(VENV)/bin/music pipeline
 
 test: setup
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest --durations=15  # the slowest tests, to keep the suite's time in view
 
 test-fast: setup
 	$(VENV)/bin/pytest -m "not slow and not e2e"
