@@ -24,8 +24,9 @@ setup: $(VENV)/.installed
 run: setup
 	$(VENV)/bin/music pipeline
 
+# --durations: the slowest tests, to keep the suite's time in view
 test: setup
-	$(VENV)/bin/pytest --durations=15  # the slowest tests, to keep the suite's time in view
+	$(VENV)/bin/pytest --durations=15
 
 test-fast: setup
 	$(VENV)/bin/pytest -m "not slow and not e2e"
