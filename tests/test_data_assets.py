@@ -2,10 +2,7 @@
 whole graph for 2 shards on the tiny profile (byte-identical when re-materialized)."""
 import hashlib
 import os
-import subprocess
-import sys
 import textwrap
-import time
 from pathlib import Path
 
 import dagster as dg
@@ -16,6 +13,7 @@ from music_dagster.assets import data
 from music_dagster.config import PARAMS_FILE, default_config, load_config
 from music_dagster.resources.storage import DatasetStore
 from music_dagster.synthesis import SynthesisError
+from processes import kill_when_ready
 
 MODEL_HEAVY = {"category_combos", "scene_captions", "target_images", "detected_boxes", "verified_boxes",
                "reference_subjects", "subject_masks", "cot_annotations"}
@@ -161,17 +159,8 @@ def test_killed_materialization_leaves_no_partial_shard(tmp_path, tiny_zoo):
     root = tmp_path / "datasets"
     marker = tmp_path / "half-written"
     env = {**os.environ, "MUSIC_PROFILE": "tiny", "OMP_NUM_THREADS": "1"}
-    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(KILLED_CHILD), str(root), str(marker)], env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 300
-        while not marker.exists():
-            assert child.poll() is None, "the child ended before writing"
-            assert time.monotonic() < deadline, "the child never started writing"
-            time.sleep(0.2)
-    finally:
-        child.kill()
-        child.wait()
+    kill_when_ready(textwrap.dedent(KILLED_CHILD), [str(root), str(marker)], marker, timeout_s=300, env=env,
+                    quiet=True)
     store = DatasetStore(root=str(root))
     leftovers = [p.name for p in (root / "category_combos").iterdir()]
     assert not store.exists("category_combos", "shard-00000")

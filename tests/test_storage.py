@@ -1,11 +1,9 @@
 """Shard writer / reader: atomic visibility, schema validation, determinism, recovery after a killed writer."""
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +17,7 @@ from music_dagster.storage import (
     MANIFEST, ShardError, ShardWriter, atomic_write_bytes, atomic_write_text, complete_shards, read_shard,
     record_schema, remove_stale, staged_dir,
 )
+from processes import kill_when_ready
 
 SCHEMA = record_schema({"caption": {"type": "string"}, "image": {"type": "string"},
                         "boxes": {"type": "array", "items": {"type": "array", "items": {"type": "number"},
@@ -182,16 +181,7 @@ _KILLED_WRITER = textwrap.dedent("""
 def _kill_mid_write(path, tmp_path):
     ready = tmp_path / "ready"
     ready.unlink(missing_ok=True)
-    proc = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, str(path), str(ready)])
-    try:
-        deadline = time.monotonic() + 60
-        while not ready.exists():
-            assert proc.poll() is None, "writer exited early"
-            assert time.monotonic() < deadline, "writer never got ready"
-            time.sleep(0.05)
-    finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+    kill_when_ready(_KILLED_WRITER, [str(path), str(ready)], ready, timeout_s=60)
 
 
 def test_killed_writer_leaves_nothing_visible_and_next_writer_cleans_up(tmp_path):
