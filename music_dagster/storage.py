@@ -19,7 +19,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -90,26 +89,33 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 
 @contextmanager
 def staged_dir(directory: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
-    """A temporary sibling of `directory` to fill: renamed to `directory` only when the block ends without error,
-    so readers see the old folder or the new one, never a half-written one; deleted otherwise. `replace=False`:
-    `directory` must not exist (FileExistsError)."""
+    """A temporary sibling of `directory` to fill, for folders that are not shards (checkpoints, evaluation
+    outputs): renamed into place only when the block ends without error, so readers see the old folder or the new
+    one, never a half-written one; deleted otherwise, and its leftovers after a kill are deleted by the next writer,
+    as for shards. `replace=False`: `directory` must not exist (FileExistsError)."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.staged.", dir=directory.parent))
+    remove_stale(directory)
+    tmp = _temp_sibling(directory, "tmp")
+    tmp.mkdir()
     try:
         yield tmp
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private
-        old = None
-        if directory.exists():
-            if not replace:
-                raise FileExistsError(f"{directory} already exists")
-            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
-            os.replace(directory, old / directory.name)
-        os.replace(tmp, directory)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        if not replace and directory.exists():
+            raise FileExistsError(f"{directory} already exists")
+        _swap_in(tmp, directory)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _swap_in(tmp: Path, path: Path) -> None:
+    """Rename the finished folder `tmp` to `path`; an older `path` is renamed away first, then deleted."""
+    old = None
+    if path.exists():
+        old = _temp_sibling(path, "old")
+        os.rename(path, old)
+    os.rename(tmp, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -196,19 +202,10 @@ class ShardWriter:
             return
         try:
             (tmp / MANIFEST).write_text("".join(self._lines), encoding="utf-8")
-            self._publish(tmp)
+            _swap_in(tmp, self.path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-
-    def _publish(self, tmp: Path) -> None:
-        old = None
-        if self.path.exists():
-            old = _temp_sibling(self.path, "old")
-            os.rename(self.path, old)
-        os.rename(tmp, self.path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
 
     def _target(self, name: str) -> tuple[str, Path]:
         if self._tmp is None:

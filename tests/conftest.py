@@ -1,7 +1,7 @@
 """Shared fixtures. Tests run offline on the tiny zoo, with one torch thread (2 cores are shared)."""
 import os
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ["HF_HUB_OFFLINE"] = "1"  # never a download, whatever the shell says
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import pytest

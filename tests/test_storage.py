@@ -310,4 +310,14 @@ def test_staged_dir_replaces_only_on_success(tmp_path):
     with pytest.raises(FileExistsError):
         with staged_dir(final, replace=False) as folder:
             (folder / "c.txt").write_text("4")
+    assert sorted(p.name for p in final.iterdir()) == ["b.txt"]  # kept as it was
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scores"]  # no temporary or old folder left behind
+
+
+def test_staged_dir_deletes_the_leftovers_of_a_killed_writer(tmp_path):
+    final = tmp_path / "lora"
+    leftover = tmp_path / f".lora.tmp.{_dead_pid()}.{'a' * 32}"
+    (leftover / "adapter").mkdir(parents=True)
+    with staged_dir(final) as folder:
+        (folder / "a.txt").write_text("1")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lora"]

@@ -267,8 +267,14 @@ def test_zoo_asset_materializes_with_metadata(tiny_zoo):
 @pytest.mark.parametrize("role, hub_id", [("llm", "Qwen/Qwen3-8B"),
                                           ("clip", "hf-hub:timm/vit_large_patch14_clip_224.openai")])
 def test_uncached_hub_id_offline_is_one_line_error(role, hub_id, monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    # huggingface_hub reads these variables once, at import: set its constants too, so neither a real cache nor a
+    # shell with HF_HUB_OFFLINE=0 can turn this test into a load or a download of a real checkpoint
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))  # an empty cache
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(LoaderError, match=f"{role}: cannot load {hub_id}") as e:
         load_role(role, ModelSpec(id=hub_id), "cpu", "float32")
     assert "\n" not in str(e.value)
