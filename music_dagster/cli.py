@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=_generate)
 
     stage = sub.add_parser("stage", help="materialize the assets of one dvc.yaml stage (what `dvc repro` runs)")
-    stage.add_argument("name", help="data, detokenizer, train or evaluate")
+    stage.add_argument("name", help="a stage of dvc.yaml (an unknown name lists them)")
     stage.set_defaults(func=_stage)
 
     runs = sub.add_parser("runs", help="the latest MLflow runs with key params, losses, scores and checkpoint hash")

@@ -24,6 +24,7 @@ import yaml
 
 from music_dagster.config import PROJECT_ROOT
 from music_dagster.errors import UserError
+from music_dagster.tracking import TAG_DVC_HASH
 
 TOOL_DVC = PROJECT_ROOT / ".dvc-tool" / "bin" / "dvc"
 # Set by DVC for the command of a stage it runs (dvc/stage/run.py): `dvc repro` itself records the outputs then.
@@ -151,7 +152,7 @@ class DvcRecord:
 
     def tags(self) -> dict[str, str]:
         """For an MLflow run (`dvc.md5` is what `music runs` shows as the checkpoint)."""
-        return {"dvc.md5": self.md5, "dvc.path": self.path, "dvc.stage": self.stage or "none"}
+        return {TAG_DVC_HASH: self.md5, "dvc.path": self.path, "dvc.stage": self.stage or "none"}
 
 
 def record_output(path: str | os.PathLike, push: bool = True, root: Path = PROJECT_ROOT) -> DvcRecord:

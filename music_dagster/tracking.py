@@ -17,11 +17,12 @@ from pathlib import Path
 
 from music_dagster.config import PROJECT_ROOT, Config
 from music_dagster.errors import UserError
+from music_dagster.metrics import METRICS
 
 EXPERIMENT = "music"
 RUN_REF = "mlflow_run.json"  # written into a checkpoint folder: which run trained it
 DEFAULT_UI_URL = "http://127.0.0.1:5000"
-# Tags every training run carries (the ops engineer adds "dvc.md5" for the checkpoint once it is pushed).
+# Tags every training run carries (the DVC ones once `dvc.record_output` has committed the checkpoint).
 TAG_DAGSTER_RUN = "dagster.run_id"
 TAG_PARTITIONS = "dagster.partitions"
 TAG_GIT_COMMIT = "git.commit"
@@ -232,18 +233,6 @@ def start_nested_run(store: Store, parent_run_id: str, name: str, tags: Mapping[
     return start_run(store, name, {TAG_KIND: "evaluation", **(tags or {})}, parent_run_id=parent_run_id)
 
 
-def tag_run(store: Store, run_id: str, tags: Mapping[str, object]) -> None:
-    """Add tags to an existing (possibly finished) run, e.g. the checkpoint's DVC hash once it is pushed."""
-    from mlflow.entities import RunTag
-    from mlflow.exceptions import MlflowException
-
-    mlf = client(store)
-    try:
-        mlf.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
-    except MlflowException:
-        raise TrackingError(f"MLflow run {run_id!r} cannot be tagged in {store.tracking_uri}") from None
-
-
 def write_run_ref(folder: str | os.PathLike, run: ActiveRun) -> Path:
     """Record in a checkpoint folder which run trained it (atomic)."""
     path = Path(folder) / RUN_REF
@@ -264,7 +253,6 @@ def read_run_ref(folder: str | os.PathLike) -> dict:
 KEY_PARAMS = ("profile_name", "seed", "profile.train.source", "profile.train.max_steps", "profile.train.epochs",
               "profile.train.lr", "profile.train.lora_rank")
 LOSSES = ("loss", "L1", "L2")
-SCORES = ("dino", "clip_i", "clip_t")  # what evaluation runs report (`music_dagster.metrics.METRICS`)
 
 
 def _fmt(value) -> str:
@@ -291,7 +279,7 @@ def list_runs(store: Store, limit: int = 10) -> list[dict]:
         scores = {}
         for child in children:
             for key, value in sorted(child.data.metrics.items()):
-                if key.rsplit("/", 1)[-1] in SCORES and "by_subject_count" not in key:  # overall scores only
+                if key.rsplit("/", 1)[-1] in METRICS and "by_subject_count" not in key:  # overall scores only
                     scores[f"{child.info.run_name}/{key}"] = value
         rows.append({
             "run_id": run.info.run_id,

@@ -2,6 +2,8 @@
 import subprocess
 import sys
 
+import dagster as dg
+
 from music_dagster.config import PROJECT_ROOT
 
 DATA_ASSETS = [
@@ -36,3 +38,14 @@ def test_every_asset_and_job_is_defined():
     assert expected <= keys
     for job in ("zoo_job", "data_job", "training_job", "evaluation_job"):
         assert defs.resolve_job_def(job).name == job
+
+
+def test_evaluation_lineage_reaches_both_checkpoints():
+    """What evaluation generates with: the LoRA checkpoint and the de-tokenizer (as `dvc.yaml`'s evaluate stage)."""
+    from music_dagster.definitions import defs
+
+    graph = defs.resolve_asset_graph()
+    for asset in ("dreambench_scores", "msic_scores"):
+        parents = {k.to_user_string() for k in graph.get(dg.AssetKey(asset)).parent_keys}
+        assert {"lora_checkpoint", "detokenizer"} <= parents, asset
+    assert "training_samples" in {k.to_user_string() for k in graph.get(dg.AssetKey("msic_scores")).parent_keys}

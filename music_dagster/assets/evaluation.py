@@ -72,7 +72,7 @@ def _finish(context: dg.AssetExecutionContext, cfg, checkpoint: Path, report: di
     return dg.MaterializeResult(metadata=meta)
 
 
-@dg.asset(group_name="evaluation", pool="gpu", deps=["lora_checkpoint"], kinds={"pytorch", "mlflow"},
+@dg.asset(group_name="evaluation", pool="gpu", deps=["lora_checkpoint", "detokenizer"], kinds={"pytorch", "mlflow"},
           description="DreamBench DINO / CLIP-I / CLIP-T for MUSIC and MUSIC*, plus the real-vs-real row")
 def dreambench_scores(context: dg.AssetExecutionContext, config: EvaluationConfig, dino: DinoResource,
                       eval_clip: EvalClipResource, store: DatasetStore, tracking: MlflowTracking
@@ -94,7 +94,7 @@ def dreambench_scores(context: dg.AssetExecutionContext, config: EvaluationConfi
     return _finish(context, cfg, checkpoint, report, final / "scores.json", tracking)
 
 
-@dg.asset(group_name="evaluation", pool="gpu", deps=["lora_checkpoint", "training_samples"],
+@dg.asset(group_name="evaluation", pool="gpu", deps=["lora_checkpoint", "detokenizer", "training_samples"],
           kinds={"pytorch", "mlflow"},
           description="MSIC (held-out, 1..12 subjects) DINO / CLIP-I on detected regions and CLIP-T, by subject count")
 def msic_scores(context: dg.AssetExecutionContext, config: EvaluationConfig, dino: DinoResource,

@@ -7,7 +7,7 @@ the seed and the data version): a re-run after a crash resumes, a changed config
 final weights are published atomically to `models/detokenizer/` and `models/lora/` (what `music generate` reads);
 `models/lora/mlflow_run.json` names the training run so evaluation can nest its runs under it.
 
-The functions below the assets are plain Python (no Dagster), so scripts and DVC stages can call them.
+`select_sources`, `work_dir` and `publish` are plain Python; `train_and_publish` is the run both assets share.
 """
 
 import hashlib
@@ -79,7 +79,7 @@ def drop_stale_work(work: Path) -> None:
 
 def publish(model_dir: Path, target: Path, history: list[dict], run: runs.ActiveRun) -> str:
     """Copy the final weights to `target` with the run reference and loss history, atomically; returns the
-    checkpoint hash (over the weights and settings, not the run reference)."""
+    checkpoint hash (over every file but the run reference)."""
     from music_dagster.storage import atomic_write_text, staged_dir
 
     with staged_dir(target) as tmp:
@@ -206,7 +206,7 @@ def detokenizer(context: dg.AssetExecutionContext, store: DatasetStore,
           description="MUSIC's LoRA adapter and resamplers, trained on every training shard (never MSIC)")
 def lora_checkpoint(context: dg.AssetExecutionContext, store: DatasetStore,
                     tracking: MlflowTracking) -> dg.MaterializeResult:
-    from music_dagster.generate import check_checkpoints, check_detokenizer, detokenizer_dir, lora_dir
+    from music_dagster.generate import check_detokenizer, detokenizer_dir, lora_dir
     from music_dagster.training import train_music
 
     config = default_config()
@@ -216,7 +216,6 @@ def lora_checkpoint(context: dg.AssetExecutionContext, store: DatasetStore,
         check_detokenizer(detok)
 
     def log_generations(trained: Trained) -> None:
-        check_checkpoints(trained.target, detok)
         logged = log_sample_generations(config, trained.run, trained.sources, trained.target, detok)
         context.log.info(f"logged {logged} sample generations to MLflow run {trained.run.run_id}")
 
