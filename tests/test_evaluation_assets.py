@@ -1,7 +1,6 @@
 """`dreambench_scores` and `msic_scores` materialize on the tiny profile: metrics files, plots, Dagster metadata and
 checks, MLflow runs nested under the training run, the same bytes on a re-run."""
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -150,8 +149,12 @@ def test_missing_dreambench_is_one_line(project, materialize, tmp_path, monkeypa
     from music_dagster.benchmarks import BenchmarkError
     from music_dagster.resources import build_resources
 
-    before = os.listdir(project["root"] / "metrics") if (project["root"] / "metrics").exists() else []
-    with pytest.raises(BenchmarkError, match="no-dreambench does not exist"):
+    def written():
+        folders = (project["root"] / "metrics", project["root"] / "datasets" / "dreambench_scores")
+        return {p: p.read_bytes() for f in folders if f.exists() for p in sorted(f.rglob("*")) if p.is_file()}
+
+    before = written()
+    with pytest.raises(BenchmarkError, match="no-dreambench does not exist") as e:
         dg.materialize([evaluation.dreambench_scores], resources=build_resources(default_config()))
-    after = os.listdir(project["root"] / "metrics") if (project["root"] / "metrics").exists() else []
-    assert before == after
+    assert "\n" not in str(e.value)
+    assert written() == before  # nothing written, nothing overwritten

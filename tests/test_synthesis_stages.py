@@ -11,7 +11,7 @@ from music_dagster.synthesis import (
     captions, checks, combos, cot, detection, layouts, masks, references, samples, schemas, targets, verification,
 )
 from music_dagster.synthesis.common import ShardContext, shard_seed
-from music_dagster.synthesis.structured import generate_constrained, parse_answer
+from music_dagster.synthesis.structured import AnswerError, generate_constrained, parse_answer
 from music_dagster.synthesis.verification import yes_probability
 
 CONFIG = load_config(profile="tiny")
@@ -50,7 +50,7 @@ def test_each_row_follows_its_own_schema(handles):
     assert runs[0] == runs[2] and runs[0] != runs[1]  # seeded sampling
     free = llm.model.generate(**enc, max_new_tokens=30, do_sample=False)
     texts = llm.tokenizer.batch_decode(free[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    with pytest.raises(Exception):  # unconstrained random output is not the schema's JSON
+    with pytest.raises(AnswerError):  # unconstrained random output is not the schema's JSON
         parse_answer(texts[2], schemas.VERIFY)
 
 

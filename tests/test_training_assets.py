@@ -92,10 +92,13 @@ def test_adapter_loads_with_peft(setup, first):
     from music_dagster.training import load_backbone
 
     base = load_backbone(setup["config"], "music_llm").model
-    peft = PeftModel.from_pretrained(base, str(lora_dir(setup["config"])))
     ids = torch.tensor([[1, 2, 3]])
     with torch.no_grad():
-        assert torch.isfinite(peft(input_ids=ids).logits).all()
+        plain = base(input_ids=ids).logits
+        peft = PeftModel.from_pretrained(base, str(lora_dir(setup["config"])))
+        adapted = peft(input_ids=ids).logits
+    assert torch.isfinite(adapted).all()
+    assert not torch.allclose(adapted, plain)  # the trained adapter is applied
 
 
 @pytest.mark.slow
