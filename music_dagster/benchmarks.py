@@ -543,10 +543,7 @@ def plot_png(report: dict) -> bytes:
     """Each metric against subject count, one line per method (PNG bytes, matplotlib's Agg backend)."""
     import io
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure registry
 
     counts = by_subject_count(report)
     fig = Figure(figsize=(12, 3.6), dpi=100)

@@ -13,8 +13,8 @@ sizes, on a noisy grey background. Ground truth follows from the placement:
 
 Sample `i` of seed `s` depends only on `(s, i)`: the same seed gives the same samples and the same shard bytes.
 `procedural_samples` gives `model.Sample`s in memory (tests); `write_procedural_shard` writes the same samples as a
-shard with `storage.ShardWriter` in the training-sample record format, read back by `training.load_samples` like
-any data shard. numpy + PIL only.
+shard with `storage.ShardWriter` in the training-sample record format, read back by `training.collect_samples`
+like any data shard. numpy + PIL only.
 """
 from __future__ import annotations
 
@@ -201,7 +201,7 @@ def write_procedural_shard(path: str | os.PathLike, n: int, seed: int, world: Wo
 
     if n < 1:
         raise ProceduralError(f"a procedural shard needs at least one sample, got {n}")
-    path = Path(path)
+    path = Path(path).absolute()
     prefix = f"{path.parent.name}/{path.name}/"
     with ShardWriter(path, RECORDS["training_samples"]) as writer:
         for i in range(start, start + n):

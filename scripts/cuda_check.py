@@ -124,13 +124,13 @@ def main(argv=None) -> int:
 
     import torch
 
-    from music_dagster.config import ROLES
+    from music_dagster.config import ROLES, default_config
     from music_dagster.resources.models import RESOURCE_CLASSES
     from music_dagster.zoo import ensure_zoo
 
     torch.set_num_threads(max(1, min(8, os.cpu_count() or 1)))
     t0 = time.perf_counter()
-    folders = ensure_zoo(root=args.root)
+    folders = ensure_zoo(seed=default_config().seed, root=args.root)  # the project's seed: never a rebuild
     print(f"zoo ready in {time.perf_counter() - t0:.1f} s at {next(iter(folders.values())).parent}")
     if torch.cuda.is_available():
         print(f"GPU: {torch.cuda.get_device_name(0)}, torch {torch.__version__}, CUDA {torch.version.cuda}")

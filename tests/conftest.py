@@ -18,7 +18,8 @@ def tiny_zoo():
     """The project's `models/tiny/` zoo, built once if missing (or built by other code): role -> folder."""
     import torch
 
+    from music_dagster.config import default_config
     from music_dagster.zoo import ensure_zoo
 
     torch.set_num_threads(1)
-    return ensure_zoo()
+    return ensure_zoo(seed=default_config().seed)  # the project's seed, as the zoo asset builds it

@@ -56,7 +56,10 @@ def measure(root: str) -> dict:
 def main() -> None:
     with tempfile.TemporaryDirectory(prefix="zoo-bench-") as root:
         code = f"import json; from music_dagster.bench.zoo import measure; print(json.dumps(measure({root!r})))"
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if out.returncode != 0:
+        last = (out.stderr.strip().splitlines() or ["no output"])[-1]
+        raise SystemExit(f"music bench zoo: the build process failed: {last}")
     r = json.loads(out.stdout.strip().splitlines()[-1])
     print(f"imports (torch, transformers, diffusers, open_clip): {r['import_s']:.2f} s, "
           f"RSS after imports {r['rss_after_imports_mib']:.0f} MiB")
