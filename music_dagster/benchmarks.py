@@ -126,7 +126,7 @@ def load_dreambench(root: str | Path, live_classes: Iterable[str] = ("cat", "dog
     """
     root = Path(root)
     if not root.is_dir():
-        raise BenchmarkError(f"DreamBench folder {root} does not exist (set paths.dreambench)")
+        raise BenchmarkError(f"DreamBench folder {root} does not exist (run `music data dreambench`, or set eval.dreambench in params.yaml)")
     prompts = root / PROMPTS_FILE
     if not prompts.is_file():
         raise BenchmarkError(f"{root}: no {PROMPTS_FILE}")

@@ -165,6 +165,7 @@ class DetokenizerConfig(_Section):
 
 
 class EvalConfig(_Section):
+    dreambench: str = "datasets/dreambench"  # the DreamBench copy, relative to the project root
     batch_size: int = Field(default=16, gt=0)  # images per encoder forward pass
     branches: int = Field(default=4, ge=2)  # MUSIC*: CoT/layout branches, the best CLIP-T kept
     dreambench_subjects: int | None = Field(default=None, gt=0)  # None: every subject of the copy
@@ -213,8 +214,7 @@ class Profile(_Section):
 
 
 class Paths(_Section):
-    objects365: str
-    dreambench: str
+    objects365: str = "data/objects365_categories.json"
     datasets: str = "datasets"
     models: str = "models"
     metrics: str = "metrics"
@@ -247,6 +247,12 @@ class Config(_Section):
                     f"profiles.{self.profile_name}.models.{role}: folder {spec.id} is missing "
                     f"(make it with `{ZOO_COMMAND}`)"
                 )
+
+    @property
+    def dreambench_dir(self) -> Path:
+        """The profile's DreamBench copy (`eval.dreambench`) as an absolute path."""
+        path = Path(self.profile.eval.dreambench).expanduser()
+        return path if path.is_absolute() else PROJECT_ROOT / path
 
     def require_file(self, name: str) -> Path:
         """A `paths.<name>` entry that must exist, with a one-line error when it does not."""

@@ -1,6 +1,7 @@
-"""DreamBench loader on the shared copy and on broken folders; DreamBench and MSIC scoring on the tiny zoo."""
+"""DreamBench loader on the repository subset, the shared copy and broken folders; DreamBench and MSIC scoring on the tiny zoo."""
 import io
 import json
+import re
 import shutil
 
 import numpy as np
@@ -9,7 +10,7 @@ import torch
 from PIL import Image
 
 from music_dagster import benchmarks as bm
-from music_dagster.config import default_config
+from music_dagster.config import PROJECT_ROOT, default_config
 from music_dagster.images import read_image
 from music_dagster.metrics import Embedder
 
@@ -17,12 +18,20 @@ torch.set_num_threads(1)
 PROMPTS = bm.PROMPTS_FILE
 
 
+SHARED_DREAMBENCH = PROJECT_ROOT.parent / "shared" / "data" / "dreambench"  # 20 subjects: extra test material
+
+
 @pytest.fixture(scope="module")
 def dreambench_root():
-    root = default_config().paths.resolve("dreambench")
-    if not (root / PROMPTS).is_file():
-        pytest.skip(f"no DreamBench copy at {root}")
-    return root
+    """The tiny profile's DreamBench: the subset kept in the repository."""
+    return default_config().dreambench_dir
+
+
+@pytest.fixture(scope="module")
+def shared_dreambench():
+    if not (SHARED_DREAMBENCH / PROMPTS).is_file():
+        pytest.skip(f"no DreamBench copy at {SHARED_DREAMBENCH}")
+    return SHARED_DREAMBENCH
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +54,27 @@ def _noise(seed, size=(96, 64)):
 
 
 # ---------------------------------------------------------------------------------------------------- loader
-def test_loader_reads_shared_copy(dreambench_root):
+def test_loader_reads_the_repository_subset(dreambench_root):
+    """The subset the tiny profile evaluates on: one object and two live subjects, small, each photo licensed."""
+    bench = bm.load_dreambench(dreambench_root)
+    assert {s.name: (s.class_noun, s.kind) for s in bench.subjects} == \
+        {"backpack": ("backpack", "object"), "cat": ("cat", "live"), "dog": ("dog", "live")}
+    assert bench.num_images == 16 and bench.unlisted == ()
+    assert all(len(s.prompts) == 25 for s in bench.subjects)
+    files = sorted(p for p in dreambench_root.rglob("*") if p.is_file())
+    assert sum(p.stat().st_size for p in files) < 200_000
+    licences = (dreambench_root / "references_and_licenses.txt").read_text()
+    for s in bench.subjects:
+        for image in s.images:
+            assert max(Image.open(image).size) <= 128
+            line = rf"^{s.name}/{image.name}\s+Unsplash @\S+\s+https://unsplash\.com/photos/\S+"
+            assert re.search(line, licences, re.MULTILINE), image
+    sub = bench.subset(2, 2)  # what the tiny profile scores: both kinds
+    assert [s.name for s in sub.subjects] == ["backpack", "cat"]
+
+
+def test_loader_reads_shared_copy(shared_dreambench):
+    dreambench_root = shared_dreambench
     bench = bm.load_dreambench(dreambench_root)
     manifest = json.loads((dreambench_root / "manifest.json").read_text())["subjects"]
     assert len(bench.subjects) == 20 == len(manifest)
@@ -60,8 +89,8 @@ def test_loader_reads_shared_copy(dreambench_root):
     assert len(bench.unlisted) == 10 and "teapot" in bench.unlisted
 
 
-def test_subset_spans_both_types(dreambench_root):
-    sub = bm.load_dreambench(dreambench_root).subset(2, 3)
+def test_subset_spans_both_types(shared_dreambench):
+    sub = bm.load_dreambench(shared_dreambench).subset(2, 3)
     assert [s.name for s in sub.subjects] == ["backpack", "dog5"]
     assert {s.kind for s in sub.subjects} == {"object", "live"} and all(len(s.prompts) == 3 for s in sub.subjects)
 
@@ -82,11 +111,11 @@ def test_loader_bad_input(tmp_path, dreambench_root):
     with pytest.raises(bm.BenchmarkError, match=f"no {PROMPTS}"):
         bm.load_dreambench(root)
     shutil.copy(dreambench_root / PROMPTS, root / PROMPTS)
-    (root / "candle").mkdir()
-    with pytest.raises(bm.BenchmarkError, match="subject 'candle' has no images") as err:
+    (root / "cat").mkdir()
+    with pytest.raises(bm.BenchmarkError, match="subject 'cat' has no images") as err:
         bm.load_dreambench(root)
     assert "\n" not in str(err.value)
-    (root / "candle").rmdir()
+    (root / "cat").rmdir()
     (root / "mystery").mkdir()
     with pytest.raises(bm.BenchmarkError, match="mystery: subject folder not listed"):
         bm.load_dreambench(root)

@@ -1,9 +1,6 @@
 """DVC: the project's dvc.yaml matches the code it runs, the DVC hash the project computes is DVC's own, a recorded
 output comes back byte-identical in a second clone by `dvc pull`, and the default remote is shared by clones."""
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,11 +8,7 @@ import yaml
 
 from music_dagster import dvc
 from music_dagster.config import PROJECT_ROOT
-
-
-def git(root: Path, *args: str) -> str:
-    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=root, check=True,
-                          capture_output=True, text=True).stdout
+from projects import copy_zoo, git, in_clone, project_copy
 
 
 def dvc_repo(root: Path, remote: Path) -> Path:
@@ -170,49 +163,6 @@ def test_dvc_yaml_runs_the_project_entry_points():
 # ---------------------------------------------------------------------------------------------------------------
 # End to end on the project itself: clone A runs the pipeline through Dagster (which records the checkpoint with
 # DVC), clone B pulls the checkpoint, clone C reproduces everything with `dvc repro` from nothing.
-def project_copy(dest: Path) -> Path:
-    """The working tree (tracked and untracked, not ignored files) as a fresh git repo, with params shrunk to a
-    minimal run: 2 shards of 2 samples, a few training steps, a small evaluation."""
-    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=PROJECT_ROOT, check=True,
-                            capture_output=True).stdout.decode().split("\0")
-    stages = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())["stages"].values()
-    outputs = tuple(f"{out}/" for stage in stages for out in stage["outs"])
-    for name in filter(None, listed):
-        if (PROJECT_ROOT / name).is_file() and not name.startswith(outputs):
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(PROJECT_ROOT / name, dest / name)
-    raw = yaml.safe_load((dest / "params.yaml").read_text())
-    for key in ("objects365", "dreambench"):  # shared data next to the checkout, wherever the copy is
-        raw["paths"][key] = str((PROJECT_ROOT / raw["paths"][key]).resolve())
-    tiny = raw["profiles"]["tiny"]
-    tiny["data"].update(num_shards=2, shard_size=2)
-    tiny["train"].update(max_steps=3, batch_size=4, checkpoint_every=2, max_plan_tokens=16)
-    tiny["detokenizer"].update(max_steps=2, batch_size=4, decode_steps=2)
-    tiny["generate"].update(logged_samples=0)
-    tiny["eval"].update(dreambench_subjects=1, dreambench_prompts=1, msic_samples=2, branches=2)
-    (dest / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    git(dest, "init", "-q")
-    git(dest, "add", "-A")
-    git(dest, "commit", "-q", "-m", "project copy")
-    return dest
-
-
-def in_clone(root: Path, home: Path, *cmd: str) -> str:
-    """A command in a clone with the project's environment on PATH, the clone's code first on sys.path, its own
-    Dagster instance, and HOME moved so that the default DVC remote (~/.cache/...) is a test folder."""
-    # The project's environment first; then dvc's own (after it: it has a `python` of its own).
-    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"],
-                            str(Path(dvc.dvc_executable()).parent)])
-    env = {**os.environ, "PATH": path,
-           "PYTHONPATH": str(root), "DAGSTER_HOME": str(root / ".dagster_home"), "HOME": str(home),
-           "MUSIC_PARAMS": str(root / "params.yaml"), "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1",
-           "MLFLOW_DISABLE_TELEMETRY": "true", "GIT_CONFIG_GLOBAL": os.devnull}
-    env.pop("MUSIC_PROFILE", None)
-    proc = subprocess.run(list(cmd), cwd=root, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, f"{' '.join(cmd)} in {root.name}:\n{(proc.stdout + proc.stderr)[-4000:]}"
-    return proc.stdout
-
-
 @pytest.mark.slow
 def test_dagster_checkpoint_is_recorded_pulled_byte_identical_and_reproduced_by_dvc_repro(tmp_path, tiny_zoo):
     import dagster as dg
@@ -223,8 +173,7 @@ def test_dagster_checkpoint_is_recorded_pulled_byte_identical_and_reproduced_by_
     home.mkdir()
     dvc_cmd = dvc.dvc_executable()
     a = project_copy(tmp_path / "a")
-    shutil.copytree(PROJECT_ROOT / "models" / "tiny", a / "models" / "tiny",
-                    ignore=shutil.ignore_patterns(".lock", ".*.tmp*"))
+    copy_zoo(a)
     in_clone(a, home, "music", "pipeline")
 
     # The training materialization recorded the checkpoint: dvc.lock, the MLflow run, the Dagster metadata.

@@ -41,8 +41,6 @@ def project(tmp_path_factory, tiny_zoo):
     from music_dagster.training import procedural_source, train_detokenizer, train_music
 
     torch.set_num_threads(1)
-    if not (default_config().paths.resolve("dreambench") / "prompts_and_classes.txt").is_file():
-        pytest.skip("no DreamBench copy at paths.dreambench")
     root = tmp_path_factory.mktemp("evaluation")
     params = _params(root)
     config = load_config(params)
@@ -140,7 +138,7 @@ def test_missing_dreambench_is_one_line(project, materialize, tmp_path, monkeypa
     import dagster as dg
 
     raw = yaml.safe_load(project["params"].read_text())
-    raw["paths"]["dreambench"] = str(tmp_path / "no-dreambench")
+    raw["profiles"]["tiny"]["eval"]["dreambench"] = str(tmp_path / "no-dreambench")
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(raw))
     monkeypatch.setenv("MUSIC_PARAMS", str(params))

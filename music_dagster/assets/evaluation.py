@@ -81,7 +81,7 @@ def dreambench_scores(context: dg.AssetExecutionContext, config: EvaluationConfi
     from music_dagster.config import default_config
 
     ev = default_config().profile.eval
-    bench = bm.load_dreambench(default_config().paths.resolve("dreambench"), ev.dreambench_live_classes)
+    bench = bm.load_dreambench(default_config().dreambench_dir, ev.dreambench_live_classes)
     bench = bench.subset(ev.dreambench_subjects, ev.dreambench_prompts)
     cfg, checkpoint, generate, embedder = _setup(config, dino, eval_clip)
     context.log.info(f"DreamBench: {len(bench.subjects)} subjects, {bench.num_prompts} prompts, "

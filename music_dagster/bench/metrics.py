@@ -22,7 +22,7 @@ def _workload(config, folder: Path):
 
     from music_dagster.benchmarks import DreamItem, load_dreambench
 
-    bench = load_dreambench(config.paths.resolve("dreambench"), config.profile.eval.dreambench_live_classes)
+    bench = load_dreambench(config.dreambench_dir, config.profile.eval.dreambench_live_classes)
     bench = bench.subset(SUBJECTS, 1)
     rng = np.random.default_rng(0)
     items = []
