@@ -5,7 +5,9 @@
 """
 from __future__ import annotations
 
+import difflib
 import functools
+import json
 import os
 import re
 from pathlib import Path
@@ -13,6 +15,7 @@ from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from music_dagster.errors import UserError
 
@@ -25,14 +28,62 @@ ROLES = (
 )
 ZOO_COMMAND = "music zoo build"
 _HUB_ID = re.compile(r"^(hf-hub:)?[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_EXPONENT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")  # 1e-4, 1.0e4: text to YAML 1.1, numbers to people
+
+
+TOP_KEYS = ("profile", "seed", "paths", "profiles")  # params.yaml's top level
 
 
 class ConfigError(UserError):
     """A bad config value: the message is one line naming the key and the problem."""
 
 
+def did_you_mean(key, known) -> str:
+    """` (did you mean 'x'?)` for the closest known name, or nothing."""
+    close = difflib.get_close_matches(str(key), list(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """A block of params.yaml. Strict: no bool read as a number, no string as a number (an int is still a float),
+    no NaN or infinity; an unknown key is refused with the closest known one."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data):
+        if isinstance(data, dict):
+            for key in data:
+                if key not in cls.model_fields:
+                    raise PydanticCustomError("unknown_key", "unknown key{hint}",
+                                              {"key": key, "hint": did_you_mean(key, cls.model_fields)})
+        return data
+
+
+class _Spelled(_Section):
+    """A profile or one of its sections: params.yaml spells out every key, so no default applies unseen (the
+    code's defaults are the paper's full-scale values, wrong for the tiny profile)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _every_key(cls, data):
+        if isinstance(data, dict):
+            for name, field in cls.model_fields.items():
+                if name in data:
+                    continue
+                if isinstance(field.annotation, type) and issubclass(field.annotation, _Spelled):
+                    raise PydanticCustomError("missing_section", "section missing (each profile spells out "
+                                              "every section; the code's defaults are the paper's full-scale "
+                                              "values)", {"key": name})
+                default = "" if field.is_required() else f"; the default would be {_shown(field.default)}"
+                raise PydanticCustomError("missing_key", "key missing (each profile spells out every key{default})",
+                                          {"key": name, "default": default})
+        return data
+
+
+def _shown(value) -> str:
+    return json.dumps(list(value) if isinstance(value, tuple) else value)
 
 
 class ModelSpec(_Section):
@@ -60,7 +111,7 @@ class ModelSpec(_Section):
         return str(local) if local is not None else self.id
 
 
-class DataConfig(_Section):
+class DataConfig(_Spelled):
     shard_size: int = Field(gt=0)
     num_shards: int = Field(gt=0)
     min_categories: int = Field(ge=1, le=12)
@@ -76,7 +127,7 @@ class DataConfig(_Section):
     box_threshold: float = Field(ge=0, le=1)
     text_threshold: float = Field(ge=0, le=1)
     grid: int = Field(gt=0)
-    lam: float = Field(ge=0)
+    lam: float = Field(ge=0, lt=1)  # a patch is in a subject's layout when its IoU > lam x mean IoU
     msic_holdout_every: int = Field(gt=1)
     min_subjects: int = Field(ge=1, le=12)  # fewest subjects a sample keeps; decimation stops there (paper: 2)
     temperature: float = Field(ge=0)  # LLM/VLM sampling temperature for free-text answers (retries resample)
@@ -98,7 +149,7 @@ def _square(name: str, value: int) -> None:
         raise ValueError(f"{name} must be a square number (tokens pooled from a square patch grid), got {value}")
 
 
-class TrainConfig(_Section):
+class TrainConfig(_Spelled):
     """MUSIC training (`music_dagster.training.train_music`); defaults are the paper's where it gives them."""
 
     source: Literal["synthesized", "procedural", "both"] = "synthesized"  # what `lora_checkpoint` trains on
@@ -113,8 +164,10 @@ class TrainConfig(_Section):
     lora_rank: int = Field(default=64, gt=0)
     lora_alpha: int = Field(default=64, gt=0)
     lora_dropout: float = Field(default=0.0, ge=0, lt=1)
-    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    modules_to_save: tuple[str, ...] = ()  # e.g. (embed_tokens, lm_head): needed by a random tiny LLM
+    # YAML lists: the tuples are the one lax type (a list is accepted; the items stay strict strings)
+    lora_targets: tuple[str, ...] = Field(
+        default=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), strict=False)
+    modules_to_save: tuple[str, ...] = Field(default=(), strict=False)  # e.g. (embed_tokens, lm_head): tiny LLM
     w1: float = Field(default=0.5, ge=0)  # weight of L1 (CoT + layout cross-entropy)
     w2: float = Field(default=0.5, ge=0)  # weight of L2 (visual-token MSE)
     lr: float = Field(default=1e-4, gt=0)
@@ -140,7 +193,7 @@ class TrainConfig(_Section):
         return self
 
 
-class DetokenizerConfig(_Section):
+class DetokenizerConfig(_Spelled):
     """The de-tokenizer (`music_dagster.detokenizer`) and its reconstruction training."""
 
     resampler_queries: int = Field(default=64, gt=0)  # conditioning tokens fed to the UNet's cross-attention
@@ -164,20 +217,20 @@ class DetokenizerConfig(_Section):
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
 
 
-class EvalConfig(_Section):
+class EvalConfig(_Spelled):
     dreambench: str = "datasets/dreambench"  # the DreamBench copy, relative to the project root
     batch_size: int = Field(default=16, gt=0)  # images per encoder forward pass
     branches: int = Field(default=4, ge=2)  # MUSIC*: CoT/layout branches, the best CLIP-T kept
     dreambench_subjects: int | None = Field(default=None, gt=0)  # None: every subject of the copy
     dreambench_prompts: int | None = Field(default=None, gt=0, le=25)  # None: all 25 of the subject's type
     dreambench_images_per_prompt: int = Field(default=4, gt=0)
-    dreambench_live_classes: tuple[str, ...] = ("cat", "dog")  # DreamBooth's live subjects; the rest are objects
+    dreambench_live_classes: tuple[str, ...] = Field(default=("cat", "dog"), strict=False)  # the rest are objects
     msic_samples: int | None = Field(default=None, gt=0)  # None: every held-out sample
     box_threshold: float = Field(default=0.35, ge=0, le=1)  # detector thresholds for finding MSIC subjects
     text_threshold: float = Field(default=0.25, ge=0, le=1)
 
 
-class GenerateConfig(_Section):
+class GenerateConfig(_Spelled):
     """Inference (`music_dagster.generate`): how plans are sampled, and the sample generations logged in training."""
 
     temperature: float = Field(default=1.0, gt=0)  # plan sampling when N > 1 branches (one branch decodes greedily)
@@ -188,25 +241,26 @@ class GenerateConfig(_Section):
     logged_branches: int = Field(default=2, gt=0)  # branches of each logged sample generation
 
 
-class Profile(_Section):
+class Profile(_Spelled):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     torch_threads: int = Field(default=1, gt=0)
     models: dict[str, ModelSpec]
     data: DataConfig
-    train: TrainConfig = TrainConfig()
-    detokenizer: DetokenizerConfig = DetokenizerConfig()
-    eval: EvalConfig = EvalConfig()
-    generate: GenerateConfig = GenerateConfig()
+    train: TrainConfig
+    detokenizer: DetokenizerConfig
+    eval: EvalConfig
+    generate: GenerateConfig
 
     @field_validator("models", mode="before")
     @classmethod
     def _models(cls, value):
         if not isinstance(value, dict):
             raise ValueError("expected a mapping of role -> checkpoint")
-        unknown = sorted(set(value) - set(ROLES))
+        unknown = sorted(set(value) - set(ROLES), key=str)
         if unknown:
-            raise ValueError(f"unknown role {unknown[0]!r} (roles: {', '.join(ROLES)})")
+            raise ValueError(f"unknown role {unknown[0]!r}{did_you_mean(unknown[0], ROLES)} "
+                             f"(roles: {', '.join(ROLES)})")
         missing = [r for r in ROLES if r not in value]
         if missing:
             raise ValueError(f"role {missing[0]!r} has no checkpoint")
@@ -264,30 +318,44 @@ class Config(_Section):
 
 def _one_line(error: ValidationError, prefix: str) -> str:
     first = error.errors()[0]
-    loc = ".".join(str(p) for p in (prefix, *first["loc"]) if p != "")
+    loc = [prefix, *first["loc"]]
+    if "key" in first.get("ctx", {}):  # the error of a whole block names one of its keys
+        loc.append(first["ctx"]["key"])
     got = first.get("input")
-    got = f" (got {got!r})" if isinstance(got, (str, int, float, bool)) or got is None else ""
-    return f"{loc}: {first['msg'].removeprefix('Value error, ')}{got}"
+    if first["type"] in ("unknown_key", "missing_section", "missing_key"):
+        got = ""
+    elif isinstance(got, str) and first["type"] == "float_type" and _EXPONENT.match(got):
+        got = f" (got the string {got!r}: YAML reads an exponent as a number only with a dot and a sign, 1.0e-4)"
+    elif isinstance(got, (str, int, float, bool)) or got is None:
+        got = f" (got {got!r})"
+    else:
+        got = ""
+    message = first["msg"].removeprefix("Value error, ").replace("a valid tuple", "a list")  # YAML has lists
+    return f"{'.'.join(str(p) for p in loc if p != '')}: {message}{got}"
 
 
 def parse_config(raw: dict, profile: str | None = None, source: str = "params.yaml") -> Config:
-    """Validate a parsed params mapping and select one profile."""
+    """Validate a parsed params mapping (every profile of it) and select one profile."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level")
+    for key in raw:
+        if key not in TOP_KEYS:
+            raise ConfigError(f"{source}: {key}: unknown key{did_you_mean(key, TOP_KEYS)}")
     profiles = raw.get("profiles")
     if not isinstance(profiles, dict) or not profiles:
         raise ConfigError(f"{source}: profiles: expected a mapping of profile name -> settings")
     name = profile or os.environ.get("MUSIC_PROFILE") or raw.get("profile")
     if name not in profiles:
-        raise ConfigError(f"{source}: profile: unknown profile {name!r} (profiles: {', '.join(profiles)})")
+        raise ConfigError(f"{source}: profile: unknown profile {name!r} (profiles: {', '.join(map(str, profiles))})")
+    checked = {}
+    for each, settings in profiles.items():  # a typo in a profile not used today is still a typo
+        try:
+            checked[each] = Profile.model_validate(settings)
+        except ValidationError as e:
+            raise ConfigError(f"{source}: {_one_line(e, f'profiles.{each}')}") from None
     try:
-        prof = Profile.model_validate(profiles[name])
-    except ValidationError as e:
-        raise ConfigError(f"{source}: {_one_line(e, f'profiles.{name}')}") from None
-    try:
-        return Config.model_validate(
-            {"profile_name": name, "seed": raw.get("seed", 0), "paths": raw.get("paths", {}), "profile": prof}
-        )
+        return Config.model_validate({"profile_name": name, "seed": raw.get("seed", 0), "paths": raw.get("paths", {}),
+                                      "profile": checked[name]})
     except ValidationError as e:
         raise ConfigError(f"{source}: {_one_line(e, '')}") from None
 
@@ -297,8 +365,15 @@ def load_config(path: str | os.PathLike | None = None, profile: str | None = Non
     path = Path(path or os.environ.get("MUSIC_PARAMS") or PARAMS_FILE)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
+    data = path.read_bytes()
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"{path.name}: byte 0x{data[e.start]:02x} at offset {e.start} (line {line}) is not "
+                          f"UTF-8; save the file as UTF-8") from None
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path.name}: not valid YAML ({str(e).splitlines()[0]})") from None
     return parse_config(raw, profile, source=path.name)

@@ -62,7 +62,134 @@ def test_out_of_range_value(raw):
 
 def test_unknown_key_is_refused(raw):
     raw["profiles"]["tiny"]["data"]["shardsize"] = 3
-    assert "profiles.tiny.data.shardsize: Extra inputs are not permitted" in _error(raw, profile="tiny")
+    assert _error(raw, profile="tiny") == (
+        "params.yaml: profiles.tiny.data.shardsize: unknown key (did you mean 'shard_size'?)")
+
+
+@pytest.mark.parametrize("where, key, expected", [
+    ((), "seeds", "params.yaml: seeds: unknown key (did you mean 'seed'?)"),
+    (("paths",), "dataset", "params.yaml: paths.dataset: unknown key (did you mean 'datasets'?)"),
+    (("profiles", "tiny"), "trian", "params.yaml: profiles.tiny.trian: unknown key (did you mean 'train'?)"),
+    (("profiles", "full", "models", "music_unet"), "subfoldr",
+     "params.yaml: profiles.full.models.music_unet.subfoldr: unknown key (did you mean 'subfolder'?)"),
+    (("profiles", "full", "eval"), "branch",
+     "params.yaml: profiles.full.eval.branch: unknown key (did you mean 'branches'?)"),
+    (("profiles", "tiny", "generate"), "zzz", "params.yaml: profiles.tiny.generate.zzz: unknown key"),
+])
+def test_unknown_keys_are_refused_at_every_level_with_a_suggestion(raw, where, key, expected):
+    block = raw
+    for name in where:
+        block = block[name]
+    block[key] = 3
+    assert _error(raw, profile="tiny") == expected
+
+
+def test_unknown_role_suggests_the_closest(raw):
+    raw["profiles"]["tiny"]["models"]["llmm"] = "models/tiny/llm"
+    assert "profiles.tiny.models: unknown role 'llmm' (did you mean 'llm'?)" in _error(raw, profile="tiny")
+
+
+@pytest.mark.parametrize("section, key, value, expected", [
+    ("data", "shard_size", True, "profiles.tiny.data.shard_size: Input should be a valid integer (got True)"),
+    ("data", "shard_size", "4", "profiles.tiny.data.shard_size: Input should be a valid integer (got '4')"),
+    ("data", "num_shards", 2.0, "profiles.tiny.data.num_shards: Input should be a valid integer (got 2.0)"),
+    ("train", "lr", "1e-4", "profiles.tiny.train.lr: Input should be a valid number (got the string '1e-4': "
+                            "YAML reads an exponent as a number only with a dot and a sign, 1.0e-4)"),
+    ("train", "w1", False, "profiles.tiny.train.w1: Input should be a valid number (got False)"),
+    ("train", "cache_features", "yes", "profiles.tiny.train.cache_features: Input should be a valid boolean "
+                                       "(got 'yes')"),
+    ("train", "lora_targets", "q_proj", "profiles.tiny.train.lora_targets: Input should be a list (got 'q_proj')"),
+    ("train", "lora_targets", ["q_proj", 1], "profiles.tiny.train.lora_targets.1: Input should be a valid string "
+                                             "(got 1)"),
+    ("eval", "dreambench", 3, "profiles.tiny.eval.dreambench: Input should be a valid string (got 3)"),
+])
+def test_strict_types(raw, section, key, value, expected):
+    raw["profiles"]["tiny"][section][key] = value
+    assert _error(raw, profile="tiny") == f"params.yaml: {expected}"
+
+
+def test_strict_seed(raw):
+    raw["seed"] = True
+    assert _error(raw) == "params.yaml: seed: Input should be a valid integer (got True)"
+
+
+def test_an_int_is_a_float(raw):
+    raw["profiles"]["tiny"]["train"]["lr"] = 1
+    config = parse_config(raw, profile="tiny")
+    assert config.profile.train.lr == 1.0 and isinstance(config.profile.train.lr, float)
+
+
+@pytest.mark.parametrize("section, key, value, problem", [
+    ("data", "lam", float("inf"), "Input should be a finite number (got inf)"),
+    ("data", "lam", 1.0, "Input should be less than 1 (got 1.0)"),
+    ("data", "lam", -0.1, "Input should be greater than or equal to 0 (got -0.1)"),
+    ("data", "guidance_scale", float("nan"), "Input should be a finite number (got nan)"),
+    ("train", "w2", float("-inf"), "Input should be a finite number (got -inf)"),
+    ("detokenizer", "grad_clip", float("inf"), "Input should be a finite number (got inf)"),
+    ("generate", "temperature", float("nan"), "Input should be a finite number (got nan)"),
+])
+def test_bounds_and_no_nan_or_infinity(raw, section, key, value, problem):
+    raw["profiles"]["tiny"][section][key] = value
+    assert _error(raw, profile="tiny") == f"params.yaml: profiles.tiny.{section}.{key}: {problem}"
+
+
+def test_lam_just_below_one_is_accepted(raw):
+    raw["profiles"]["tiny"]["data"]["lam"] = 0.99
+    assert parse_config(raw, profile="tiny").profile.data.lam == 0.99
+
+
+@pytest.mark.parametrize("section", ["data", "train", "detokenizer", "eval", "generate"])
+def test_a_profile_spells_out_every_section(raw, section):
+    del raw["profiles"]["tiny"][section]
+    assert _error(raw, profile="tiny") == (
+        f"params.yaml: profiles.tiny.{section}: section missing (each profile spells out every section; the code's "
+        f"defaults are the paper's full-scale values)")
+
+
+@pytest.mark.parametrize("section, key, default", [
+    ("train", "lora_rank", "; the default would be 64"),
+    ("train", "lora_targets", '; the default would be ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", '
+                              '"up_proj", "down_proj"]'),
+    ("detokenizer", "vae", "; the default would be null"),
+    ("data", "lam", ""),
+])
+def test_a_missing_key_names_the_default_that_would_apply(raw, section, key, default):
+    del raw["profiles"]["tiny"][section][key]
+    assert _error(raw, profile="tiny") == (
+        f"params.yaml: profiles.tiny.{section}.{key}: key missing (each profile spells out every key{default})")
+
+
+def test_a_missing_profile_level_key(raw):
+    del raw["profiles"]["full"]["torch_threads"]
+    assert _error(raw, profile="full") == (
+        "params.yaml: profiles.full.torch_threads: key missing (each profile spells out every key; the default "
+        "would be 1)")
+
+
+def test_every_profile_is_checked_not_only_the_selected_one(raw):
+    raw["profiles"]["full"]["data"]["shard_size"] = True
+    assert _error(raw, profile="tiny") == (
+        "params.yaml: profiles.full.data.shard_size: Input should be a valid integer (got True)")
+
+
+def test_yaml_infinity_from_the_file(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text(PARAMS_FILE.read_text().replace("lam: 0.05", "lam: .inf", 1))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == "params.yaml: profiles.tiny.data.lam: Input should be a finite number (got inf)"
+
+
+def test_non_utf8_byte_is_one_line_with_its_offset(tmp_path):
+    text = PARAMS_FILE.read_bytes()
+    offset = text.index(b"shard_size")
+    path = tmp_path / "params.yaml"
+    path.write_bytes(text[:offset] + b"\xff" + text[offset:])
+    line = text[:offset].count(b"\n") + 1
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == (
+        f"params.yaml: byte 0xff at offset {offset} (line {line}) is not UTF-8; save the file as UTF-8")
 
 
 def test_unknown_profile(raw):
