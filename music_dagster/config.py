@@ -245,6 +245,7 @@ class Profile(_Spelled):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     torch_threads: int = Field(default=1, gt=0)
+    pool_wait_s: float = Field(gt=0)  # how long a step waits for a slot of its Dagster pool (`gpu`) before giving up
     models: dict[str, ModelSpec]
     data: DataConfig
     train: TrainConfig
