@@ -33,6 +33,12 @@ def _stage(args):
     run_stage(args.name)
 
 
+def _data_dreambench(args):
+    from music_dagster.dvc import DREAMBENCH_REV, import_dreambench
+
+    print(f"DreamBench imported into {import_dreambench(args.out, args.rev or DREAMBENCH_REV)}")
+
+
 def _runs(args):
     from music_dagster.tracking import print_runs
 
@@ -72,6 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     stage = sub.add_parser("stage", help="materialize the assets of one dvc.yaml stage (what `dvc repro` runs)")
     stage.add_argument("name", help="a stage of dvc.yaml (an unknown name lists them)")
     stage.set_defaults(func=_stage)
+
+    data = sub.add_parser("data", help="public data sets the full profile reads")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    dreambench = data_sub.add_parser("dreambench", help="import the whole DreamBench with DVC (needs network access)")
+    dreambench.add_argument("--out", default="datasets/dreambench", help="folder inside the project (eval.dreambench)")
+    dreambench.add_argument("--rev", default=None, help="a google/dreambooth commit (default: the pinned one)")
+    dreambench.set_defaults(func=_data_dreambench)
 
     runs = sub.add_parser("runs", help="the latest MLflow runs with key params, losses, scores and checkpoint hash")
     runs.add_argument("--limit", type=int, default=10)

@@ -191,6 +191,34 @@ def record_output(path: str | os.PathLike, push: bool = True, root: Path = PROJE
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# The whole DreamBench, the DVC way: `dvc import` of the public dataset folder, pinned by `<out>.dvc` in git.
+DREAMBENCH_REPO = "https://github.com/google/dreambooth"
+DREAMBENCH_REV = "4f887af7970a06fc0cd3adaa1d0b368547d6a1d0"  # the commit data/dreambench was cut from
+
+
+def import_dreambench(out: str = "datasets/dreambench", rev: str = DREAMBENCH_REV, root: Path = PROJECT_ROOT) -> Path:
+    """`dvc import` google/dreambooth's `dataset/` folder (30 subjects, prompts, licences) into `out`; DVC writes
+    `<out>.dvc` (commit it) and the full profile's `eval.dreambench` reads the folder. Nothing is left on failure."""
+    rel = _rel(out, root)
+    target = root / rel
+    if target.exists():
+        raise DvcError(f"{rel} already exists (`dvc update {rel}.dvc --rev <commit>` changes its revision)")
+    made = [p for p in reversed(target.parents) if p.is_relative_to(root) and not p.exists()]
+    target.parent.mkdir(parents=True, exist_ok=True)  # dvc import needs the folder of its .dvc file
+    try:
+        run_dvc("import", DREAMBENCH_REPO, "dataset", "-o", rel, "--rev", rev, root=root)
+    except DvcError as e:
+        for folder in reversed(made):
+            folder.rmdir()
+        if "Failed to clone" in str(e):
+            raise DvcError(f"cannot reach {DREAMBENCH_REPO} from this machine: run `music data dreambench` on a "
+                           f"machine with network access and commit {rel}.dvc, or copy that repository's dataset/ "
+                           f"folder (commit {rev[:8]}) to {rel}") from None
+        raise
+    return target
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Stage entry points: what `dvc repro` runs. Each materializes the stage's assets on the project's Dagster instance
 # (DAGSTER_HOME, default `.dagster_home/`), so the runs also show in the UI.
 STAGE_ASSETS = {

@@ -1,5 +1,6 @@
 """DVC: the project's dvc.yaml matches the code it runs, the DVC hash the project computes is DVC's own, a recorded
 output comes back byte-identical in a second clone by `dvc pull`, and the default remote is shared by clones."""
+import re
 import shutil
 from pathlib import Path
 
@@ -8,7 +9,7 @@ import yaml
 
 from music_dagster import dvc
 from music_dagster.config import PROJECT_ROOT
-from projects import copy_zoo, git, in_clone, project_copy
+from projects import git, in_clone, project_copy
 
 
 def dvc_repo(root: Path, remote: Path) -> Path:
@@ -161,10 +162,17 @@ def test_dvc_yaml_runs_the_project_entry_points():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# End to end on the project itself: clone A runs the pipeline through Dagster (which records the checkpoint with
-# DVC), clone B pulls the checkpoint, clone C reproduces everything with `dvc repro` from nothing.
+# End to end on the project itself: a bare clone A (nothing beside it) runs the main job through Dagster, whose
+# materializations record every stage with DVC, so `dvc repro` then has nothing to do, and after a params change
+# re-runs only the stage that reads it; clone B pulls the checkpoint; clone C reproduces everything from nothing.
+def repro(root: Path, home: Path) -> list[str]:
+    """`dvc repro` in `root`: the stages it ran."""
+    out = in_clone(root, home, dvc.dvc_executable(), "repro")
+    return re.findall(r"^Running stage '([\w-]+)'", out, re.MULTILINE)
+
+
 @pytest.mark.slow
-def test_dagster_checkpoint_is_recorded_pulled_byte_identical_and_reproduced_by_dvc_repro(tmp_path, tiny_zoo):
+def test_a_bare_clone_runs_the_main_job_and_dvc_agrees_with_dagster(tmp_path):
     import dagster as dg
 
     from music_dagster import tracking
@@ -172,9 +180,9 @@ def test_dagster_checkpoint_is_recorded_pulled_byte_identical_and_reproduced_by_
     home = tmp_path / "home"
     home.mkdir()
     dvc_cmd = dvc.dvc_executable()
-    a = project_copy(tmp_path / "a")
-    copy_zoo(a)
-    in_clone(a, home, "music", "pipeline")
+    a = project_copy(tmp_path / "bare" / "main")
+    assert sorted(p.name for p in a.parent.iterdir()) == ["main"]  # no shared/ beside it
+    in_clone(a, home, "music", "pipeline")  # builds the zoo, then data, training, evaluation
 
     # The training materialization recorded the checkpoint: dvc.lock, the MLflow run, the Dagster metadata.
     lora = dvc.lock_hash("models/lora", root=a)
@@ -188,10 +196,28 @@ def test_dagster_checkpoint_is_recorded_pulled_byte_identical_and_reproduced_by_
     assert metadata["dvc_md5"].value == lora and metadata["dvc_pull"].value == "dvc pull models/lora"
     assert "pushed" in metadata["dvc_status"].value
 
-    # Everything else Dagster made goes into dvc.lock and the default remote too; git keeps the lock.
-    in_clone(a, home, dvc_cmd, "commit", "--force")
-    in_clone(a, home, dvc_cmd, "push")
-    git(a, "add", "dvc.lock", "models/.gitignore")
+    # Every other stage's materializations recorded it too: DVC sees nothing to reproduce, in paths of the clone.
+    def dvc_status(asset: str) -> str:
+        return instance.get_latest_materialization_event(dg.AssetKey(asset)).asset_materialization.metadata[
+            "dvc_status"].value
+
+    assert all("pushed" in dvc_status(asset) for asset in ("tiny_model_zoo", "training_samples"))
+    # the `evaluate` stage commits once both of its score folders exist: at the second evaluation asset
+    assert any("pushed" in dvc_status(asset) for asset in ("dreambench_scores", "msic_scores"))
+    assert in_clone(a, home, dvc_cmd, "status").strip() == "Data and pipelines are up to date."
+    lock_text = (a / "dvc.lock").read_text()
+    lock = yaml.safe_load(lock_text)
+    assert list(lock["stages"]) == ["zoo", "data", "detokenizer", "train", "evaluate"]
+    for stage in lock["stages"].values():
+        for entry in stage.get("deps", []) + stage.get("outs", []):
+            assert not Path(entry["path"]).is_absolute() and ".." not in Path(entry["path"]).parts, entry
+    assert str(tmp_path) not in lock_text
+    runs = len(instance.get_run_records())
+    assert repro(a, home) == []  # `make repro` right after `make run` does no work
+    assert (a / "dvc.lock").read_text() == lock_text and len(instance.get_run_records()) == runs
+
+    git(a, "add", "-f", "dvc.lock")  # what a team sharing a DVC remote commits (README: dvc.lock)
+    git(a, "add", "models/.gitignore")
     git(a, "commit", "-q", "-m", "pipeline outputs")
 
     b = tmp_path / "b"
@@ -204,4 +230,55 @@ def test_dagster_checkpoint_is_recorded_pulled_byte_identical_and_reproduced_by_
     git(tmp_path, "clone", "-q", str(a), str(c))
     in_clone(c, home, dvc_cmd, "repro")
     # Same stages, commands, inputs and output hashes (the order of stages in the file is the order of commits).
-    assert yaml.safe_load((c / "dvc.lock").read_text()) == yaml.safe_load((a / "dvc.lock").read_text())
+    assert yaml.safe_load((c / "dvc.lock").read_text()) == lock
+
+    # A params change re-runs only the stages that read it.
+    raw = yaml.safe_load((a / "params.yaml").read_text())
+    raw["profiles"]["tiny"]["eval"]["dreambench_prompts"] = 2
+    (a / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    assert repro(a, home) == ["evaluate"]
+    changed = yaml.safe_load((a / "dvc.lock").read_text())["stages"]
+    assert {name: changed[name] for name in changed if name != "evaluate"} == \
+        {name: lock["stages"][name] for name in lock["stages"] if name != "evaluate"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A clone runs on its own: everything the main job reads is in the repository or made by it.
+def test_params_and_dvc_yaml_name_only_paths_inside_the_repository():
+    from music_dagster.config import load_config
+
+    raw = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+    named = [("paths." + key, value) for key, value in raw["paths"].items() if key != "mlflow_tracking_uri"]
+    named += [(f"profiles.{p}.eval.dreambench", raw["profiles"][p]["eval"]["dreambench"]) for p in raw["profiles"]]
+    named.append(("paths.mlflow_tracking_uri", raw["paths"]["mlflow_tracking_uri"].removeprefix("sqlite:///")))
+    for key, value in named:
+        assert not Path(value).is_absolute() and ".." not in Path(value).parts, (key, value)
+    tiny = load_config(profile="tiny")
+    assert tiny.paths.resolve("objects365").is_file() and tiny.dreambench_dir.is_dir()
+    for spec in tiny.models.values():
+        assert Path(spec.id).parts[:2] == ("models", "tiny")
+
+    stages = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        for path in stage["deps"] + [next(iter(o)) if isinstance(o, dict) else o for o in
+                                     stage["outs"] + stage.get("metrics", []) + stage.get("plots", [])]:
+            path = path.replace("${paths.objects365}", raw["paths"]["objects365"])
+            assert "${" not in path and not Path(path).is_absolute() and ".." not in Path(path).parts, (name, path)
+
+
+def test_dreambench_import_without_a_network_is_one_line_and_leaves_nothing(tmp_path):
+    from projects import run_in
+
+    root = project_copy(tmp_path / "clone", shrink=False)
+
+    def listing():  # DVC's own scratch folder (.dvc/tmp) aside
+        return sorted(p.relative_to(root) for p in root.rglob("*")
+                      if ".git" not in p.parts and p.relative_to(root).parts[:2] != (".dvc", "tmp"))
+
+    before = listing()
+    proc = run_in(root, tmp_path, "music", "data", "dreambench", timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    (line,) = proc.stderr.splitlines()
+    assert line.startswith("music: error: cannot reach https://github.com/google/dreambooth from this machine: "
+                           "run `music data dreambench` on a machine with network access"), line
+    assert listing() == before

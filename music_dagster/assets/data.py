@@ -68,9 +68,11 @@ def _shard_hash(path: Path) -> str:
 
 
 def _stage(context: dg.AssetExecutionContext, store: DatasetStore, asset: str, parent: str | None,
-           compute: Callable, checks: Callable, table: tuple[str, ...] = ()) -> dg.MaterializeResult:
+           compute: Callable, checks: Callable, table: tuple[str, ...] = (),
+           record_dvc_stage: bool = False) -> dg.MaterializeResult:
     """Run one stage on the context's shard and publish it: compute (nothing written yet), then write the whole
-    shard atomically, then check what was written."""
+    shard atomically, then check what was written. With `record_dvc_stage` (the graph's last asset), the data
+    stage's outputs as they now are go into dvc.lock and the DVC remote, so `dvc repro` agrees with this run."""
     from music_dagster.images import read_image
     from music_dagster.synthesis import preview, schemas
     from music_dagster.synthesis.common import ShardContext, shard_seed
@@ -121,6 +123,10 @@ def _stage(context: dg.AssetExecutionContext, store: DatasetStore, asset: str, p
         metadata["preview_path"] = dg.MetadataValue.path(str(path / PREVIEW_FILE))
     if table and records:
         metadata["samples"] = dg.MetadataValue.md(preview.sample_table(records, table))
+    if record_dvc_stage:
+        from music_dagster.dvc import record_output
+
+        metadata.update(record_output(store.asset_dir(asset)).metadata())
     context.log.info(f"{asset}[{key}]: kept {len(records)}, dropped {len(result.dropped)} {reasons or ''}")
     return dg.MaterializeResult(
         metadata=metadata,
@@ -281,7 +287,7 @@ def training_samples(context: dg.AssetExecutionContext, store: DatasetStore):
         lambda ctx, data, parents, open_image: samples.training_samples(ctx, data, parents, held_out),
         lambda records, data, open_image: {
             "decimation_consistent": checks.decimation_consistent(records, sources, floor)},
-        table=("split", "num_subjects", "instruction", "layout_text"))
+        table=("split", "num_subjects", "instruction", "layout_text"), record_dvc_stage=True)
 
 
 DATA_ASSETS = [category_combos, scene_captions, target_images, detected_boxes, verified_boxes, reference_subjects,

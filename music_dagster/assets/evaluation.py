@@ -13,6 +13,7 @@ from pydantic import Field
 from music_dagster.resources.models import DetectorResource, DinoResource, EvalClipResource
 from music_dagster.resources.storage import DatasetStore
 from music_dagster.resources.tracking import MlflowTracking
+from music_dagster.dvc import record_output
 from music_dagster.storage import staged_dir
 
 
@@ -39,10 +40,11 @@ def _setup(config: EvaluationConfig, dino: DinoResource, eval_clip: EvalClipReso
     return cfg, checkpoint, generate, embedder
 
 
-def _finish(context: dg.AssetExecutionContext, cfg, checkpoint: Path, report: dict, details: Path,
+def _finish(context: dg.AssetExecutionContext, cfg, checkpoint: Path, report: dict, folder: Path,
             tracking: MlflowTracking) -> dg.MaterializeResult:
     from music_dagster import benchmarks as bm
 
+    details = folder / "scores.json"
     files = bm.write_outputs(cfg.paths.resolve("metrics"), report)
     run = bm.log_mlflow_run(tracking.store, checkpoint, report, [files["summary"], files["plot"], details])
     failures = {m: r["failures"] for m, r in report["methods"].items()}
@@ -63,6 +65,8 @@ def _finish(context: dg.AssetExecutionContext, cfg, checkpoint: Path, report: di
         "mlflow_run": dg.MetadataValue.url(run["url"]),
         "mlflow_parent_run": run["parent_run_id"] or "none (checkpoint has no mlflow_run.json)",
         "failures": dg.MetadataValue.int(sum(len(v) for v in failures.values())),
+        # the `evaluate` stage in dvc.lock (once both score folders exist), so `dvc repro` agrees with this run
+        **record_output(folder).metadata(),
     }
     for method, result in report["methods"].items():
         for key, value in result["overall"].items():
@@ -91,7 +95,7 @@ def dreambench_scores(context: dg.AssetExecutionContext, config: EvaluationConfi
         report = bm.evaluate_dreambench(bench, generate, embedder, folder, ev.branches,
                                         ev.dreambench_images_per_prompt, cfg.seed)
         bm.write_report(folder, report)
-    return _finish(context, cfg, checkpoint, report, final / "scores.json", tracking)
+    return _finish(context, cfg, checkpoint, report, final, tracking)
 
 
 @dg.asset(group_name="evaluation", pool="gpu", deps=["lora_checkpoint", "detokenizer", "training_samples"],
@@ -112,7 +116,7 @@ def msic_scores(context: dg.AssetExecutionContext, config: EvaluationConfig, din
         report = bm.evaluate_msic(samples, generate, embedder, detector.load(), folder, ev.branches,
                                   ev.box_threshold, ev.text_threshold, cfg.seed)
         bm.write_report(folder, report)
-    return _finish(context, cfg, checkpoint, report, final / "scores.json", tracking)
+    return _finish(context, cfg, checkpoint, report, final, tracking)
 
 
 def _check(store: DatasetStore, asset: str) -> dg.AssetCheckResult:

@@ -4,6 +4,7 @@ import dagster as dg
 from pydantic import Field
 
 from music_dagster import zoo
+from music_dagster.dvc import record_output
 
 
 class ZooConfig(dg.Config):
@@ -37,8 +38,10 @@ def tiny_model_zoo(context: dg.AssetExecutionContext, config: ZooConfig) -> dg.M
     root = next(iter(folders.values())).parent
     manifest = zoo.read_manifest(root)
     zoo_hash = zoo.files_digest({role: manifest["roles"][role]["hash"] for role in ROLES})
+    recorded = record_output(root)  # the `zoo` stage in dvc.lock, so `dvc repro` agrees with this run
     return dg.MaterializeResult(
-        metadata={"path": dg.MetadataValue.path(str(root)), "seed": seed, **_metadata(manifest, ROLES)},
+        metadata={"path": dg.MetadataValue.path(str(root)), "seed": seed, **_metadata(manifest, ROLES),
+                  **recorded.metadata()},
         data_version=dg.DataVersion(zoo_hash),
     )
 
