@@ -153,6 +153,8 @@ class TrainConfig(_Spelled):
     """MUSIC training (`music_dagster.training.train_music`); defaults are the paper's where it gives them."""
 
     source: Literal["synthesized", "procedural", "both"] = "synthesized"  # what `lora_checkpoint` trains on
+    # a `training_samples` shard folder without a manifest is refused; true: train without it (it is logged)
+    allow_incomplete_shards: bool = False
     procedural_samples: int = Field(default=512, gt=0)  # size of the procedural world when it is a source
     procedural_image_size: int = Field(default=64, ge=16)
     procedural_min_subjects: int = Field(default=2, ge=1, le=9)
