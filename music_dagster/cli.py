@@ -53,6 +53,7 @@ def _bench(args):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="music", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="MLflow's INFO lines on the console too")
     sub = parser.add_subparsers(dest="command", required=True)
 
     zoo = sub.add_parser("zoo", help="the tiny model zoo under models/tiny/")
@@ -97,9 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from music_dagster.console import quiet_third_party
     from music_dagster.errors import UserError
 
     args = build_parser().parse_args(argv)
+    quiet_third_party(verbose=args.verbose)
     try:
         args.func(args)
     except UserError as e:

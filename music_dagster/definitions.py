@@ -6,7 +6,10 @@ import dagster as dg
 
 from music_dagster.assets import data, evaluation, schedules, training, zoo
 from music_dagster.config import default_config
+from music_dagster.console import quiet_third_party
 from music_dagster.resources import build_resources
+
+quiet_third_party()  # the code location is an entry point: `make ui`'s step processes import it
 
 defs = dg.Definitions.merge(
     zoo.defs,

@@ -198,3 +198,22 @@ def test_an_empty_parent_shard_gives_empty_stages(handles):
         samples.training_samples(_ctx("training_samples"), DATA, [], held_out=False),
     ]
     assert all(r.records == [] and r.images == {} and r.dropped == [] for r in results)
+
+
+def test_long_captions_reach_clip_cut_on_purpose_and_t5_whole(handles, caplog):
+    """A caption past CLIP's 77 tokens renders without diffusers' per-call truncation warning: the CLIP prompt is
+    cut to the window (a prefix of the caption), T5 gets the whole caption."""
+    import logging
+
+    from music_dagster.synthesis.common import clip_prompts
+
+    pipe = handles["t2i"].pipe
+    long = " ".join(["a red teapot beside a blue backpack on a wooden floor"] * 12)
+    (cut,) = clip_prompts(pipe, [long])
+    assert long.startswith(cut) and len(cut) < len(long)
+    assert len(pipe.tokenizer(cut).input_ids) <= pipe.tokenizer_max_length
+    record = {"sample_id": "s0", "caption": long, "parent_ids": []}
+    with caplog.at_level(logging.WARNING):
+        result = targets.target_images(handles["t2i"], _ctx("target_images"), DATA, [record])
+    assert len(result.records) == 1
+    assert not [r for r in caplog.records if "truncated" in r.getMessage()]

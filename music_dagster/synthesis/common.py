@@ -17,6 +17,14 @@ MAX_SUBJECTS = 12  # the paper's upper bound on subjects per sample
 OpenImage = Callable[[str], "object"]  # datasets-relative ref -> PIL RGB image (raises a UserError when unreadable)
 
 
+def clip_prompts(pipe, prompts: Sequence[str]) -> list[str]:
+    """The prompts as FLUX's CLIP encoder reads them: cut to its 77-token window here, on purpose, so that
+    diffusers has no truncation to warn about on every call. FLUX's T5 reads the whole prompt (`prompt_2`)."""
+    tokenizer = pipe.tokenizer
+    ids = tokenizer(list(prompts), truncation=True, max_length=pipe.tokenizer_max_length).input_ids
+    return [tokenizer.decode(i, skip_special_tokens=True) for i in ids]
+
+
 def derive_seed(*parts) -> int:
     """A 63-bit seed from any parts (sha256 of their text): stable across runs, processes and machines."""
     text = ":".join(str(p) for p in parts)

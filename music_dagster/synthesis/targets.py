@@ -1,7 +1,7 @@
 """Stage 3, `target_images`: the T2I model (FluxPipeline) renders each caption at the profile's resolution."""
 from __future__ import annotations
 
-from music_dagster.synthesis.common import ShardContext, StageResult, batches, child
+from music_dagster.synthesis.common import ShardContext, StageResult, batches, child, clip_prompts
 
 STAGE = "target_images"
 
@@ -22,8 +22,9 @@ def target_images(t2i, ctx: ShardContext, data, records: list[dict]) -> StageRes
     result = StageResult()
     for chunk in batches(records, data.batch_size):
         with torch.inference_mode():
+            captions = [r["caption"] for r in chunk]
             images = pipe(
-                prompt=[r["caption"] for r in chunk], height=size, width=size,
+                prompt=clip_prompts(pipe, captions), prompt_2=captions, height=size, width=size,
                 num_inference_steps=data.t2i_steps, guidance_scale=data.guidance_scale,
                 generator=cpu_generators([ctx.seed_for(r["sample_id"]) for r in chunk]), output_type="pil",
             ).images
