@@ -9,7 +9,7 @@ import yaml
 
 from music_dagster import dvc
 from music_dagster.config import PROJECT_ROOT
-from projects import git, in_clone, project_copy
+from projects import git, in_clone, project_copy, run_in
 
 
 def dvc_repo(root: Path, remote: Path) -> Path:
@@ -66,6 +66,22 @@ def test_the_hash_ignores_run_references_but_sees_every_weight(tmp_path):
     (lora / "resampler" / "weights.bin").write_bytes(b"\x00\x02" * 1000)
     assert dvc.dvc_md5(lora, root=a) != before
     assert dvc.dvc_md5(a / "data.txt", root=a) == "1be1a53caf8f3bfb0f323c026109b8af"  # md5 of the bytes
+
+
+def test_writer_leftovers_are_outside_the_hash_for_dvc_and_the_project_alike(tmp_path):
+    """A killed writer's `.x.tmp.*` / `.x.old.*` folders and files: DVC ignores them (.dvcignore) and so does
+    `dvc_md5`, or `record_output` would find dvc.lock disagreeing with the project."""
+    a = dvc_repo(tmp_path / "a", tmp_path / "remote")
+    lora = a / "models" / "lora"
+    clean = dvc.dvc_md5(lora, root=a)
+    old = lora / f".resampler.old.4242.{'a' * 32}"
+    old.mkdir()
+    (old / "weights.bin").write_bytes(b"stale")
+    (lora / f".history.json.tmp.4242.{'b' * 32}").write_text("partial")
+    assert dvc.dvc_md5(lora, root=a) == clean
+    assert dvc.record_output("models/lora", push=False, root=a).md5 == clean  # DVC's own hash agrees
+    (lora / "resampler" / "weights.old.bin").write_bytes(b"a weight file whose name merely holds 'old'")
+    assert dvc.dvc_md5(lora, root=a) != clean
 
 
 def test_under_dvc_repro_only_the_hash_is_computed(tmp_path, monkeypatch):
@@ -182,7 +198,12 @@ def test_a_bare_clone_runs_the_main_job_and_dvc_agrees_with_dagster(tmp_path):
     dvc_cmd = dvc.dvc_executable()
     a = project_copy(tmp_path / "bare" / "main")
     assert sorted(p.name for p in a.parent.iterdir()) == ["main"]  # no shared/ beside it
-    in_clone(a, home, "music", "pipeline")  # builds the zoo, then data, training, evaluation
+    proc = run_in(a, home, "music", "pipeline")  # builds the zoo, then data, training, evaluation
+    console = proc.stdout + proc.stderr
+    assert proc.returncode == 0, console[-4000:]
+    # the console shows progress, not third-party noise
+    for noise in ("FutureWarning", "truncated because CLIP", " INFO mlflow", "Traceback"):
+        assert noise not in console, noise
 
     # The training materialization recorded the checkpoint: dvc.lock, the MLflow run, the Dagster metadata.
     lora = dvc.lock_hash("models/lora", root=a)
@@ -267,8 +288,6 @@ def test_params_and_dvc_yaml_name_only_paths_inside_the_repository():
 
 
 def test_dreambench_import_without_a_network_is_one_line_and_leaves_nothing(tmp_path):
-    from projects import run_in
-
     root = project_copy(tmp_path / "clone", shrink=False)
 
     def listing():  # DVC's own scratch folder (.dvc/tmp) aside
