@@ -68,9 +68,12 @@ def _ignore_patterns(root: Path) -> list[str]:
 
 
 def _ignored(rel: str, patterns: list[str]) -> bool:
-    name = rel.rsplit("/", 1)[-1]
-    return any(fnmatch.fnmatchcase("/" + rel, p) if p.startswith("/") else fnmatch.fnmatchcase(name, p)
-               for p in patterns)
+    """gitignore's rule, as DVC applies it: a name pattern matches any folder or file on the path, a /rooted one the
+    path or a folder above it; an ignored folder takes everything in it (a writer's leftover `.x.old.*/`)."""
+    parts = rel.split("/")
+    rooted = ["/" + "/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    return any(any(fnmatch.fnmatchcase(path, p) for path in rooted) if p.startswith("/")
+               else any(fnmatch.fnmatchcase(part, p) for part in parts) for p in patterns)
 
 
 def _file_md5(path: Path) -> str:

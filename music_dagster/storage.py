@@ -4,7 +4,12 @@ A shard is visible only when complete. `ShardWriter` writes everything into a hi
 (`.<key>.tmp.<pid>.<random>`); on a clean exit it writes the manifest last and renames the folder into place (an
 older complete shard is renamed away to `.<key>.old.<pid>.<random>`, the new one renamed in, the old one deleted).
 On an exception the temporary folder is deleted; after a kill it stays hidden, and the next writer of that shard
-deletes every such leftover whose process is gone. Readers only ever see folders holding `manifest.jsonl`.
+deletes every such leftover whose process is gone. Readers only ever see folders holding `manifest.jsonl`. DVC
+ignores both names (`.dvcignore`).
+
+A write that cannot finish is refused before anything is computed or written (`check_replaceable`): a read-only
+folder, or an older copy that could not be deleted (a read-only shard is never silently replaced). Clean-up never
+ignores an error: a leftover that cannot be deleted is a one-line `WriteError` naming it.
 
 Determinism: PNGs are written with fixed parameters and no metadata chunks, JSON with sorted keys, manifest records
 in the order added, so the same inputs give the same bytes.
@@ -38,6 +43,10 @@ RECORD_BASE: dict = {
 }
 
 
+class WriteError(UserError):
+    """A folder or file that cannot be written or replaced as asked: one line naming it and the fix."""
+
+
 class ShardError(UserError):
     """A shard that cannot be written or read as asked; the message is one line naming the shard and the problem."""
 
@@ -69,9 +78,56 @@ def _temp_sibling(path: Path, kind: str) -> Path:
     return path.parent / f".{path.name}.{kind}.{os.getpid()}.{uuid.uuid4().hex}"
 
 
+def check_writable(folder: str | os.PathLike, setting: str | None = None, target: Path | None = None) -> Path:
+    """`folder` (or, while it does not exist, the nearest parent it would be made in) accepts new files and
+    folders; else a one-line WriteError naming it, `target` (what was to be written there), the fix and `setting`,
+    the params.yaml key that moves it."""
+    folder = Path(folder)
+    target = target or folder
+    existing = folder
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    elsewhere = f", or set {setting} in params.yaml to a writable folder" if setting else ""
+    if not existing.is_dir():
+        raise WriteError(f"{existing}: not a folder, so {target} cannot be written; move it away{elsewhere}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "read-only" if existing == target else f"read-only, so {target} cannot be written"
+        raise WriteError(f"{existing}: {what}; make it writable (chmod u+w {existing}){elsewhere}")
+    return folder
+
+
+def check_replaceable(path: str | os.PathLike) -> Path:
+    """`path` can be written atomically: its folder is writable and, when it exists, the old copy can be deleted
+    (every folder in it writable, or the file itself). A read-only copy is refused, never silently replaced."""
+    path = Path(path)
+    check_writable(path.parent, target=path)
+    if path.is_dir() and not path.is_symlink():
+        for folder in (path, *sorted(p for p in path.rglob("*") if p.is_dir() and not p.is_symlink())):
+            if not os.access(folder, os.R_OK | os.W_OK | os.X_OK):
+                place = "" if folder == path else f" ({folder.relative_to(path)} is)"
+                raise WriteError(f"{path}: read-only{place}, so it is not replaced; make it writable "
+                                 f"(chmod -R u+w {path}) to write it again")
+    elif path.exists() and not os.access(path, os.W_OK):
+        raise WriteError(f"{path}: read-only, so it is not replaced; make it writable (chmod u+w {path}) to write "
+                         f"it again")
+    return path
+
+
+def _discard(path: Path) -> None:
+    """Delete a temporary or renamed-away folder or file; one that cannot be deleted is named, never left silently."""
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    except OSError as e:
+        raise WriteError(f"{path}: left behind, it could not be deleted ({e.strerror}); delete it by hand "
+                         f"(chmod -R u+w {path} && rm -r {path})") from None
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write `data` to `path` through a temporary sibling and `os.replace`: readers see the old or the new file."""
-    path = Path(path)
+    path = check_replaceable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(path)
     tmp = _temp_sibling(path, "tmp")
@@ -92,8 +148,9 @@ def staged_dir(directory: str | os.PathLike, replace: bool = True) -> Iterator[P
     """A temporary sibling of `directory` to fill, for folders that are not shards (checkpoints, evaluation
     outputs): renamed into place only when the block ends without error, so readers see the old folder or the new
     one, never a half-written one; deleted otherwise, and its leftovers after a kill are deleted by the next writer,
-    as for shards. `replace=False`: `directory` must not exist (FileExistsError)."""
-    directory = Path(directory)
+    as for shards. `replace=False`: `directory` must not exist (FileExistsError). A read-only `directory` or folder
+    is refused before the block runs (`check_replaceable`)."""
+    directory = check_replaceable(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(directory)
     tmp = _temp_sibling(directory, "tmp")
@@ -104,18 +161,26 @@ def staged_dir(directory: str | os.PathLike, replace: bool = True) -> Iterator[P
             raise FileExistsError(f"{directory} already exists")
         _swap_in(tmp, directory)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp.exists():
+            _discard(tmp)
 
 
 def _swap_in(tmp: Path, path: Path) -> None:
-    """Rename the finished folder `tmp` to `path`; an older `path` is renamed away first, then deleted."""
+    """Rename the finished folder `tmp` to `path`; an older `path` is renamed away first (and back if the rename
+    fails), then deleted."""
+    check_replaceable(path)  # it may have been locked while `tmp` was filled
     old = None
     if path.exists():
         old = _temp_sibling(path, "old")
         os.rename(path, old)
-    os.rename(tmp, path)
+    try:
+        os.rename(tmp, path)
+    except BaseException:
+        if old is not None:
+            os.rename(old, path)
+        raise
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        _discard(old)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -149,10 +214,7 @@ def remove_stale(path: Path) -> list[Path]:
     for entry in path.parent.iterdir():
         m = _TEMP.match(entry.name)
         if m and m["key"] == path.name and not _pid_alive(int(m["pid"])):
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink(missing_ok=True)
+            _discard(entry)
             removed.append(entry)
     return removed
 
@@ -189,6 +251,7 @@ class ShardWriter:
         if self._used:
             raise ShardError(f"{self.path}: a ShardWriter writes one shard once; make a new one")
         self._used = True
+        check_replaceable(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         remove_stale(self.path)
         self._tmp = _temp_sibling(self.path, "tmp")
@@ -198,13 +261,14 @@ class ShardWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         tmp, self._tmp = self._tmp, None
         if exc_type is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+            _discard(tmp)
             return
         try:
             (tmp / MANIFEST).write_text("".join(self._lines), encoding="utf-8")
             _swap_in(tmp, self.path)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if tmp.exists():
+                _discard(tmp)
             raise
 
     def _target(self, name: str) -> tuple[str, Path]:

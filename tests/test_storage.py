@@ -321,3 +321,154 @@ def test_staged_dir_deletes_the_leftovers_of_a_killed_writer(tmp_path):
     with staged_dir(final) as folder:
         (folder / "a.txt").write_text("1")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lora"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Read-only folders: refused before anything is written, nothing left behind. Root ignores file permissions, so the
+# writes run in a child process with CAP_DAC_OVERRIDE dropped (`as_user`).
+def _write_as_user(code: str, **paths: Path) -> str:
+    """Run `code` (storage imported, `paths` bound as Path variables) in a child bound by file permissions; the
+    one-line message of the UserError it raises, or "ok"."""
+    from faults.helpers import as_user
+
+    script = "\n".join([
+        "import os, sys", "from pathlib import Path", "from music_dagster import storage",
+        "from music_dagster.errors import UserError",
+        *(f"{name} = Path({str(path)!r})" for name, path in paths.items()),
+        "try:", textwrap.indent(textwrap.dedent(code), "    "),
+        "except UserError as e:", "    print(e)", "else:", "    print('ok')"])
+    proc = subprocess.run(as_user(sys.executable, "-c", script), capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    return proc.stdout.strip()
+
+
+@pytest.fixture()
+def locked():
+    """`locked(path, ...)` takes write permission away; given back at the end so tmp_path can be deleted."""
+    from faults.helpers import read_only, writable
+
+    taken = []
+    yield lambda *paths: (read_only(*paths), taken.extend(paths))
+    writable(*taken)
+
+
+def test_a_read_only_shard_is_never_silently_replaced(tmp_path, locked):
+    asset = tmp_path / "a"
+    shard = _write(asset / "k", n=2)
+    before = _tree(shard)
+    locked(shard)
+    message = _write_as_user("""
+        with storage.ShardWriter(shard, {"type": "object"}) as w:
+            print("computed")  # never reached: refused before the block
+            w.add_record({"sample_id": "x", "parent_ids": []})
+    """, shard=shard)
+    assert message == (f"{shard}: read-only, so it is not replaced; make it writable (chmod -R u+w {shard}) to "
+                       f"write it again")
+    assert _tree(shard) == before
+    assert _leftovers(asset) == []
+
+
+def test_a_read_only_folder_inside_a_shard_is_named(tmp_path, locked):
+    shard = tmp_path / "a" / "k"
+    (shard / "images").mkdir(parents=True)
+    (shard / MANIFEST).write_text("")
+    locked(shard / "images")
+    message = _write_as_user("""
+        with storage.ShardWriter(shard, {"type": "object"}):
+            pass
+    """, shard=shard)
+    assert message.startswith(f"{shard}: read-only (images is), so it is not replaced;")
+    assert sorted(p.name for p in shard.parent.iterdir()) == ["k"]
+
+
+def test_a_read_only_asset_folder_refuses_a_new_shard_before_anything_is_written(tmp_path, locked):
+    asset = tmp_path / "a"
+    _write(asset / "k0")
+    locked(asset)
+    message = _write_as_user("""
+        with storage.ShardWriter(asset / "k1", {"type": "object"}):
+            print("computed")
+    """, asset=asset)
+    assert message == (f"{asset}: read-only, so {asset / 'k1'} cannot be written; make it writable "
+                       f"(chmod u+w {asset})")
+    assert sorted(p.name for p in asset.iterdir()) == ["k0"]
+
+
+def test_staged_dir_refuses_a_read_only_folder_before_its_block_runs(tmp_path, locked):
+    final = tmp_path / "lora"
+    final.mkdir()
+    (final / "weights.bin").write_bytes(b"trained")
+    locked(final)
+    message = _write_as_user("""
+        with storage.staged_dir(final) as folder:
+            print("trained")
+    """, final=final)
+    assert message == (f"{final}: read-only, so it is not replaced; make it writable (chmod -R u+w {final}) to "
+                       f"write it again")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lora"]
+    assert (final / "weights.bin").read_bytes() == b"trained"
+
+
+def test_a_shard_locked_while_it_was_computed_is_kept_and_nothing_is_left(tmp_path):
+    from faults.helpers import writable
+
+    asset = tmp_path / "a"
+    shard = _write(asset / "k", n=2)
+    before = _tree(shard)
+    try:
+        message = _write_as_user("""
+            with storage.ShardWriter(shard, {"type": "object"}) as w:
+                w.add_record({"sample_id": "new", "parent_ids": []})
+                for p in [shard, *shard.rglob("*")]:  # someone locks it meanwhile
+                    p.chmod(p.stat().st_mode & ~0o222)
+        """, shard=shard)
+    finally:
+        writable(shard)
+    assert message.startswith(f"{shard}: read-only, so it is not replaced;")
+    assert _tree(shard) == before
+    assert _leftovers(asset) == []
+
+
+def test_a_leftover_that_cannot_be_deleted_is_named(tmp_path, locked):
+    asset = tmp_path / "a"
+    leftover = asset / f".k.old.{_dead_pid()}.{'a' * 32}"
+    (leftover / "images").mkdir(parents=True)
+    (leftover / "images" / "0.png").write_bytes(b"png")
+    locked(leftover / "images")
+    message = _write_as_user("""
+        with storage.ShardWriter(asset / "k", {"type": "object"}):
+            print("computed")
+    """, asset=asset)
+    assert message == (f"{leftover}: left behind, it could not be deleted (Permission denied); delete it by hand "
+                       f"(chmod -R u+w {leftover} && rm -r {leftover})")
+    assert sorted(p.name for p in asset.iterdir()) == [leftover.name]  # no second leftover
+
+
+def test_atomic_write_refuses_a_read_only_file(tmp_path, locked):
+    target = tmp_path / "scores.json"
+    target.write_text("kept")
+    locked(target)
+    message = _write_as_user("storage.atomic_write_text(target, 'new')", target=target)
+    assert message == (f"{target}: read-only, so it is not replaced; make it writable (chmod u+w {target}) to "
+                       f"write it again")
+    assert target.read_text() == "kept" and sorted(p.name for p in tmp_path.iterdir()) == ["scores.json"]
+
+
+def test_a_failed_rename_puts_the_old_copy_back(tmp_path, monkeypatch):
+    import music_dagster.storage as storage
+
+    shard = _write(tmp_path / "a" / "k", n=2)
+    before = _tree(shard)
+    real = os.rename
+
+    def rename(src, dst):
+        if Path(src).name.startswith(".k.tmp."):
+            raise OSError(28, "No space left on device")
+        real(src, dst)
+
+    monkeypatch.setattr(storage.os, "rename", rename)
+    with pytest.raises(OSError, match="No space left"):
+        with ShardWriter(shard, SCHEMA) as w:
+            w.add_record({"sample_id": "new", "parent_ids": [], "caption": "c"})
+    assert _tree(shard) == before
+    assert _leftovers(shard.parent) == []

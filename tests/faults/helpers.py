@@ -8,6 +8,8 @@ is reported as one line, and check that it left the data, the models and the MLf
     assert snapshot(root) == before
 """
 import hashlib
+import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -31,6 +33,36 @@ def snapshot(root: Path, names: tuple[str, ...] = STORES) -> dict[str, str]:
 def music(root: Path, home: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
     """`music <args>` in the project copy at `root` (its own Dagster instance, MLflow store and HOME)."""
     return run_in(root, home, "music", *args, timeout=timeout)
+
+
+def as_user(*cmd: str) -> list[str]:
+    """`cmd` run so that file permissions bind. Root (CI containers, this machine) writes into read-only folders
+    through CAP_DAC_OVERRIDE, so as root the command runs with that capability dropped (capsh, Debian's
+    libcap2-bin: scripts/install_test_tools.sh installs it). Never skipped: a missing capsh fails the test."""
+    if os.geteuid() != 0:
+        return list(cmd)
+    capsh = shutil.which("capsh") or shutil.which("capsh", path="/usr/sbin:/sbin")
+    assert capsh, "capsh is missing: run scripts/install_test_tools.sh (Debian package libcap2-bin)"
+    return [capsh, "--drop=cap_dac_override", "--", "-c", 'exec "$0" "$@"', *cmd]
+
+
+def music_as_user(root: Path, home: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    """`music <args>` in the project copy, with file permissions binding even for root (`as_user`)."""
+    return run_in(root, home, *as_user("music", *args), timeout=timeout)
+
+
+def read_only(*paths: Path) -> None:
+    """Take write permission away from each path and everything under it (`writable` gives it back)."""
+    for top in paths:
+        for path in [top, *(top.rglob("*") if top.is_dir() else ())]:
+            path.chmod(path.stat().st_mode & ~0o222)
+
+
+def writable(*paths: Path) -> None:
+    """Give the owner write permission on each path and everything under it again (so tmp folders can go)."""
+    for top in paths:
+        for path in [top, *(top.rglob("*") if top.is_dir() else ())]:
+            path.chmod(path.stat().st_mode | 0o200)
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, code: int = 2, *fragments: str) -> str:
