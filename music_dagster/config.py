@@ -32,6 +32,7 @@ _EXPONENT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")  # 1e-4, 1.0e4: 
 
 
 TOP_KEYS = ("profile", "seed", "paths", "profiles")  # params.yaml's top level
+ABLATIONS = ("none", "no_cot", "no_layout", "neither", "no_decimation")  # `train.ablation`
 
 
 class ConfigError(UserError):
@@ -153,6 +154,9 @@ class TrainConfig(_Spelled):
     """MUSIC training (`music_dagster.training.train_music`); defaults are the paper's where it gives them."""
 
     source: Literal["synthesized", "procedural", "both"] = "synthesized"  # what `lora_checkpoint` trains on
+    # the paper's missing ablations (docs/design.md, the procedural experiment): the plan without its CoT, its
+    # layout or both, or training on full subject counts only (no decimation); `none` is the method as published
+    ablation: Literal[ABLATIONS] = "none"
     # a `training_samples` shard folder without a manifest is refused; true: train without it (it is logged)
     allow_incomplete_shards: bool = False
     procedural_samples: int = Field(default=512, gt=0)  # size of the procedural world when it is a source

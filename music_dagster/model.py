@@ -127,9 +127,14 @@ def subject_label(i: int) -> str:
     return f" {tag(i)}"
 
 
-def plan_text(cot: str, layout: np.ndarray) -> str:
-    """The text the model learns to write: the CoT then the layout exactly as the data assets serialise it."""
-    return f" {cot.strip()} {layout_to_text(np.asarray(layout))}"
+def plan_text(cot: str, layout: np.ndarray, ablation: str = "none") -> str:
+    """The text the model learns to write: the CoT then the layout exactly as the data assets serialise it.
+    The `train.ablation`s `no_cot`, `no_layout` and `neither` leave out the CoT, the layout or both (with
+    neither, the plan is empty: the image queries follow the eos right after the prompt)."""
+    parts = [cot.strip()] if ablation not in ("no_cot", "neither") else []
+    if ablation not in ("no_layout", "neither"):
+        parts.append(layout_to_text(np.asarray(layout)))
+    return "".join(f" {part}" for part in parts)
 
 
 def split_plan(text: str, grid: int | None = None) -> tuple[str, np.ndarray | None]:
@@ -291,9 +296,10 @@ class MusicModel(nn.Module):
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     # ---- encoding samples ---------------------------------------------------------------------------
-    def encode(self, sample: Sample, with_target: bool = True) -> dict:
+    def encode(self, sample: Sample, with_target: bool = True, ablation: str = "none") -> dict:
         """Token ids, position kinds, labels and vision features of one sample (no grad; the training loop
-        caches these). `with_target`: append the plan, eos and image queries, and encode the target image."""
+        caches these). `with_target`: append the plan (as `plan_text` writes it for `ablation`), eos and image
+        queries, and encode the target image."""
         n = len(sample.references)
         if n < 1 or n > MAX_SUBJECTS:
             raise ModelInputError(f"sample {sample.id or '?'}: {n} subjects (expected 1..{MAX_SUBJECTS})")
@@ -320,7 +326,7 @@ class MusicModel(nn.Module):
         if with_target:
             if sample.cot is None or sample.layout is None or sample.target is None:
                 raise ModelInputError(f"sample {sample.id or '?'}: a training sample needs cot, layout and target")
-            plan_ids = self.encode_ids(plan_text(sample.cot, sample.layout)) + [self.tokenizer.eos_token_id]
+            plan_ids = self.encode_ids(plan_text(sample.cot, sample.layout, ablation)) + [self.tokenizer.eos_token_id]
             ids += plan_ids
             kinds += [TEXT] * len(plan_ids)
             labels += plan_ids

@@ -26,7 +26,7 @@ from typing import Sequence
 
 import numpy as np
 
-from music_dagster.decimation import tag
+from music_dagster.decimation import decimate, tag
 from music_dagster.errors import UserError
 from music_dagster.layout import grid_layout, layout_to_text
 
@@ -172,21 +172,36 @@ def make_sample(seed: int, index: int, world: WorldSettings = WorldSettings()) -
     }
 
 
-def to_sample(raw: dict):
-    """A `make_sample` dict as a `model.Sample` (each subject's attributes kept in `meta`)."""
+def to_sample(raw: dict, source_subjects: int | None = None):
+    """A `make_sample` dict as a `model.Sample` (each subject's attributes kept in `meta`, and `source_subjects`:
+    how many subjects the world sample had before decimation)."""
     from music_dagster.model import Sample
 
     return Sample(
         instruction=raw["instruction"], references=[s["reference"] for s in raw["subjects"]], cot=raw["cot"],
         layout=np.asarray(raw["layout"], np.int64), target=raw["target"], id=raw["sample_id"],
         meta={"subjects": [{"id": s["id"], "category": s["category"], **s["attributes"]} for s in raw["subjects"]],
-              "source": SOURCE},
+              "source": SOURCE, "source_subjects": source_subjects or len(raw["subjects"])},
     )
 
 
-def procedural_samples(n: int, seed: int, world: WorldSettings = WorldSettings(), start: int = 0) -> list:
-    """Samples `start .. start + n - 1` of the world of `seed`, as `model.Sample`s (in memory)."""
-    return [to_sample(make_sample(seed, i, world)) for i in range(start, start + n)]
+def procedural_samples(n: int, seed: int, world: WorldSettings = WorldSettings(), start: int = 0,
+                       decimated: bool = False) -> list:
+    """Samples `start .. start + n - 1` of the world of `seed`, as `model.Sample`s (in memory). `decimated`: each
+    followed by its decimations down to `world.min_subjects` subjects (`decimation.decimate`, the paper's
+    augmentation: a removed subject stays in the image and is named by its shape), with ids `<id>-n<count>`."""
+    out = []
+    for i in range(start, start + n):
+        raw = make_sample(seed, i, world)
+        if not decimated:
+            out.append(to_sample(raw))
+            continue
+        full = len(raw["subjects"])
+        for item in decimate(raw, min(world.min_subjects, full)):
+            count = len(item["subjects"])
+            suffix = "" if count == full else f"-n{count:02d}"
+            out.append(to_sample({**item, "sample_id": raw["sample_id"] + suffix}, source_subjects=full))
+    return out
 
 
 def write_procedural_shard(path: str | os.PathLike, n: int, seed: int, world: WorldSettings = WorldSettings(),

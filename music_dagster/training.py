@@ -83,7 +83,7 @@ def _record_sample(shard, record: dict) -> Callable[[], Sample]:
     return load
 
 
-def collect_samples(sources: Iterable) -> tuple[list[Callable[[], Sample]], int]:
+def collect_samples(sources: Iterable, full_only: bool = False) -> tuple[list[Callable[[], Sample]], int]:
     """(loaders of the training samples, number of MSIC samples skipped) of `sources`: `training_samples` shard
     folders (str or PathLike; records validated against the asset's schema), `Sample`s, or iterables of `Sample`s.
     Shard images are read when a sample is loaded."""
@@ -100,7 +100,7 @@ def collect_samples(sources: Iterable) -> tuple[list[Callable[[], Sample]], int]
         nonlocal skipped
         if sample.meta.get("split") == "msic":
             skipped += 1
-        else:
+        elif not (full_only and sample.meta.get("source_subjects", len(sample.references)) > len(sample.references)):
             items.append(lambda s=sample: s)
 
     for source in sources:
@@ -113,6 +113,8 @@ def collect_samples(sources: Iterable) -> tuple[list[Callable[[], Sample]], int]
                     raise TrainingError(f"{shard.path}: record {n}: {where}: {error.message.splitlines()[0]}")
                 if record["split"] == "msic":
                     skipped += 1
+                elif full_only and record["num_subjects"] < record["source_subjects"]:
+                    continue  # `full_only` (the no_decimation ablation): full subject counts only
                 else:
                     items.append(_record_sample(shard, record))
         elif isinstance(source, Sample):
@@ -126,11 +128,13 @@ def collect_samples(sources: Iterable) -> tuple[list[Callable[[], Sample]], int]
 
 
 def procedural_source(config, n: int | None = None, start: int = 0) -> list[Sample]:
-    """The procedural world a config selects (`train.procedural_*`, seed `config.seed`), in memory."""
+    """The procedural world a config selects (`train.procedural_*`, seed `config.seed`), in memory: `n` world
+    samples, each decimated as the data assets decimate (unless `train.ablation` is `no_decimation`)."""
     from music_dagster.procedural import WorldSettings, procedural_samples
 
     return procedural_samples(n or config.profile.train.procedural_samples, config.seed,
-                              WorldSettings.from_config(config), start=start)
+                              WorldSettings.from_config(config), start=start,
+                              decimated=config.profile.train.ablation != "no_decimation")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -174,12 +178,12 @@ def _checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _start(config, sample_sources: Iterable, out_dir: Path, mixed_precision: str):
+def _start(config, sample_sources: Iterable, out_dir: Path, mixed_precision: str, full_only: bool = False):
     """(sample loaders, MSIC samples skipped, accelerator) of a training run, with the torch threads and seeds set."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
 
-    items, skipped = collect_samples(sample_sources)
+    items, skipped = collect_samples(sample_sources, full_only)
     if not items:
         raise TrainingError(f"no training samples (skipped {skipped} MSIC hold-out samples)")
     torch.set_num_threads(config.profile.torch_threads)  # float sums differ with the thread count
@@ -318,14 +322,15 @@ def train_music(config, sample_sources: Iterable, out_dir: str | os.PathLike, re
     """
     train = config.profile.train
     out_dir = Path(out_dir)
-    items, skipped, accelerator = _start(config, sample_sources, out_dir, train.mixed_precision)
+    items, skipped, accelerator = _start(config, sample_sources, out_dir, train.mixed_precision,
+                                         full_only=train.ablation == "no_decimation")
     model = build_model(config, llm, vision)
     cache: dict[int, dict] = {}
 
     def encoded(i: int) -> dict:
         if i in cache:
             return cache[i]
-        e = model.encode(items[i]())
+        e = model.encode(items[i](), ablation=train.ablation)
         if train.cache_features:
             cache[i] = e
         return e
