@@ -16,9 +16,13 @@ in the order added, so the same inputs give the same bytes.
 
 Every manifest record follows `RECORD_BASE` (a stable `sample_id`, unique in the shard, and the `parent_ids` it was
 derived from) plus the asset's own properties; `record_schema` builds such a schema.
+
+Stored paths (a manifest's image references, the weight files a checkpoint config lists) are read back only through
+`resolve_stored`, which keeps them inside their root, as `_relative` does for the names a writer is given.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -49,6 +53,14 @@ class WriteError(UserError):
 
 class ShardError(UserError):
     """A shard that cannot be written or read as asked; the message is one line naming the shard and the problem."""
+
+
+class StoredPathError(UserError):
+    """A stored path that would be read from outside its root (absolute, `..`, or through a symlink)."""
+
+
+class StoredFileError(UserError):
+    """A stored JSON file that is unreadable, not UTF-8, not JSON or not of its schema."""
 
 
 def record_schema(properties: dict | None = None, required=(), additional: bool = False) -> dict:
@@ -226,6 +238,77 @@ def _relative(name: str, shard: Path) -> PurePosixPath:
     return rel
 
 
+def resolve_stored(root: str | os.PathLike, ref, where: str) -> Path:
+    """The file that the stored path `ref` names under `root`. `where` says where `ref` was read (the manifest and its
+    line, the config and its key) for the one-line error refusing a `ref` that is not a relative POSIX path, that
+    holds `..`, or that leads out of `root` through a symlink. Readers of stored paths go through here only."""
+    root = Path(root)
+    if not isinstance(ref, str) or not ref or "\0" in ref or "\\" in ref:
+        raise StoredPathError(f"{where}: {ref!r} is not a relative path (use / between names)")
+    rel = PurePosixPath(ref)
+    if rel.is_absolute():
+        raise StoredPathError(f"{where}: path {ref!r} is absolute; stored paths are relative to {root}")
+    if ".." in rel.parts:
+        raise StoredPathError(f"{where}: path {ref!r} climbs out of {root} with '..'")
+    target = root.joinpath(*rel.parts)
+    inside = os.path.realpath(root)
+    if os.path.commonpath([inside, os.path.realpath(target)]) != inside:
+        raise StoredPathError(f"{where}: path {ref!r} leads out of {root} through a symlink")
+    return target
+
+
+def schema_problem(validator, value) -> str | None:
+    """`<where>: <what>` of the most relevant way `value` breaks a jsonschema validator's schema, in one line."""
+    from jsonschema.exceptions import best_match
+
+    error = best_match(validator.iter_errors(value))
+    if error is None:
+        return None
+    where = ".".join(str(p) for p in error.absolute_path) or "record"
+    message = error.message.splitlines()[0]
+    return f"{where}: {message if len(message) <= 160 else message[:157] + '...'}"
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def read_json(path: str | os.PathLike, schema: dict | None = None, error: type[UserError] = StoredFileError):
+    """The JSON value stored in the file `path`, checked against `schema`. An unreadable file, bytes that are not
+    UTF-8, text that is not JSON (NaN and Infinity included) or a value off the schema raise `error` with one line
+    naming the file and the fault."""
+    from jsonschema import Draft202012Validator
+
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise error(f"{path}: cannot be read ({e.strerror})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+    try:
+        value = json.loads(text, parse_constant=_refuse_constant)
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: not JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except ValueError as e:
+        raise error(f"{path}: not JSON ({e})") from None
+    problem = schema_problem(Draft202012Validator(schema), value) if schema is not None else None
+    if problem is not None:
+        raise error(f"{path}: {problem.removeprefix('record: ')}")
+    return value
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a file's bytes (hex), read in blocks: the content hash a checkpoint records of its weights."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 class ShardWriter:
     """`with ShardWriter(root / asset / key, schema) as w: w.add_image(...); w.add_record({...})`."""
 
@@ -307,8 +390,6 @@ class ShardWriter:
 
     def add_record(self, record: dict) -> None:
         """Append one manifest record after validating it against `RECORD_BASE` and the shard's schema."""
-        from jsonschema.exceptions import best_match
-
         if self._tmp is None:
             raise ShardError(f"{self.path}: the writer is not open (use it in a `with` block)")
         index = len(self._lines)
@@ -318,12 +399,9 @@ class ShardWriter:
             raise ShardError(f"{self.path}: record {index} is not JSON-serialisable ({e})") from None
         stored = json.loads(line)  # validate what will be read back (tuples become arrays, and so on)
         for validator in (self._base, self._validator):
-            error = best_match(validator.iter_errors(stored))
-            if error is not None:
-                where = ".".join(str(p) for p in error.absolute_path) or "record"
-                message = error.message.splitlines()[0]
-                message = message if len(message) <= 160 else message[:157] + "..."
-                raise ShardError(f"{self.path}: record {index}: {where}: {message}")
+            problem = schema_problem(validator, stored)
+            if problem is not None:
+                raise ShardError(f"{self.path}: record {index}: {problem}")
         if stored["sample_id"] in self._ids:
             raise ShardError(f"{self.path}: record {index}: sample_id {stored['sample_id']!r} repeats")
         self._ids.add(stored["sample_id"])
@@ -338,7 +416,8 @@ class Shard:
     records: list[dict] = field(repr=False)
 
     def file(self, name: str) -> Path:
-        target = self.path.joinpath(*_relative(name, self.path).parts)
+        _relative(name, self.path)  # the names a writer accepts (never the manifest)
+        target = resolve_stored(self.path, name, str(self.path))
         if not target.is_file():
             raise ShardError(f"{self.path}: no file {name!r} in the shard")
         return target
@@ -382,10 +461,19 @@ def read_shard(path: str | os.PathLike) -> Shard:
     return Shard(path, records)
 
 
-def complete_shards(asset_dir: str | os.PathLike) -> list[str]:
-    """The keys of the complete shards under an asset folder, sorted."""
-    asset_dir = Path(asset_dir)
+def _shard_folders(asset_dir: Path) -> list[Path]:
+    """The folders under an asset folder named as shards (hidden temporary folders of writers are not)."""
     if not asset_dir.is_dir():
         return []
-    return sorted(p.name for p in asset_dir.iterdir()
-                  if _KEY.match(p.name) and (p / MANIFEST).is_file())
+    return sorted(p for p in asset_dir.iterdir() if _KEY.match(p.name) and p.is_dir())
+
+
+def complete_shards(asset_dir: str | os.PathLike) -> list[str]:
+    """The keys of the complete shards under an asset folder, sorted."""
+    return [p.name for p in _shard_folders(Path(asset_dir)) if (p / MANIFEST).is_file()]
+
+
+def incomplete_shards(asset_dir: str | os.PathLike) -> list[str]:
+    """The keys of the shard folders under an asset folder that have no manifest (not written by a `ShardWriter`,
+    or emptied by hand), sorted: readers never see them, so whoever skips them says so."""
+    return [p.name for p in _shard_folders(Path(asset_dir)) if not (p / MANIFEST).is_file()]
