@@ -4,7 +4,7 @@ Importing this module must stay cheap: no torch, transformers or diffusers at im
 """
 import dagster as dg
 
-from music_dagster.assets import data, evaluation, schedules, training, zoo
+from music_dagster.assets import data, evaluation, experiment, schedules, training, zoo
 from music_dagster.config import default_config
 from music_dagster.console import quiet_third_party
 from music_dagster.resources import build_resources
@@ -16,6 +16,7 @@ defs = dg.Definitions.merge(
     data.defs,
     training.defs,
     evaluation.defs,
+    experiment.defs,
     schedules.defs,
     dg.Definitions(resources=build_resources(default_config())),
 )

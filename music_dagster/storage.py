@@ -108,11 +108,12 @@ def check_writable(folder: str | os.PathLike, setting: str | None = None, target
     return folder
 
 
-def check_replaceable(path: str | os.PathLike) -> Path:
+def check_replaceable(path: str | os.PathLike, setting: str | None = None) -> Path:
     """`path` can be written atomically: its folder is writable and, when it exists, the old copy can be deleted
-    (every folder in it writable, or the file itself). A read-only copy is refused, never silently replaced."""
+    (every folder in it writable, or the file itself). A read-only copy is refused, never silently replaced.
+    `setting`: the params.yaml key of the root `path` is under."""
     path = Path(path)
-    check_writable(path.parent, target=path)
+    check_writable(path.parent, setting, target=path)
     if path.is_dir() and not path.is_symlink():
         for folder in (path, *sorted(p for p in path.rglob("*") if p.is_dir() and not p.is_symlink())):
             if not os.access(folder, os.R_OK | os.W_OK | os.X_OK):

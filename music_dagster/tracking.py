@@ -2,6 +2,8 @@
 
 mlflow is imported inside functions so that loading the code location stays fast. The store is a SQLite file and
 artifacts a folder, both in the project by default (`paths.mlflow_tracking_uri`, `paths.mlflow_artifacts`).
+`check_store` probes both before a run opens, so a damaged or read-only store is one line naming it and the fix,
+before any training; a store failing after a checkpoint was published says where the checkpoint is kept.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ TAG_MODEL = "music.model"  # what a training run trains: "lora" or "detokenizer"
 
 
 class TrackingError(UserError):
-    """An MLflow run or store that cannot be used as asked (missing run, bad URI)."""
+    """An MLflow run or store that cannot be used as asked (missing run, bad URI, damaged or read-only store)."""
 
 
 @dataclass(frozen=True)
@@ -59,16 +61,76 @@ def store_from_config(config: Config) -> Store:
     return Store(tracking_uri=uri, artifact_root=artifacts)
 
 
-def client(store: Store):
-    """An `MlflowClient` on `store`, with its experiment created (the artifact folder is fixed at creation)."""
+def _sqlite_path(store: Store) -> Path | None:
+    return Path(store.tracking_uri.removeprefix("sqlite:///")) if store.tracking_uri.startswith("sqlite:///") else None
+
+
+def check_store(store: Store, write: bool = True) -> None:
+    """One line naming the path and the fix when the SQLite store is damaged, or, with `write`, when it or the
+    experiment's artifact folder cannot be written. Nothing is changed (the write probe is rolled back). A store
+    that is not a SQLite file (a tracking server) reports its own errors."""
+    import sqlite3
+
+    from music_dagster.storage import check_writable
+
+    db = _sqlite_path(store)
+    if db is None:
+        return
+    setting = "paths.mlflow_tracking_uri"
+    location = None
+    if db.exists():
+        try:
+            con = sqlite3.connect(f"{db.resolve().as_uri()}?mode={'rw' if write else 'ro'}", uri=True, timeout=30,
+                                  isolation_level=None)
+            try:
+                check = con.execute("PRAGMA quick_check").fetchone()[0]
+                if check != "ok":
+                    raise sqlite3.DatabaseError(check)
+                if con.execute("SELECT 1 FROM sqlite_master WHERE name = 'experiments'").fetchone():
+                    row = con.execute("SELECT artifact_location FROM experiments WHERE name = ?",
+                                      (store.experiment,)).fetchone()
+                    location = row and row[0]
+                if write:  # SQLite opens a write-protected file read-only without a word: try a write
+                    con.execute("BEGIN IMMEDIATE")
+                    con.execute("CREATE TABLE music_write_probe (x)")
+                    con.execute("ROLLBACK")
+            finally:
+                con.close()
+        except sqlite3.Error as e:
+            name = getattr(e, "sqlite_errorname", "")
+            if name == "SQLITE_READONLY":
+                raise TrackingError(f"{db}: the MLflow store is read-only; make it writable (chmod u+w {db}), or "
+                                    f"set {setting} in params.yaml to a writable store") from None
+            if name == "SQLITE_BUSY":
+                raise TrackingError(f"{db}: the MLflow store is locked by another process ({e}); let it finish "
+                                    f"and run again") from None
+            if name == "SQLITE_CANTOPEN":
+                raise TrackingError(f"{db}: the MLflow store cannot be opened ({e}); make it and its folder "
+                                    f"readable and writable") from None
+            raise TrackingError(f"{db}: the MLflow store is damaged ({e}); move it aside (mv {db} {db}.damaged) "
+                                f"and run again to start a new store, or set {setting} in params.yaml") from None
+    if write:
+        check_writable(db.parent, setting, target=db)  # SQLite writes its journal beside the store
+        artifacts = location or f"{store.artifact_root.rstrip('/')}/{store.experiment}"
+        if artifacts.startswith("file://") or "://" not in artifacts:
+            from urllib.parse import unquote, urlparse
+
+            folder = Path(unquote(urlparse(artifacts).path)) if "://" in artifacts else Path(artifacts)
+            check_writable(folder, "paths.mlflow_artifacts")
+
+
+def client(store: Store, write: bool = True):
+    """An `MlflowClient` on `store` after `check_store`, with its experiment created (the artifact folder is fixed
+    at creation). `write=False` (reading runs): a read-only store will do, and no experiment is created."""
+    check_store(store, write)
     os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    if store.tracking_uri.startswith("sqlite:///"):
-        Path(store.tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    if write and _sqlite_path(store) is not None:
+        _sqlite_path(store).parent.mkdir(parents=True, exist_ok=True)
     mlf = MlflowClient(store.tracking_uri)
-    if mlf.get_experiment_by_name(store.experiment) is None:
+    if write and mlf.get_experiment_by_name(store.experiment) is None:
         try:
             mlf.create_experiment(store.experiment,
                                   artifact_location=f"{store.artifact_root.rstrip('/')}/{store.experiment}")
@@ -144,6 +206,12 @@ class ActiveRun:
         self.run_id: str = run.info.run_id
         self.experiment_id: str = run.info.experiment_id
         self.url = run_url(store, self.experiment_id, self.run_id)
+        self.kept: tuple[Path, str] | None = None
+
+    def keep(self, checkpoint: str | os.PathLike, again: str) -> None:
+        """`checkpoint` is published: from now on a store failure says where it is kept and that the command
+        `again` logs it again."""
+        self.kept = (Path(checkpoint), again)
 
     def log_step(self, step: int, metrics: Mapping[str, float]) -> None:
         from mlflow.entities import Metric
@@ -206,14 +274,41 @@ def start_run(store: Store, name: str, tags: Mapping[str, object] | None = None,
         monitor = SystemMetricsMonitor(run.info.run_id, sampling_interval=store.system_metrics_interval_s,
                                        tracking_uri=store.tracking_uri)
         monitor.start()
-    status = "FAILED"
-    try:
-        yield ActiveRun(store, mlf, run)
-        status = "FINISHED"
-    finally:
+    active = ActiveRun(store, mlf, run)
+
+    def end(status: str) -> None:
         if monitor is not None:
             monitor.finish()
         mlf.set_terminated(run.info.run_id, status=status)
+
+    try:
+        try:
+            yield active
+        except BaseException:
+            with contextlib.suppress(Exception):  # the body's error is the one to report, not a second one
+                end("FAILED")
+            raise
+        end("FINISHED")
+    except Exception as e:
+        if active.kept is None or not _store_failure(e):
+            raise
+        checkpoint, again = active.kept
+        raise TrackingError(f"{checkpoint}: trained and kept, but logging it to MLflow failed "
+                            f"({_first_line(e)}); fix the store, then `{again}` logs it again (training resumes "
+                            f"at its last step: nothing is retrained)") from None
+
+
+def _store_failure(error: BaseException) -> bool:
+    """An error of the MLflow store or its artifact folder (not of the code logging to it)."""
+    from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import SQLAlchemyError
+
+    return isinstance(error, (MlflowException, SQLAlchemyError, OSError, TrackingError))
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
 
 
 @contextlib.contextmanager
@@ -268,8 +363,10 @@ def list_runs(store: Store, limit: int = 10) -> list[dict]:
     checkpoint hash."""
     if limit < 1:
         raise TrackingError(f"--limit must be at least 1 (got {limit})")
-    mlf = client(store)
+    mlf = client(store, write=False)
     experiment = mlf.get_experiment_by_name(store.experiment)
+    if experiment is None:
+        return []
     runs = mlf.search_runs([experiment.experiment_id], filter_string=f"tags.`{TAG_KIND}` = 'training'",
                            order_by=["attributes.start_time DESC"], max_results=limit)
     rows = []

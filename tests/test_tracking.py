@@ -133,3 +133,114 @@ def test_print_runs_lists_params_losses_scores_checkpoint(store, capsys):
     assert ids[0][:8] in out[2] and "msic/music/clip_t=0.3" in out[2] and "0.001-hash-l" in out[2]
     with pytest.raises(tracking.TrackingError, match="limit"):
         tracking.list_runs(store, limit=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A damaged or read-only store: one line naming it and the fix, before any run opens.
+def _own_store(root):
+    return tracking.Store(tracking_uri=f"sqlite:///{root / 'mlruns.db'}", artifact_root=(root / "art").as_uri())
+
+
+def _damage(db):
+    data = bytearray(db.read_bytes())
+    data[:100] = bytes(100)  # the SQLite header
+    db.write_bytes(bytes(data))
+
+
+def test_the_write_probe_changes_nothing(tmp_path):
+    store = _own_store(tmp_path)
+    with tracking.start_run(store, "r"):
+        pass
+    db = tmp_path / "mlruns.db"
+    before = db.read_bytes()
+    tracking.check_store(store)
+    assert db.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlruns.db"]  # no journal left
+
+
+def test_a_damaged_store_is_one_line_for_writing_and_reading(tmp_path):
+    store = _own_store(tmp_path)
+    tracking.client(store)
+    db = tmp_path / "mlruns.db"
+    _damage(db)
+    expected = (f"{db}: the MLflow store is damaged (file is not a database); move it aside (mv {db} "
+                f"{db}.damaged) and run again to start a new store, or set paths.mlflow_tracking_uri in params.yaml")
+    for call in (lambda: tracking.start_run(store, "r").__enter__(), lambda: tracking.list_runs(store)):
+        with pytest.raises(tracking.TrackingError) as info:
+            call()
+        assert str(info.value) == expected
+
+
+def test_a_read_only_store_is_refused_for_writing_but_still_read(tmp_path):
+    import subprocess
+    import sys
+
+    from faults.helpers import as_user, read_only, writable
+
+    store = _own_store(tmp_path)
+    with tracking.start_training_run(store, load_config(), "train"):
+        pass
+    db = tmp_path / "mlruns.db"
+    read_only(db)
+    code = ("import sys; from music_dagster import tracking; from music_dagster.errors import UserError\n"
+            f"store = tracking.Store({store.tracking_uri!r}, {store.artifact_root!r})\n"
+            "print(len(tracking.list_runs(store)))\n"
+            "try:\n    tracking.start_run(store, 'r').__enter__()\nexcept UserError as e:\n    print(e)")
+    try:
+        proc = subprocess.run(as_user(sys.executable, "-c", code), capture_output=True, text=True)
+    finally:
+        writable(db)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [
+        "1", f"{db}: the MLflow store is read-only; make it writable (chmod u+w {db}), or set "
+             f"paths.mlflow_tracking_uri in params.yaml to a writable store"]
+
+
+def test_a_read_only_artifact_folder_is_refused_before_a_run_opens(tmp_path):
+    import subprocess
+    import sys
+
+    from faults.helpers import as_user, read_only, writable
+
+    store = _own_store(tmp_path)
+    tracking.client(store)
+    (tmp_path / "art" / "music").mkdir(parents=True)
+    read_only(tmp_path / "art")
+    code = ("from music_dagster import tracking\n"
+            f"tracking.check_store(tracking.Store({store.tracking_uri!r}, {store.artifact_root!r}))")
+    try:
+        proc = subprocess.run(as_user(sys.executable, "-c", code), capture_output=True, text=True)
+    finally:
+        writable(tmp_path / "art")
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"music_dagster.storage.WriteError: {tmp_path / 'art' / 'music'}: read-only; make it writable (chmod u+w "
+        f"{tmp_path / 'art' / 'music'}), or set paths.mlflow_artifacts in params.yaml to a writable folder")
+
+
+def test_a_store_failing_after_the_checkpoint_is_published_says_where_it_is_kept(tmp_path):
+    store = _own_store(tmp_path)
+    with pytest.raises(tracking.TrackingError) as info:
+        with tracking.start_run(store, "train") as run:
+            run.keep(tmp_path / "models" / "lora", "music stage train")
+            _damage(tmp_path / "mlruns.db")
+            run.set_tags({tracking.TAG_CHECKPOINT_HASH: "abc"})
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"{tmp_path / 'models' / 'lora'}: trained and kept, but logging it to MLflow failed (")
+    assert message.endswith("); fix the store, then `music stage train` logs it again (training resumes at its "
+                            "last step: nothing is retrained)")
+
+
+def test_a_store_failing_before_the_checkpoint_is_published_keeps_its_own_error(tmp_path):
+    store = _own_store(tmp_path)
+    with pytest.raises(Exception) as info:
+        with tracking.start_run(store, "train") as run:
+            _damage(tmp_path / "mlruns.db")
+            run.set_tags({"a": "b"})
+    assert not isinstance(info.value, tracking.TrackingError)
+
+
+def test_listing_a_store_without_the_experiment_creates_nothing(tmp_path):
+    store = _own_store(tmp_path)
+    assert tracking.list_runs(store) == []
+    assert tracking.client(store, write=False).get_experiment_by_name(tracking.EXPERIMENT) is None

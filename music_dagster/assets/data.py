@@ -81,6 +81,7 @@ def _stage(context: dg.AssetExecutionContext, store: DatasetStore, asset: str, p
     data = config.profile.data
     key = context.partition_key
     ctx = ShardContext(asset, key, shard_seed(config.seed, key))
+    store.check_writable(asset, key)  # a locked folder or read-only shard fails now, not after the models ran
     parents = store.read(parent, key).records if parent else []
     root = Path(store.root)
 

@@ -31,20 +31,37 @@ if TYPE_CHECKING:
 
 SAMPLES_ASSET = "training_samples"
 WORK_ROOT = PROJECT_ROOT / ".cache" / "training"
+STAGES = {"lora": "train", "detokenizer": "detokenizer"}  # the dvc.yaml stage (`music stage <name>`) of each model
 HISTORY_FILE = "history.json"
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Plain functions
 def select_sources(config: Config, shard_root: Path) -> tuple[list, list[str], str]:
-    """(sample sources for `training.collect_samples`, shard keys used, data version) of `train.source`."""
-    from music_dagster.storage import MANIFEST, complete_shards
+    """(sample sources for `training.collect_samples`, shard keys used, data version) of `train.source`.
+
+    Shards are checked here, before any run opens: a shard folder without a manifest is refused unless
+    `train.allow_incomplete_shards` (then a warning names it), and so is a record that does not fit the schema or
+    points outside the datasets root."""
+    from music_dagster.storage import MANIFEST, complete_shards, incomplete_shards
 
     train = config.profile.train
     sources, keys, extra = [], [], []
     if train.source in ("synthesized", "both"):
+        from music_dagster.training import TrainingError, collect_samples
+
+        incomplete = ", ".join(incomplete_shards(shard_root))
+        if incomplete and not train.allow_incomplete_shards:
+            raise TrainingError(
+                f"{shard_root}: incomplete shard {incomplete} (no {MANIFEST}): materialize data_job for "
+                f"{incomplete} (music stage data), or remove the partition (delete its folder), or set "
+                "train.allow_incomplete_shards: true to train without it")
+        if incomplete:
+            dg.get_dagster_logger().warning(f"{shard_root}: training without the incomplete shard {incomplete} "
+                                            "(train.allow_incomplete_shards is true)")
         keys = complete_shards(shard_root)
         sources += [shard_root / k for k in keys]
+        collect_samples(sources)  # the records and their image paths, checked now: nothing has started yet
     if train.source in ("procedural", "both"):
         from music_dagster.training import procedural_source
 
@@ -165,14 +182,19 @@ def train_and_publish(context: dg.AssetExecutionContext, config: Config, store: 
                       then: Callable[[Trained], None] | None = None) -> Trained:
     """Train `model` ("lora" or "detokenizer") with `train_fn` in its own MLflow run, resuming from its work
     folder; publish the weights to `target`, record them with DVC, log them under `artifact_path`, and call
-    `then` while the run is still open."""
+    `then` while the run is still open. A read-only `target` or a damaged or read-only MLflow store is refused
+    before training; a store failing after `target` is published names it and the command that logs it again."""
+    from music_dagster.storage import check_replaceable
+
     sources, keys, version = select_sources(config, store.asset_dir(SAMPLES_ASSET))
     work = work_dir(config, model, version)
-    with tracking.training_run(config, context, keys, version) as run:
+    check_replaceable(target, "paths.models")
+    with tracking.training_run(config, context, keys, version) as run:  # probes the store first
         run.set_tags({runs.TAG_MODEL: model})
         result = train_fn(config, sources, work, resume=True, on_step=run.log_step)
         log_steps(run, result.history[:result.resumed_from])
         digest = publish(result.model_dir, target, result.history, run)
+        run.keep(target, f"music stage {STAGES[model]}")
         drop_stale_work(work)
         run.set_tags({runs.TAG_CHECKPOINT_HASH: digest, "resumed_from": result.resumed_from})
         dvc_record = record_output(target)  # dvc.lock + push, so another clone can `dvc pull` it

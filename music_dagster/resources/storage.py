@@ -24,6 +24,11 @@ class DatasetStore(dg.ConfigurableResource):
     def shard_path(self, asset: str, key: str) -> Path:
         return self.asset_dir(asset) / storage.check_key(key)
 
+    def check_writable(self, asset: str, key: str) -> Path:
+        """Before a shard is computed: a one-line error when it could not be written (a read-only folder or
+        shard: a read-only shard is never replaced)."""
+        return storage.check_replaceable(self.shard_path(asset, key), "paths.datasets")
+
     def writer(self, asset: str, key: str, schema: dict) -> storage.ShardWriter:
         """`with store.writer("grid_layouts", key, SCHEMA) as w: ...`: the shard appears only when the block ends."""
         return storage.ShardWriter(self.shard_path(asset, key), schema)

@@ -27,6 +27,11 @@ class MlflowTracking(dg.ConfigurableResource):
                               experiment=self.experiment, ui_url=self.ui_url,
                               system_metrics_interval_s=self.system_metrics_interval_s)
 
+    def check(self) -> None:
+        """Before expensive work: a one-line error when the store is damaged or it or its artifact folder is
+        read-only (`tracking.check_store`)."""
+        tracking.check_store(self.store)
+
     def training_run(self, config: Config, context: dg.AssetExecutionContext, partitions=(), data_version=None,
                      name: str | None = None):
         """One run per training materialization, tagged with the Dagster run id, partitions and data version."""
