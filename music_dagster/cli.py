@@ -5,6 +5,7 @@ Bad input exits with code 2 and one line on stderr, never a traceback.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 
@@ -43,6 +44,12 @@ def _runs(args):
     from music_dagster.tracking import print_runs
 
     print_runs(limit=args.limit)
+
+
+def _doctor(args):
+    from music_dagster.doctor import run_doctor
+
+    return run_doctor(fix=args.fix)
 
 
 def _bench(args):
@@ -91,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     runs.add_argument("--limit", type=int, default=10)
     runs.set_defaults(func=_runs)
 
+    doctor = sub.add_parser("doctor", help="one line per problem found (stale runs, held pool slots, the MLflow "
+                                           "store, ...); exit 1 when there is any")
+    doctor.add_argument("--fix", action="store_true", help="also repair what can be (release stale runs)")
+    doctor.set_defaults(func=_doctor)
+
     bench = sub.add_parser("bench", help="benchmarks that print figures")
     bench.add_argument("what", choices=["zoo", "location", "data", "train", "generate", "metrics", "parallel"])
     bench.set_defaults(func=_bench)
@@ -103,12 +115,16 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     quiet_third_party(verbose=args.verbose)
+    # SIGTERM ends a command as Ctrl-C does (a run it executes is marked canceled), not by killing it outright.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        args.func(args)
+        return args.func(args) or 0  # a subcommand returns an exit code only when it has one of its own
     except UserError as e:
         print(f"music: error: {e}", file=sys.stderr)
         return 2
-    return 0
+    except KeyboardInterrupt as e:
+        print(f"music: interrupted{f' ({e})' if str(e) else ''}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

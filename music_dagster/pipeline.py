@@ -4,40 +4,207 @@
 materializes the data graph shard by shard, then training and evaluation. Every run lands in the instance under
 `DAGSTER_HOME` (default `.dagster_home/`), so `make ui` shows the runs, lineage and metadata afterwards. DVC's stages
 (`music stage ...`) run the same jobs through `run_job` and `materialize_shards`.
+
+What `run_job` adds to Dagster's in-process execution, so that a killed or stuck run never blocks the next one:
+- each run is tagged with its host and process; before a run starts, runs whose process is gone are marked failed
+  and their pool slots freed (`doctor.release_stale_runs`);
+- a step waiting for a pool slot says so on the console every 30 s, naming the runs that hold the slots, and gives
+  up after the profile's `pool_wait_s`;
+- Ctrl-C or SIGTERM ends the run, waiting or computing, as CANCELED with its slots freed;
+- a `UserError` raised in a step reaches the console as its one line plus the run id; the run's events in the
+  instance keep Dagster's full error dump.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import socket
+import sys
 import time
 
+import dagster as dg
+from dagster._core.errors import DagsterExecutionInterruptedError
+from dagster._core.executor import in_process
+from dagster._core.execution.plan.execute_plan import inner_plan_execution_iterator
+from dagster._core.execution.plan.instance_concurrency_context import InstanceConcurrencyContext
+from dagster._utils.interrupts import check_captured_interrupt, pop_captured_interrupt
+
 from music_dagster.config import PROJECT_ROOT, ConfigError, default_config
+from music_dagster.errors import UserError
 
 # The console shows what a person follows (stage progress, kept/dropped counts); the UI keeps every event.
 _RUN_CONFIG = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
+
+# Run tags naming the process that executes a run: a later command tells a killed run from a live one by them.
+TAG_HOST = "music/host"
+TAG_PID = "music/pid"
+TAG_PROCESS_START = "music/process_start"  # the process's start time: a reused pid is another process
+
+WAIT_REPORT_EVERY_S = 30.0  # how often a step waiting for a pool slot says so again
+_WAIT_POLL_S = 1.0  # how often the waiting loop wakes to notice an interrupt or the end of pool_wait_s
+
+
+class PoolWaitError(UserError):
+    """A step waited longer than the profile's `pool_wait_s` for a slot of its pool."""
+
+
+class RunError(UserError):
+    """A user error raised inside a step: its one line, and the run whose events hold the details."""
 
 
 def project_instance():
     """The Dagster instance under DAGSTER_HOME, the project's `.dagster_home/` unless set."""
     os.environ.setdefault("DAGSTER_HOME", str(PROJECT_ROOT / ".dagster_home"))
-    import dagster as dg
-
     return dg.DagsterInstance.get()
 
 
+def process_tags() -> dict[str, str]:
+    """The tags that tie a run to this process."""
+    import psutil
+
+    return {TAG_HOST: socket.gethostname(), TAG_PID: str(os.getpid()),
+            TAG_PROCESS_START: f"{psutil.Process().create_time():.3f}"}
+
+
+def short(run_id: str) -> str:
+    """A run id as the Dagster UI lists it."""
+    return run_id[:8]
+
+
+class _ConsoleFormatter(logging.Formatter):
+    """Dagster's console format; an error event (a failed step or run) shows its first line only: the rest is
+    Dagster's error dump (~90 lines), which the run's events in the instance keep for the UI."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return text.split("\n", 1)[0] if record.levelno >= logging.ERROR else text
+
+
+@dg.logger({"log_level": dg.Field(str, is_required=False, default_value="INFO")},
+           description="Dagster's console lines on stdout, an error event cut to its first line")
+def console_logger(init_context) -> logging.Logger:
+    logger = logging.Logger("dagster", level=init_context.logger_config["log_level"].upper())
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(_ConsoleFormatter("%(asctime)s - %(name)s - %(levelname)s - %(message)s",
+                                           "%Y-%m-%d %H:%M:%S %z"))
+    logger.addHandler(handler)
+    return logger
+
+
+class _PoolWait(InstanceConcurrencyContext):
+    """Dagster's slot bookkeeping for an in-process run (one per run), with the waiting made visible and bounded.
+
+    Dagster's in-process executor loops over `claim()` while a step waits for a slot of its pool. Here that wait
+    logs an INFO line naming the runs that hold the slots (at once, then every 30 s), gives up after `wait_s`
+    with a PoolWaitError, and ends on Ctrl-C or SIGTERM: Dagster only holds those until a step's own code runs,
+    and a waiting step runs none. An interrupted run is marked CANCELING before Dagster ends it, so it ends
+    CANCELED (not FAILURE); leaving this context frees the run's pending claims.
+    """
+
+    def __init__(self, job_context, wait_s: float):
+        super().__init__(job_context.instance, job_context.dagster_run)
+        self._job_context = job_context
+        self._wait_s = wait_s
+        self._waiting: dict[str, list[float]] = {}  # step key -> [first refused at, last reported at]
+
+    def claim(self, concurrency_key: str, step_key: str, step_priority: int = 0) -> bool:
+        if check_captured_interrupt():
+            pop_captured_interrupt()
+            raise DagsterExecutionInterruptedError(f"interrupted while {step_key} waited for a slot")
+        if super().claim(concurrency_key, step_key, step_priority):
+            self._waiting.pop(step_key, None)
+            return True
+        now = time.monotonic()
+        waiting = self._waiting.setdefault(step_key, [now, -WAIT_REPORT_EVERY_S])
+        if now - waiting[0] > self._wait_s:
+            raise PoolWaitError(f"step {step_key} waited {self._wait_s:g} s for a slot of pool {concurrency_key}, "
+                                f"held by {self._holders(concurrency_key)}; `music doctor` tells whether they are stale "
+                                f"(pool_wait_s in params.yaml sets the wait)")
+        if now - waiting[1] >= WAIT_REPORT_EVERY_S:
+            waiting[1] = now
+            self._job_context.log.info(
+                f"{step_key} is waiting for a slot of pool {concurrency_key}, held by "
+                f"{self._holders(concurrency_key)}; waited {now - waiting[0]:.0f} s of {self._wait_s:g} s (pool_wait_s)")
+        return False
+
+    def _holders(self, pool: str) -> str:
+        info = self._instance.event_log_storage.get_concurrency_info(pool)
+        holders = [f"run {short(s.run_id)} ({s.step_key})" for s in info.claimed_slots]
+        # Slots just handed to other waiting steps count as theirs.
+        holders += [f"run {short(p.run_id)} ({p.step_key})" for p in info.pending_steps
+                    if p.assigned_timestamp and p.run_id != self._run_id and
+                    not any(s.run_id == p.run_id and s.step_key == p.step_key for s in info.claimed_slots)]
+        return f"{', '.join(holders) or 'no run'} ({len(info.claimed_slots)} of {info.slot_count} slots taken)"
+
+    def interval_to_next_pending_claim_check(self) -> float:
+        # Dagster 1.13 returns min(0, <seconds to the next check>) here: never positive, so the in-process loop
+        # (ActiveExecution.sleep_til_ready) never sleeps and a step waiting for a slot spins a core at 100%.
+        # Sleep until the next check instead, waking at least every second to notice an interrupt or the end of
+        # pool_wait_s.
+        if not self._pending_claims:
+            return 0.0
+        now = time.time()
+        return max(0.0, min([_WAIT_POLL_S, *(due - now for due in self._pending_timeouts.values())]))
+
+    def __exit__(self, exc_type, exc_value, traceback) -> None:
+        if exc_type is not None and issubclass(exc_type, (KeyboardInterrupt, DagsterExecutionInterruptedError)):
+            self._instance.report_run_canceling(self._job_context.dagster_run, "music: interrupted (Ctrl-C or SIGTERM)")
+        super().__exit__(exc_type, exc_value, traceback)
+
+
+@contextlib.contextmanager
+def _bounded_pool_wait(wait_s: float):
+    """Run in-process executions with `_PoolWait` in place of Dagster's own slot bookkeeping.
+
+    The in-process executor builds its InstanceConcurrencyContext inside `inprocess_execution_iterator` and offers
+    no way to pass another, so this swaps that function (the same three lines, with `_PoolWait`) for the
+    duration of one run.
+    """
+
+    def iterator(job_context, execution_plan, instance_concurrency_context=None):
+        with _PoolWait(job_context, wait_s) as pool_wait:
+            yield from inner_plan_execution_iterator(job_context, execution_plan, pool_wait)
+
+    original = in_process.inprocess_execution_iterator
+    in_process.inprocess_execution_iterator = iterator
+    try:
+        yield
+    finally:
+        in_process.inprocess_execution_iterator = original
+
+
 def run_job(job_name: str, instance, partition_key: str | None = None, assets: list[str] | None = None) -> None:
-    """Execute one of the code location's jobs in this process (optionally a partition, or a subset of its assets)."""
-    import dagster as dg
+    """Execute one of the code location's jobs in this process (optionally a partition, or a subset of its assets),
+    after releasing runs whose process is gone."""
+    from dagster._core.utils import make_new_run_id
 
     from music_dagster.definitions import defs
+    from music_dagster.doctor import release_stale_runs
 
+    for line in release_stale_runs(instance):
+        print(f"music pipeline: {line}", flush=True)
+    job = defs.resolve_job_def(job_name).with_logger_defs({"console": console_logger})
+    run_id = make_new_run_id()
     label = job_name + (f"[{partition_key}]" if partition_key else "") + (f" {assets}" if assets else "")
     start = time.perf_counter()
-    print(f"music pipeline: {label} ...", flush=True)
-    result = defs.resolve_job_def(job_name).execute_in_process(
-        run_config=_RUN_CONFIG, instance=instance, partition_key=partition_key,
-        asset_selection=[dg.AssetKey(a) for a in assets] if assets else None,
-    )
-    print(f"music pipeline: {label} succeeded in {time.perf_counter() - start:.1f} s (run {result.run_id})", flush=True)
+    print(f"music pipeline: {label} ... (run {run_id})", flush=True)
+    try:
+        # While the run executes, whatever it prints (Dagster's console, MLflow, progress bars, warnings) goes to
+        # stdout: stderr is left for the command's one-line outcome.
+        with _bounded_pool_wait(default_config().profile.pool_wait_s), contextlib.redirect_stderr(sys.stdout):
+            job.execute_in_process(
+                run_config=_RUN_CONFIG, instance=instance, partition_key=partition_key, run_id=run_id,
+                asset_selection=[dg.AssetKey(a) for a in assets] if assets else None, tags=process_tags(),
+            )
+    except UserError as e:
+        raise RunError(f"{e} (Dagster run {run_id}: its events in `make ui` have the details)") from e
+    except (KeyboardInterrupt, DagsterExecutionInterruptedError):
+        raise KeyboardInterrupt(f"run {run_id} canceled") from None
+    finally:
+        # A step interrupted mid-way may not have handed its slot back; no-op when it did.
+        instance.event_log_storage.free_concurrency_slots_for_run(run_id)
+    print(f"music pipeline: {label} succeeded in {time.perf_counter() - start:.1f} s (run {run_id})", flush=True)
 
 
 def materialize_shards(instance, num_shards: int | None = None) -> None:
