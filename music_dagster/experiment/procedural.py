@@ -1,0 +1,523 @@
+"""The procedural experiment: MUSIC, its ablations and its test-time variants, scored in pixels against ground truth.
+
+Every row trains on the same procedural world (seed `config.seed`, `train.procedural_samples` world samples), with
+the same step budgets (`train` and `detokenizer` sections), and generates for the same held-out prompts (world
+samples from `HELD_OUT_START` on, never trained on) end to end: plan, visual tokens, de-tokenizer. The pictures and
+plans are scored by `experiment.metrics`. Rows (`ROWS`):
+
+| row | MUSIC model | at test time |
+| --- | --- | --- |
+| untrained | initial weights (feature statistics of the training targets set) | greedy plan |
+| full | `train.ablation: none` | greedy plan |
+| no_cot, no_layout, neither, no_decimation | trained with that `train.ablation` | greedy plan |
+| shuffled_references | full | each subject gets another prompt's reference image |
+| gt_tokens | none | the de-tokenizer decodes the target's own visual tokens (the ceiling MUSIC can reach) |
+| music_star_clip | full | `BRANCHES` sampled plans, the highest CLIP image-text score kept (MUSIC*) |
+| music_star_oracle | full | the same branches, the one with the best placement + identity kept (what selection could gain) |
+
+One de-tokenizer serves every row. Trained models are kept under `root/<name>-<hash>/` (the hash covers what decides
+them), so rows that share a model train it once and a re-run resumes. torch is imported inside functions.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from music_dagster.errors import UserError
+from music_dagster.experiment.metrics import METRICS, paired_gap, score_image, score_plan, summarise
+
+HELD_OUT_START = 10 ** 6  # held-out prompts are world samples from here on (training uses 0..procedural_samples-1)
+BRANCHES = 4  # MUSIC*: sampled plans per prompt
+RESULTS_FILE = "procedural.json"
+PLOT_FILE = "procedural.png"
+FIGURE_FILE = "procedural_examples.png"
+DECODE_CHUNK = 32  # prompts per batched plan / decode
+
+
+class ExperimentError(UserError):
+    """An experiment request that cannot run: an unknown row, no held-out prompts."""
+
+
+@dataclass(frozen=True)
+class Row:
+    """How one row of the table is made: which trained MUSIC model (its `train.ablation`, None: no MUSIC model),
+    and what changes at test time."""
+
+    ablation: str | None = "none"
+    trained: bool = True
+    shuffled: bool = False
+    select: str | None = None  # MUSIC*: "clip" or "oracle" over BRANCHES sampled plans
+
+
+ROWS = {
+    "untrained": Row(trained=False),
+    "full": Row(),
+    "no_cot": Row("no_cot"),
+    "no_layout": Row("no_layout"),
+    "neither": Row("neither"),
+    "no_decimation": Row("no_decimation"),
+    "shuffled_references": Row(shuffled=True),
+    "gt_tokens": Row(None),
+    "music_star_clip": Row(select="clip"),
+    "music_star_oracle": Row(select="oracle"),
+}
+# The rows that need no model beyond the full method's (what `music demo procedural` runs by default).
+DEMO_ROWS = tuple(name for name, row in ROWS.items() if row.ablation in ("none", None))
+# The comparisons the issue asks for: (row a, row b, metric) -> mean paired gap a - b with its interval.
+GAPS = (("full", "untrained", "placement"), ("full", "shuffled_references", "identity"),
+        ("full", "no_layout", "placement"), ("full", "no_cot", "identity"), ("full", "neither", "placement"),
+        ("full", "no_decimation", "placement"), ("gt_tokens", "full", "placement"),
+        ("music_star_oracle", "full", "placement"), ("music_star_clip", "full", "placement"))
+
+
+def check_rows(names: Sequence[str]) -> list[str]:
+    """The rows asked for, in table order; an unknown name is one line listing the known ones."""
+    unknown = [n for n in names if n not in ROWS]
+    if unknown:
+        raise ExperimentError(f"unknown experiment row {unknown[0]!r} (rows: {', '.join(ROWS)})")
+    return [n for n in ROWS if n in names]
+
+
+@dataclass
+class RowResult:
+    """One row: per-subject score rows, their summary, a few examples for the figure, and its wall time."""
+
+    name: str
+    rows: list[dict]
+    summary: dict
+    examples: list[dict] = field(repr=False, default_factory=list)
+    seconds: float = 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training (shared by the rows)
+def _key(config, *parts) -> str:
+    """A short hash of what decides a trained model: the sections it reads, the backbones, the seed, the world."""
+    profile = config.profile
+    decided = {"seed": config.seed, "models": {r: profile.models[r].model_dump(mode="json")
+                                                for r in ("music_llm", "music_vision", "music_unet")},
+               "grid": profile.data.grid, "parts": [p.model_dump(mode="json") if hasattr(p, "model_dump") else p
+                                                    for p in parts]}
+    return hashlib.sha256(json.dumps(decided, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def train_detokenizer_once(config, root: Path, log: Callable[[str], None] = print) -> Path:
+    """The experiment's de-tokenizer (reconstruction on the world's targets), trained once under `root`."""
+    from music_dagster.procedural import WorldSettings, procedural_samples
+    from music_dagster.training import train_detokenizer
+
+    train = config.profile.train
+    world = WorldSettings.from_config(config)
+    decided = (config.profile.detokenizer, train.image_queries, train.procedural_samples, repr(world))
+    work = root / f"detokenizer-{_key(config, *decided)}"
+    log(f"de-tokenizer: training into {work}")
+    t0 = time.perf_counter()
+    result = train_detokenizer(config, [procedural_samples(train.procedural_samples, config.seed, world)], work)
+    log(f"de-tokenizer: {result.steps} steps, final loss {result.history[-1]['loss']:.4f} "
+        f"({time.perf_counter() - t0:.0f} s)")
+    return result.model_dir
+
+
+def train_music_once(config, ablation: str, root: Path, log: Callable[[str], None] = print) -> Path:
+    """MUSIC trained on the world with `train.ablation = ablation`, once under `root`."""
+    from music_dagster.training import _with, procedural_source, train_music
+
+    cfg = _with(config, "train", ablation=ablation)
+    work = root / f"music-{ablation}-{_key(cfg, cfg.profile.train)}"
+    log(f"MUSIC ({ablation}): training into {work}")
+    t0 = time.perf_counter()
+    result = train_music(cfg, [procedural_source(cfg)], work)
+    log(f"MUSIC ({ablation}): {result.steps} steps on {result.samples} samples, final L1 "
+        f"{result.history[-1]['L1']:.4f} L2 {result.history[-1]['L2']:.4f} ({time.perf_counter() - t0:.0f} s)")
+    return result.model_dir
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Generation and scoring
+def held_out_prompts(config, n: int) -> list:
+    """`n` held-out world samples (never trained on): the prompts and their ground truth."""
+    from music_dagster.procedural import WorldSettings, procedural_samples
+
+    if n < 1:
+        raise ExperimentError(f"the experiment needs at least one held-out prompt, got {n}")
+    return procedural_samples(n, config.seed, WorldSettings.from_config(config), start=HELD_OUT_START)
+
+
+def shuffled_references(prompts: Sequence) -> list:
+    """Each subject gets the reference image of a subject of another prompt (the subject counts kept)."""
+    from music_dagster.model import Sample
+
+    refs = [r for p in prompts for r in p.references]
+    longest = max(len(p.references) for p in prompts)
+    order = np.roll(np.arange(len(refs)), longest + 1)  # a shift past any prompt's subjects: always another prompt
+    out, k = [], 0
+    for p in prompts:
+        n = len(p.references)
+        out.append(Sample(p.instruction, [refs[j] for j in order[k:k + n]], p.cot, p.layout, p.target, p.id, p.meta))
+        k += n
+    return out
+
+
+def _score(prompt, image, plan, ablation: str | None) -> list[dict]:
+    """Per-subject image and plan scores of one generated image, tagged with the sample and its subject count."""
+    subjects = prompt.meta["subjects"]
+    rows = score_image(image, prompt.layout, subjects)
+    if plan is not None:
+        writes_cot = ablation not in ("no_cot", "neither")
+        writes_layout = ablation not in ("no_layout", "neither")
+        for row, extra in zip(rows, score_plan(plan.cot, plan.layout, prompt.layout, subjects,
+                                               writes_cot=writes_cot, writes_layout=writes_layout)):
+            row.update({k: v for k, v in extra.items() if k != "subject"})
+    for row in rows:
+        row.update(sample=prompt.id, count=len(subjects))
+    return rows
+
+
+def _oracle_value(rows: list[dict]) -> float:
+    return float(np.mean([r["placement"] + r["identity"] for r in rows]))
+
+
+@dataclass
+class Models:
+    """What the rows generate with: the de-tokenizer, MUSIC models by ablation (and the untrained one), CLIP."""
+
+    detokenizer: object
+    music: dict
+    vision: object  # the `music_vision` handle (the ground-truth visual tokens)
+    clip: object | None = None
+
+
+def generate_branches(model, detok, prompts: Sequence, branches: int, seed: int, gen_cfg) -> list[list[tuple]]:
+    """For each prompt, `branches` (plan, image) pairs: plans decoded in batches (greedy for one branch, sampled
+    for several), their visual tokens in one forward, one batched DDIM decode per chunk of prompts."""
+    out = []
+    for start in range(0, len(prompts), DECODE_CHUNK):
+        chunk = prompts[start:start + DECODE_CHUNK]
+        encoded = [model.encode(p, with_target=False) for p in chunk]
+        plans = model.plan(chunk, branches=branches, sample=branches > 1, temperature=gen_cfg.temperature,
+                           top_k=gen_cfg.top_k, max_new_tokens=gen_cfg.max_plan_tokens, seed=seed + start,
+                           encoded=encoded)
+        flat = [p for row in plans for p in row]
+        tokens = model.image_tokens([p for p in chunk for _ in range(branches)], flat,
+                                    encoded=[e for e in encoded for _ in range(branches)])
+        images = detok.decode(tokens, seed=seed + start, steps=gen_cfg.decode_steps)
+        for i in range(len(chunk)):
+            out.append([(flat[i * branches + b], images[i * branches + b]) for b in range(branches)])
+    return out
+
+
+def run_rows(config, names: Sequence[str], models: Models, prompts: Sequence, examples: int = 4,
+             log: Callable[[str], None] = print) -> dict[str, RowResult]:
+    """Generate and score every row in `names` on `prompts` with loaded `models` (see `load_models`)."""
+    from music_dagster.generate import clip_text_scores
+    from music_dagster.model import target_tokens
+    from music_dagster.training import flush_denormals
+
+    gen_cfg = config.profile.generate
+    results, star = {}, None
+    with flush_denormals():
+        for name in check_rows(names):
+            row = ROWS[name]
+            t0 = time.perf_counter()
+            scored, shown = [], []
+            if row.ablation is None:  # the de-tokenizer on the targets' own visual tokens
+                images = []
+                for start in range(0, len(prompts), DECODE_CHUNK):
+                    chunk = prompts[start:start + DECODE_CHUNK]
+                    tokens = target_tokens(models.vision.model, models.vision.processor, [p.target for p in chunk],
+                                           config.profile.train.image_queries)
+                    images += models.detokenizer.decode(tokens, seed=config.seed + start, steps=gen_cfg.decode_steps)
+                picks = [(None, im) for im in images]
+            else:
+                model = models.music[row.ablation if row.trained else "untrained"]
+                asked = shuffled_references(prompts) if row.shuffled else list(prompts)
+                if row.select is not None:
+                    if star is None:
+                        star = generate_branches(model, models.detokenizer, asked, BRANCHES, config.seed, gen_cfg)
+                    branches = star
+                else:
+                    branches = generate_branches(model, models.detokenizer, asked, 1, config.seed, gen_cfg)
+                picks = []
+                for prompt, options in zip(prompts, branches):
+                    if row.select == "clip":
+                        scores = clip_text_scores(models.clip, [im for _, im in options], prompt.instruction)
+                        best = int(np.argmax(scores))
+                    elif row.select == "oracle":
+                        values = [_oracle_value(_score(prompt, im, plan, row.ablation)) for plan, im in options]
+                        best = int(np.argmax(values))
+                    else:
+                        best = 0
+                    picks.append(options[best])
+            for i, (prompt, (plan, image)) in enumerate(zip(prompts, picks)):
+                scored += _score(prompt, image, plan, row.ablation)
+                if i < examples:
+                    shown.append({"prompt": prompt, "plan": plan, "image": image})
+            results[name] = RowResult(name, scored, summarise(scored), shown, time.perf_counter() - t0)
+            overall = results[name].summary
+            log(f"{name}: placement {overall['placement']['overall']['mean']:.3f} identity "
+                f"{overall['identity']['overall']['mean']:.3f} ({results[name].seconds:.0f} s)")
+    return results
+
+
+def load_models(config, names: Sequence[str], root: Path, log: Callable[[str], None] = print) -> Models:
+    """Train (or find) and load every model the rows `names` need."""
+    import torch
+
+    from music_dagster.detokenizer import Detokenizer, load_vae
+    from music_dagster.model import MusicModel, MusicSettings, target_tokens
+    from music_dagster.training import _with, device_of, load_backbone, procedural_source
+
+    names = check_rows(names)
+    torch.set_num_threads(config.profile.torch_threads)
+    device = device_of(config)
+    detok_cfg = config.profile.detokenizer
+    vae = load_vae(detok_cfg.vae, device) if detok_cfg.vae is not None else None
+    detok = Detokenizer.from_pretrained(train_detokenizer_once(config, root, log), vae=vae, device=device)
+    music = {}
+    for ablation in dict.fromkeys(ROWS[n].ablation for n in names if ROWS[n].trained and ROWS[n].ablation):
+        folder = train_music_once(config, ablation, root, log)
+        music[ablation] = MusicModel.from_pretrained(folder, load_backbone(config, "music_llm"),
+                                                     load_backbone(config, "music_vision"))
+    if "untrained" in names:
+        torch.manual_seed(config.seed)
+        cfg = _with(config, "train", ablation="none")
+        untrained = MusicModel(load_backbone(cfg, "music_llm"), load_backbone(cfg, "music_vision"),
+                               MusicSettings.from_config(cfg.profile.train, grid=cfg.profile.data.grid))
+        targets = [s.target for s in procedural_source(cfg)[:cfg.profile.train.feature_stats_samples]]
+        with torch.no_grad():
+            untrained.set_feature_stats(target_tokens(untrained.vision, untrained.processor, targets,
+                                                      cfg.profile.train.image_queries))
+        music["untrained"] = untrained.eval()
+    clip = None
+    if any(ROWS[n].select == "clip" for n in names):
+        from music_dagster.loaders import load_role
+
+        config.check_models(["clip"])
+        clip = load_role("clip", config.models["clip"], device, config.profile.dtype)
+    return Models(detok, music, load_backbone(config, "music_vision"), clip)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The table, the figure, the plot
+def comparison(results: dict[str, RowResult]) -> dict:
+    """The gaps of `GAPS` whose rows both ran: {"a-b/metric": paired gap with interval}."""
+    out = {}
+    for a, b, metric in GAPS:
+        if a in results and b in results:
+            out[f"{a}-{b}/{metric}"] = paired_gap(results[a].rows, results[b].rows, metric)
+    return out
+
+
+def results_json(config, results: dict[str, RowResult]) -> dict:
+    """What `metrics/procedural.json` holds: every row's summary (each metric's mean, 95% interval and n, overall
+    and per subject count), the gaps, and the settings that decide them."""
+    train, detok = config.profile.train, config.profile.detokenizer
+    held_out = len({r["sample"] for result in results.values() for r in result.rows})
+    return {
+        "profile": config.profile_name, "seed": config.seed, "held_out_prompts": held_out, "branches": BRANCHES,
+        "world": {"samples": train.procedural_samples, "image_size": train.procedural_image_size,
+                  "subjects": [train.procedural_min_subjects, train.procedural_max_subjects]},
+        "steps": {"music": train.max_steps, "detokenizer": detok.max_steps},
+        "rows": {name: {"metrics": r.summary, "seconds": round(r.seconds, 1)} for name, r in results.items()},
+        "gaps": comparison(results),
+    }
+
+
+def table_markdown(results: dict[str, RowResult]) -> str:
+    """The comparison table: one row per method, each metric as `mean [lo, hi]` (n in the last column)."""
+    head = "| row | " + " | ".join(METRICS) + " | n (subjects) |\n|" + " --- |" * (len(METRICS) + 2) + "\n"
+    lines = []
+    for name, r in results.items():
+        cells = []
+        for metric in METRICS:
+            s = r.summary.get(metric, {}).get("overall")
+            cells.append("-" if s is None else f"{s['mean']:.2f} [{s['lo']:.2f}, {s['hi']:.2f}]")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {r.summary['placement']['overall']['n']} |")
+    return head + "\n".join(lines) + "\n"
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    import textwrap
+
+    return textwrap.wrap(text, width) or [""]
+
+
+def figure(result: RowResult, size: int = 128) -> "Image.Image":
+    """For each example prompt: the references, the generated image with the predicted layout over it, the
+    generated image, the ground truth, and under them the instruction and the CoT."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    from music_dagster.layout import render_overlay
+
+    font = ImageFont.load_default(size=12)
+    ref = size // 2
+    text_lines = 6
+    row_h = size + 16 + 14 * text_lines + 8
+    width = 4 * ref + 8 + 3 * (size + 8) + 8
+    sheet = Image.new("RGB", (width, 20 + row_h * len(result.examples)), "white")
+    draw = ImageDraw.Draw(sheet)
+    draw.text((4, 4), f"{result.name}: references | predicted layout | generated | ground truth", fill="black",
+              font=font)
+    for i, ex in enumerate(result.examples):
+        y = 20 + i * row_h
+        prompt, plan, image = ex["prompt"], ex["plan"], ex["image"]
+        for k, r in enumerate(prompt.references):
+            sheet.paste(r.convert("RGB").resize((ref, ref)), (4 + (k % 4) * ref, y + (k // 4) * ref))
+            draw.text((6 + (k % 4) * ref, y + 2), f"[{k + 1}]", fill="black", font=font)
+        x = 4 * ref + 12
+        shown = image.convert("RGB").resize((size, size), Image.NEAREST)
+        layout = plan.layout if plan is not None and plan.layout is not None else None
+        overlay = render_overlay(shown, layout) if layout is not None else shown
+        for k, (title, im) in enumerate((("layout", overlay), ("generated", shown),
+                                         ("truth", prompt.target.convert("RGB").resize((size, size))))):
+            sheet.paste(im, (x + k * (size + 8), y))
+        lines = _wrap("instruction: " + prompt.instruction, 110)
+        cot = plan.cot if plan is not None else "(no plan)"
+        lines += _wrap("CoT: " + (cot or "(none)"), 110)
+        for k, line in enumerate(lines[:text_lines]):
+            draw.text((4, y + size + 12 + 14 * k), line, fill="black", font=font)
+    return sheet
+
+
+def plot(results: dict[str, RowResult]) -> "Image.Image":
+    """Bar chart of placement and identity per row, with 95% intervals."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    names = list(results)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.8 * len(names), 3.2), dpi=80)
+    for k, metric in enumerate(("placement", "identity")):
+        means = [results[n].summary[metric]["overall"]["mean"] for n in names]
+        lo = [m - results[n].summary[metric]["overall"]["lo"] for n, m in zip(names, means)]
+        hi = [results[n].summary[metric]["overall"]["hi"] - m for n, m in zip(names, means)]
+        ax.bar(np.arange(len(names)) + (k - 0.5) * 0.38, means, 0.38, yerr=[lo, hi], label=metric, capsize=2)
+    ax.set_xticks(np.arange(len(names)), names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    ax.set_title("procedural world: held-out prompts, 95% intervals", fontsize=9)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+
+
+ROW_FILE, ROW_FIGURE, TABLE_FILE = "row.json", "examples.png", "procedural_table.md"
+
+
+def save_row(result: RowResult, folder: str | os.PathLike) -> Path:
+    """A row's per-subject scores, summary and wall time (`row.json`) and its example figure, into a new
+    folder (staged, then renamed into place)."""
+    from music_dagster.storage import png_bytes, staged_dir
+
+    with staged_dir(folder) as tmp:
+        data = {"name": result.name, "rows": result.rows, "summary": result.summary, "seconds": result.seconds}
+        (tmp / ROW_FILE).write_text(json.dumps(data, sort_keys=True) + "\n")
+        if result.examples:
+            (tmp / ROW_FIGURE).write_bytes(png_bytes(figure(result)))
+    return Path(folder)
+
+
+def load_row(folder: str | os.PathLike) -> RowResult:
+    """A row saved by `save_row` (without its examples)."""
+    from music_dagster.storage import read_json
+
+    data = read_json(Path(folder) / ROW_FILE, error=ExperimentError)
+    return RowResult(data["name"], data["rows"], data["summary"], seconds=data["seconds"])
+
+
+def write_outputs(config, results: dict[str, RowResult], folder: str | os.PathLike,
+                  example_figure: "Image.Image | None" = None) -> dict[str, Path]:
+    """`procedural.json`, the comparison table (markdown), the plot and the example figure (the full row's, or
+    `example_figure`) into `folder`, each written atomically."""
+    from music_dagster.storage import atomic_write_bytes, atomic_write_text, png_bytes
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {"results": folder / RESULTS_FILE, "table": folder / TABLE_FILE, "plot": folder / PLOT_FILE,
+             "figure": folder / FIGURE_FILE}
+    atomic_write_text(paths["results"], json.dumps(results_json(config, results), indent=1,
+                                                   sort_keys=True) + "\n")
+    atomic_write_text(paths["table"], table_markdown(results))
+    atomic_write_bytes(paths["plot"], png_bytes(plot(results)))
+    if example_figure is None:
+        shown = results.get("full") or next(iter(results.values()))
+        example_figure = figure(shown) if shown.examples else None
+    if example_figure is not None:
+        atomic_write_bytes(paths["figure"], png_bytes(example_figure))
+    else:
+        del paths["figure"]
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MLflow: one run per row, nested under one parent with the comparison
+TAG_EXPERIMENT = "music.experiment"
+
+
+def _summary_metrics(summary: dict) -> dict[str, float]:
+    out = {}
+    for metric, s in summary.items():
+        o = s["overall"]
+        out.update({metric: o["mean"], f"{metric}_lo": o["lo"], f"{metric}_hi": o["hi"], f"{metric}_n": o["n"]})
+    return out
+
+
+def log_row_run(store, config, result: RowResult, folder: Path, tags: dict | None = None) -> dict:
+    """One MLflow run for a row: the config as params, overall scores as metrics (per subject count as steps),
+    the row folder as artifacts. Returns the run reference."""
+    from music_dagster import tracking
+
+    base = {tracking.TAG_KIND: "experiment", TAG_EXPERIMENT: "procedural", "row": result.name,
+            "profile": config.profile_name, tracking.TAG_GIT_COMMIT: tracking.git_commit()}
+    with tracking.start_run(store, f"procedural/{result.name}", {**base, **(tags or {})}) as run:
+        run.log_params(tracking.config_params(config))
+        run.log_metrics(_summary_metrics(result.summary))
+        for metric, s in result.summary.items():
+            for count, v in s["by_count"].items():
+                run.log_step(int(count), {f"{metric}/by_subject_count": v["mean"]})
+        run.log_artifacts(folder, "row")
+        return run.reference()
+
+
+def log_parent_run(store, config, results: dict[str, RowResult], files: dict[str, Path], children: Sequence[str],
+                   tags: dict | None = None) -> dict:
+    """The parent run: every row's overall scores (`<row>/<metric>`), the gaps, the table, plot, figure and
+    results JSON; each row run in `children` is nested under it."""
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+    from music_dagster import tracking
+
+    base = {tracking.TAG_KIND: "experiment", TAG_EXPERIMENT: "procedural", "profile": config.profile_name,
+            tracking.TAG_GIT_COMMIT: tracking.git_commit()}
+    with tracking.start_run(store, "procedural experiment", {**base, **(tags or {})}) as run:
+        metrics = {f"{name}/{k}": v for name, r in results.items() for k, v in _summary_metrics(r.summary).items()}
+        for gap, value in comparison(results).items():
+            metrics[f"gap/{gap}"] = value["mean"]
+        run.log_metrics({k: v for k, v in metrics.items() if v is not None})
+        for path in files.values():
+            run.log_artifact(path)
+        for child in children:
+            run.client.set_tag(child, MLFLOW_PARENT_RUN_ID, run.run_id)
+        return run.reference()
+
+
+def run_experiment(config, names: Sequence[str], root: str | os.PathLike, held_out: int,
+                   log: Callable[[str], None] = print) -> dict[str, RowResult]:
+    """Train what the rows need (once, under `root`), then generate and score each row on `held_out` prompts."""
+    names = check_rows(names)
+    prompts = held_out_prompts(config, held_out)
+    models = load_models(config, names, Path(root), log)
+    return run_rows(config, names, models, prompts, log=log)
