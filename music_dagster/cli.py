@@ -40,6 +40,12 @@ def _data_dreambench(args):
     print(f"DreamBench imported into {import_dreambench(args.out, args.rev or DREAMBENCH_REV)}")
 
 
+def _demo(args):
+    from music_dagster.experiment.procedural import cli_demo
+
+    cli_demo(args)
+
+
 def _runs(args):
     from music_dagster.tracking import print_runs
 
@@ -50,6 +56,12 @@ def _doctor(args):
     from music_dagster.doctor import run_doctor
 
     return run_doctor(fix=args.fix)
+
+
+def _check(args):
+    from music_dagster.dryrun import run_check
+
+    return run_check(args.profile)
 
 
 def _bench(args):
@@ -94,6 +106,16 @@ def build_parser() -> argparse.ArgumentParser:
     dreambench.add_argument("--rev", default=None, help="a google/dreambooth commit (default: the pinned one)")
     dreambench.set_defaults(func=_data_dreambench)
 
+    demo = sub.add_parser("demo", help="show the method working: the procedural experiment on a CPU profile")
+    demo_sub = demo.add_subparsers(dest="demo_command", required=True)
+    procedural = demo_sub.add_parser("procedural", help="train, generate for held-out prompts, score pixels "
+                                     "against ground truth; writes metrics/procedural.json and a figure")
+    procedural.add_argument("--profile", default="procedural", help="params.yaml profile (default: procedural)")
+    procedural.add_argument("--row", dest="rows", action="append", metavar="ROW",
+                            help="a row of the table (repeatable; default: the rows that need only the full model)")
+    procedural.add_argument("--held-out", type=int, default=48, help="held-out prompts (default 48)")
+    procedural.set_defaults(func=_demo)
+
     runs = sub.add_parser("runs", help="the latest MLflow runs with key params, losses, scores and checkpoint hash")
     runs.add_argument("--limit", type=int, default=10)
     runs.set_defaults(func=_runs)
@@ -102,6 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
                                            "store, ...); exit 1 when there is any")
     doctor.add_argument("--fix", action="store_true", help="also repair what can be (release stale runs)")
     doctor.set_defaults(func=_doctor)
+
+    check = sub.add_parser("check", help="build every role of a profile without weights (meta device), compare "
+                                         "parameter counts with the published sizes, estimate training memory")
+    check.add_argument("profile", choices=["full"], help="the profile to check at full size")
+    check.set_defaults(func=_check)
 
     bench = sub.add_parser("bench", help="benchmarks that print figures")
     bench.add_argument("what", choices=["zoo", "location", "data", "train", "generate", "metrics", "parallel"])

@@ -189,6 +189,8 @@ class TrainConfig(_Spelled):
     cache_features: bool = False  # keep every sample's vision features in memory (small data only)
     feature_stats_samples: int = Field(default=256, gt=0)  # training targets used for L2 standardisation
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    # recompute each decoder layer's activations in the backward pass: memory for about a third more compute
+    gradient_checkpointing: bool = True
 
     @model_validator(mode="after")
     def _check(self):
@@ -221,6 +223,7 @@ class DetokenizerConfig(_Spelled):
     checkpoint_every: int = Field(default=500, gt=0)
     checkpoints_kept: int = Field(default=2, gt=0)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    gradient_checkpointing: bool = True  # recompute each UNet block's activations in the backward pass
 
 
 class EvalConfig(_Spelled):

@@ -118,20 +118,42 @@ def _model(auto_cls, spec: ModelSpec, device, dtype, **extra):
     return model.eval().to(device)
 
 
-def _load_causal_lm(role, spec, device, dtype):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+# The transformers class (and its extra arguments) each transformers role is built with: what `load_role` loads and
+# what `music check full` (dryrun.py) builds without weights from the repository's copies of the Hub configs.
+HF_MODEL_CLASSES = {
+    "llm": ("AutoModelForCausalLM", {}),
+    "vlm": ("AutoModelForImageTextToText", {}),
+    "detector": ("AutoModelForZeroShotObjectDetection", {}),
+    "segmenter": ("AutoModelForMaskGeneration", {}),
+    # DINO's checkpoint has no pooler: the CLS token of the last hidden state is the feature
+    "dino": ("AutoModel", {"add_pooling_layer": False}),
+    "music_llm": ("AutoModelForCausalLM", {}),
+    # a full SigLIP checkpoint holds both towers: SiglipVisionModel reads the vision one
+    "music_vision": ("SiglipVisionModel", {}),
+}
+PIPELINE_CLASSES = {"t2i": "FluxPipeline", "i2i": "FluxKontextPipeline"}  # diffusers pipelines
 
-    return ModelHandle(role, device, dtype, model=_model(AutoModelForCausalLM, spec, device, dtype),
+
+def _hf_model(role, spec, device, dtype):
+    import transformers
+
+    name, extra = HF_MODEL_CLASSES[role]
+    return _model(getattr(transformers, name), spec, device, dtype, **extra)
+
+
+def _load_causal_lm(role, spec, device, dtype):
+    from transformers import AutoTokenizer
+
+    return ModelHandle(role, device, dtype, model=_hf_model(role, spec, device, dtype),
                        tokenizer=AutoTokenizer.from_pretrained(spec.source, **_hf_kwargs(spec)))
 
 
-def _load_with_processor(auto_cls, processor_cls="AutoProcessor", **extra):
+def _load_with_processor(processor_cls="AutoProcessor"):
     def load(role, spec, device, dtype):
         import transformers
 
         processor = getattr(transformers, processor_cls).from_pretrained(spec.source, **_hf_kwargs(spec))
-        model = _model(getattr(transformers, auto_cls), spec, device, dtype, **extra)
-        return ModelHandle(role, device, dtype, model=model, processor=processor)
+        return ModelHandle(role, device, dtype, model=_hf_model(role, spec, device, dtype), processor=processor)
 
     return load
 
@@ -187,27 +209,20 @@ def _load_open_clip(role, spec, device, dtype):
                        preprocess=preprocess, tokenizer=open_clip.get_tokenizer(name), name=spec.id)
 
 
-def _load_siglip_vision(role, spec, device, dtype):
-    from transformers import AutoImageProcessor, SiglipVisionModel
-
-    # a full SigLIP checkpoint holds both towers: SiglipVisionModel reads the vision one
-    return ModelHandle(role, device, dtype, model=_model(SiglipVisionModel, spec, device, dtype),
-                       processor=AutoImageProcessor.from_pretrained(spec.source, **_hf_kwargs(spec)))
 
 
 _LOADERS = {
     "llm": _load_causal_lm,
-    "vlm": _load_with_processor("AutoModelForImageTextToText"),
-    "t2i": _load_flux("FluxPipeline"),
-    "i2i": _load_flux("FluxKontextPipeline"),
-    "detector": _load_with_processor("AutoModelForZeroShotObjectDetection"),
-    "segmenter": _load_with_processor("AutoModelForMaskGeneration"),
+    "vlm": _load_with_processor(),
+    "t2i": _load_flux(PIPELINE_CLASSES["t2i"]),
+    "i2i": _load_flux(PIPELINE_CLASSES["i2i"]),
+    "detector": _load_with_processor(),
+    "segmenter": _load_with_processor(),
     "clip": _load_open_clip,
-    # DINO's checkpoint has no pooler: the CLS token of the last hidden state is the feature
-    "dino": _load_with_processor("AutoModel", "AutoImageProcessor", add_pooling_layer=False),
+    "dino": _load_with_processor("AutoImageProcessor"),
     "eval_clip": _load_open_clip,
     "music_llm": _load_causal_lm,
-    "music_vision": _load_siglip_vision,
+    "music_vision": _load_with_processor("AutoImageProcessor"),
     "music_unet": _load_unet,
 }
 assert tuple(_LOADERS) == ROLES

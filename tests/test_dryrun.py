@@ -1,0 +1,132 @@
+"""`music check full`: every full-profile role built without weights from the repository's copies of the Hub
+configs, sizes against the published ones, MUSIC and the de-tokenizer stepped at full size on the meta device."""
+import dataclasses
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from music_dagster.config import ROLES, load_config
+from music_dagster.dryrun import CONFIGS, DryRunError, build_role, check_full, check_sizes, format_report, read_sources
+from music_dagster.loaders import HF_MODEL_CLASSES, PIPELINE_CLASSES
+
+# Published sizes, from the model cards and reports (independent of configs/full/sources.json).
+PUBLISHED = {
+    "Qwen/Qwen3-8B": 8.19e9,
+    "Qwen/Qwen2.5-VL-7B-Instruct": 8.29e9,
+    "black-forest-labs/FLUX.1-dev/transformer": 11.9e9,
+    "black-forest-labs/FLUX.1-dev/text_encoder_2": 4.76e9,  # T5-XXL encoder
+    "black-forest-labs/FLUX.1-dev/text_encoder": 123e6,  # CLIP-L text
+    "black-forest-labs/FLUX.1-Kontext-dev/transformer": 11.9e9,
+    "IDEA-Research/grounding-dino-base": 233e6,
+    "facebook/sam2.1-hiera-large": 224.4e6,  # with its video memory (the compared column)
+    "timm/vit_large_patch14_clip_224.openai": 427.6e6,
+    "facebook/dino-vits16": 21.7e6,
+    "google/siglip-so400m-patch14-384": 878e6,  # both towers (the compared column)
+    "stabilityai/stable-diffusion-xl-base-1.0/unet": 2.57e9,
+}
+# The class each role's handle holds (CONTRIBUTING.md, "Model handles").
+CLASSES = {
+    "llm": "Qwen3ForCausalLM", "vlm": "Qwen2_5_VLForConditionalGeneration", "detector": "GroundingDinoForObjectDetection",
+    "segmenter": "Sam2Model", "clip": "CLIP", "dino": "ViTModel", "eval_clip": "CLIP", "music_llm": "Qwen3ForCausalLM",
+    "music_vision": "SiglipVisionModel", "music_unet": "UNet2DConditionModel",
+}
+LAST_LINE = re.compile(r"^full profile: (\d+) roles built without weights; MUSIC training at batch (\d+) needs "
+                       r"(\d+\.\d) GiB per GPU \(fits 80 GiB: (yes|no)\)$")
+
+
+@pytest.fixture(scope="module")
+def report():
+    import torch
+
+    torch.set_num_threads(1)
+    return check_full(load_config(profile="full"))
+
+
+def _count(text: str) -> float:
+    value, unit = text.split()
+    return float(value) * {"B": 1e9, "M": 1e6}[unit]
+
+
+def test_every_role_matches_its_published_size(report):
+    lines = format_report(report)
+    compared = {}
+    for line in lines[1:]:
+        cells = re.split(r" {2,}", line.strip())
+        if len(cells) == 7 and cells[0] in ROLES:
+            compared[cells[1]] = _count(cells[4])
+    assert set(PUBLISHED) <= set(compared)
+    for part, published in PUBLISHED.items():
+        assert abs(compared[part] / published - 1) <= 0.02, part
+    assert sorted(report.roles) == sorted(ROLES)
+
+
+def test_last_line_says_music_fits_with_the_profiles_checkpointing(report):
+    train = load_config(profile="full").profile.train
+    last = format_report(report)[-1]
+    m = LAST_LINE.match(last)
+    assert m, last
+    roles, batch, gib, fits = m.groups()
+    assert (int(roles), int(batch), fits) == (len(ROLES), train.batch_size, "yes")
+    assert train.gradient_checkpointing and float(gib) < 80
+    # The same step without checkpointing keeps every layer's activations: it does not fit.
+    off = format_report(dataclasses.replace(report, music_checkpointing=False))[-1]
+    assert LAST_LINE.match(off).group(4) == "no"
+    assert report.music.activations > 4 * report.music.activations_checkpointed
+    assert report.detokenizer.total(True) < report.detokenizer.total(False)
+
+
+def test_memory_terms_follow_the_formula(report):
+    music = report.music
+    assert music.gradients == 4 * music.trainable and music.optimizer == 8 * music.trainable
+    # bf16 frozen backbones (Qwen3-8B + SigLIP vision) plus fp32 trainables
+    assert music.weights == 2 * music.frozen + 4 * music.trainable
+    # LoRA r=64 on every projection of 36 layers (174.6 M) plus the two resamplers
+    assert 0.5e9 < music.trainable < 0.7e9
+    assert report.detokenizer.trainable > 2.56e9  # the whole SDXL UNet trains
+
+
+def test_cli_prints_the_table_and_the_last_line(report):
+    out = subprocess.run([sys.executable, "-m", "music_dagster.cli", "check", "full"], capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.strip().splitlines()
+    assert lines[-1] == format_report(report)[-1]
+    assert any(line.startswith("music_llm ") and "Qwen/Qwen3-8B" in line for line in lines)
+    assert "Traceback" not in out.stderr
+
+
+def test_full_specs_class_and_revision_offline(report):
+    """Each full-profile spec names a repository whose config is kept here, its revision is the one recorded
+    with that config, and the class the loader builds from it is the handle's class."""
+    config = load_config(profile="full")
+    sources = read_sources()
+    for role in ROLES:
+        spec = config.models[role]
+        repo = spec.id.removeprefix("hf-hub:")
+        assert repo in sources["repos"], role
+        assert spec.revision == sources["repos"][repo]["revision"], role
+        if role in PIPELINE_CLASSES:
+            index = json.loads((CONFIGS / repo / "model_index.json").read_text())
+            assert index["_class_name"] == PIPELINE_CLASSES[role]
+            assert {p.cls for p in report.roles[role]} == {"FluxTransformer2DModel", "AutoencoderKL", "CLIPTextModel",
+                                                           "T5EncoderModel"}
+        else:
+            assert [p.cls for p in report.roles[role]] == [CLASSES[role]], role
+    assert set(HF_MODEL_CLASSES) | set(PIPELINE_CLASSES) | {"clip", "eval_clip", "music_unet"} == set(ROLES)
+    # the open_clip config asks for OpenAI's QuickGELU, as the checkpoint was trained with
+    clip = json.loads((CONFIGS / "timm/vit_large_patch14_clip_224.openai/open_clip_config.json").read_text())
+    assert clip["model_cfg"]["quick_gelu"] is True
+
+
+def test_a_size_far_from_the_published_is_one_line():
+    sources = read_sources()
+    spec = load_config(profile="full").models["dino"]
+    parts = build_role("dino", spec, sources)
+    check_sizes("dino", parts)
+    parts[0].published *= 1.05
+    with pytest.raises(DryRunError) as e:
+        check_sizes("dino", parts)
+    assert "\n" not in str(e.value) and "facebook/dino-vits16" in str(e.value) and "-4.9%" in str(e.value)
