@@ -310,7 +310,10 @@ def build_model(config, llm=None, vision=None) -> MusicModel:
     llm = llm or load_backbone(config, "music_llm")
     vision = vision or load_backbone(config, "music_vision")
     settings = MusicSettings.from_config(config.profile.train, grid=config.profile.data.grid)
-    return MusicModel(llm, vision, settings, base_model_name=config.models["music_llm"].id)
+    model = MusicModel(llm, vision, settings, base_model_name=config.models["music_llm"].id)
+    if config.profile.train.gradient_checkpointing:  # each decoder layer recomputed in backward: memory for time
+        model.llm.get_base_model().gradient_checkpointing_enable({"use_reentrant": False})
+    return model
 
 
 def train_music(config, sample_sources: Iterable, out_dir: str | os.PathLike, resume: bool = True,
@@ -367,6 +370,8 @@ def build_detokenizer(config, unet=None, vision=None):
     detok = config.profile.detokenizer
     vae = load_vae(detok.vae, device_of(config)) if detok.vae is not None else None
     settings = DetokenizerSettings.from_config(detok, vision.model.config.hidden_size)
+    if detok.gradient_checkpointing:  # each UNet block recomputed in backward: memory for time
+        unet.unet.enable_gradient_checkpointing()
     return Detokenizer(unet.unet.float(), settings, vae=vae)
 
 

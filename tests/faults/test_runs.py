@@ -132,6 +132,8 @@ def test_two_runs_killed_mid_step_do_not_block_the_next(data_project, tmp_path):
         assert "ended without finishing" in failure_message(instance, run_id)
     assert gpu_slots(instance) == (set(), set())
     assert (root / "models" / "lora").is_dir()
+    doctor = music(root, home, "doctor")  # nothing stale, and the MLflow store the training wrote is sound
+    assert (doctor.returncode, doctor.stderr) == (0, ""), doctor.stdout + doctor.stderr
 
 
 @pytest.mark.slow
@@ -276,3 +278,19 @@ def test_the_ui_daemon_monitors_runs_and_frees_the_slots_of_finished_runs(tmp_pa
     assert instance.run_monitoring_enabled
     assert instance.run_monitoring_settings["free_slots_after_run_end_seconds"] > 0
     assert instance.run_monitoring_start_timeout_seconds > 0 and instance.run_monitoring_cancel_timeout_seconds > 0
+
+
+def test_a_run_is_stale_only_when_its_process_is_gone_from_this_host():
+    from music_dagster.doctor import process_gone
+    from music_dagster.pipeline import TAG_HOST, TAG_PID, TAG_PROCESS_START, process_tags
+
+    tags = process_tags()
+    assert process_gone(dg.DagsterRun(job_name="j", tags=tags)) is None  # this very process
+    reused = {**tags, TAG_PROCESS_START: str(float(tags[TAG_PROCESS_START]) - 3600)}
+    assert process_gone(dg.DagsterRun(job_name="j", tags=reused)).endswith("now belongs to another process)")
+    assert process_gone(dg.DagsterRun(job_name="j", tags={**tags, TAG_HOST: "elsewhere"})) is None  # cannot tell
+    assert process_gone(dg.DagsterRun(job_name="j", tags={})) is None  # not started by `music`: the daemon's
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    dead = {**tags, TAG_PID: str(child.pid)}
+    assert process_gone(dg.DagsterRun(job_name="j", tags=dead)).startswith(f"process {child.pid} on host ")
