@@ -312,7 +312,7 @@ def build_model(config, llm=None, vision=None) -> MusicModel:
     settings = MusicSettings.from_config(config.profile.train, grid=config.profile.data.grid)
     model = MusicModel(llm, vision, settings, base_model_name=config.models["music_llm"].id)
     if config.profile.train.gradient_checkpointing:  # each decoder layer recomputed in backward: memory for time
-        model.llm.get_base_model().gradient_checkpointing_enable({"use_reentrant": False})
+        model.llm.get_base_model().activation_checkpointing_enable({"use_reentrant": False})
     return model
 
 

@@ -160,6 +160,7 @@ def test_a_run_killed_while_waiting_for_a_slot_leaves_no_queued_step_behind(data
     assert gpu_slots(instance) == (set(), set())
 
 
+@pytest.mark.slow
 def test_a_blocked_step_says_who_holds_the_slot_and_gives_up_after_pool_wait_s(bare_project, tmp_path):
     root, home = copy_of(bare_project, tmp_path, pool_limit=1, pool_wait_s=5)
     holder, holder_run = start_holder(root, home)
