@@ -77,6 +77,8 @@ def check_store(store: Store, write: bool = True) -> None:
     if db is None:
         return
     setting = "paths.mlflow_tracking_uri"
+    if write:
+        check_writable(db.parent, setting, target=db)  # SQLite writes its journal beside the store
     location = None
     if db.exists():
         try:
@@ -110,7 +112,6 @@ def check_store(store: Store, write: bool = True) -> None:
             raise TrackingError(f"{db}: the MLflow store is damaged ({e}); move it aside (mv {db} {db}.damaged) "
                                 f"and run again to start a new store, or set {setting} in params.yaml") from None
     if write:
-        check_writable(db.parent, setting, target=db)  # SQLite writes its journal beside the store
         artifacts = location or f"{store.artifact_root.rstrip('/')}/{store.experiment}"
         if artifacts.startswith("file://") or "://" not in artifacts:
             from urllib.parse import unquote, urlparse

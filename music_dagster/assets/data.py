@@ -81,7 +81,8 @@ def _stage(context: dg.AssetExecutionContext, store: DatasetStore, asset: str, p
     data = config.profile.data
     key = context.partition_key
     ctx = ShardContext(asset, key, shard_seed(config.seed, key))
-    store.check_writable(asset, key)  # a locked folder or read-only shard fails now, not after the models ran
+    for name in DATA_ASSET_NAMES:  # the shard's whole graph: a locked folder fails now, not after models ran
+        store.check_writable(name, key)
     parents = store.read(parent, key).records if parent else []
     root = Path(store.root)
 
@@ -293,6 +294,7 @@ def training_samples(context: dg.AssetExecutionContext, store: DatasetStore):
 
 DATA_ASSETS = [category_combos, scene_captions, target_images, detected_boxes, verified_boxes, reference_subjects,
                subject_masks, grid_layouts, cot_annotations, training_samples]
+DATA_ASSET_NAMES = [a.key.path[-1] for a in DATA_ASSETS]
 
 data_job = dg.define_asset_job(
     "data_job", selection=dg.AssetSelection.groups(GROUP), partitions_def=SHARDS,

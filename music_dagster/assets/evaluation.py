@@ -22,12 +22,17 @@ class EvaluationConfig(dg.Config):
         default=None, description="LoRA checkpoint folder to evaluate (default: what lora_checkpoint writes)")
 
 
-def _check_outputs(store: DatasetStore, tracking: MlflowTracking, asset: str) -> None:
-    """Before evaluating: the scores folder, the metrics folder and the MLflow store take what it writes."""
+SCORES = ("dreambench_scores", "msic_scores")  # the evaluate stage's score folders
+
+
+def _check_outputs(store: DatasetStore, tracking: MlflowTracking) -> None:
+    """Before evaluating: both score folders (one stage writes them), the metrics folder and the MLflow store take
+    what the evaluation writes, so a locked one fails before either benchmark runs."""
     from music_dagster.config import default_config
     from music_dagster.storage import check_replaceable, check_writable
 
-    check_replaceable(store.asset_dir(asset), "paths.datasets")
+    for asset in SCORES:
+        check_replaceable(store.asset_dir(asset), "paths.datasets")
     check_writable(default_config().paths.resolve("metrics"), "paths.metrics")
     tracking.check()
 
@@ -94,7 +99,7 @@ def dreambench_scores(context: dg.AssetExecutionContext, config: EvaluationConfi
     from music_dagster import benchmarks as bm
     from music_dagster.config import default_config
 
-    _check_outputs(store, tracking, "dreambench_scores")
+    _check_outputs(store, tracking)
     ev = default_config().profile.eval
     bench = bm.load_dreambench(default_config().dreambench_dir, ev.dreambench_live_classes)
     bench = bench.subset(ev.dreambench_subjects, ev.dreambench_prompts)
@@ -118,7 +123,7 @@ def msic_scores(context: dg.AssetExecutionContext, config: EvaluationConfig, din
     from music_dagster import benchmarks as bm
     from music_dagster.config import default_config
 
-    _check_outputs(store, tracking, "msic_scores")
+    _check_outputs(store, tracking)
     ev = default_config().profile.eval
     samples = bm.load_msic(store.asset_dir("training_samples"), ev.msic_samples)
     cfg, checkpoint, generate, embedder = _setup(config, dino, eval_clip)

@@ -7,6 +7,7 @@ is reported as one line, and check that it left the data, the models and the MLf
     line = assert_one_line_error(proc, 2, "lam")
     assert snapshot(root) == before
 """
+import contextlib
 import hashlib
 import os
 import shutil
@@ -76,6 +77,21 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, code: int = 2, *fra
     for fragment in fragments:
         assert fragment in lines[0], output
     return lines[0]
+
+
+def copy_project(src: Path, dest: Path) -> Path:
+    """A copy of the built project `src` at `dest` whose MLflow store points at the copy's own `mlartifacts/`
+    (the store records absolute artifact locations, which would otherwise still name `src`'s folder)."""
+    import sqlite3
+
+    shutil.copytree(src, dest, symlinks=True)
+    db = dest / "mlruns.db"
+    if db.exists():
+        old, new = (src / "mlartifacts").as_uri(), (dest / "mlartifacts").as_uri()
+        with contextlib.closing(sqlite3.connect(db)) as con, con:
+            con.execute("UPDATE experiments SET artifact_location = replace(artifact_location, ?, ?)", (old, new))
+            con.execute("UPDATE runs SET artifact_uri = replace(artifact_uri, ?, ?)", (old, new))
+    return dest
 
 
 def build_project(dest: Path, *stages: str, home: Path | None = None) -> Path:
