@@ -11,6 +11,7 @@ import numpy as np
 
 from music_dagster.decimation import tags_in
 from music_dagster.synthesis.captions import missing_phrases
+from music_dagster.synthesis.category_names import display_name
 from music_dagster.synthesis.common import box_area
 from music_dagster.synthesis.schemas import phrase
 
@@ -30,10 +31,13 @@ def _first(records: list[dict], problem: Callable[[dict], str | None], ok: str) 
 
 
 def categories_valid(records: list[dict], names: set[str], lo: int, hi: int, min_keep: int) -> Verdict:
+    """Candidates in range, each the display name of one of `names` (the category file's), kept ones distinct."""
+    known = {display_name(n) for n in names}
+
     def problem(r):
         if not lo <= len(r["candidates"]) <= hi:
             return f"{len(r['candidates'])} candidates, outside {lo}..{hi}"
-        unknown = [c for c in r["candidates"] if c not in names]
+        unknown = [c for c in r["candidates"] if c not in known]
         if unknown:
             return f"unknown category {unknown[0]!r}"
         if len(set(r["categories"])) != len(r["categories"]) or len(r["categories"]) < min_keep:

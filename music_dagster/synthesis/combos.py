@@ -1,5 +1,6 @@
 """Stage 1, `category_combos`: sample 2..12 Objects365 categories per sample; the LLM keeps a semantically
-compatible subset (at least the minimum) and names the scene."""
+compatible subset (at least the minimum) and names the scene. Candidates are drawn from the file's names and
+written as their display names (`category_names`): what every later prompt and query reads."""
 from __future__ import annotations
 
 import json
@@ -7,6 +8,7 @@ from pathlib import Path
 from typing import Sequence
 
 from music_dagster.synthesis import SynthesisError, prompts, schemas
+from music_dagster.synthesis.category_names import display_name
 from music_dagster.synthesis.common import ShardContext, StageResult, check_subject_range
 from music_dagster.synthesis.structured import AnswerError, ask_llm
 
@@ -59,13 +61,15 @@ def sample_candidates(rng, names: Sequence[str], lo: int, hi: int) -> list[str]:
 
 
 def category_combos(llm, ctx: ShardContext, data, names: Sequence[str]) -> StageResult:
-    """`data.shard_size` samples of this shard: candidates drawn with the shard's seed, filtered by the LLM."""
+    """`data.shard_size` samples of this shard: candidates drawn from `names` (the file's) with the shard's seed,
+    shown to the LLM by their display names, filtered by the LLM."""
     import numpy as np
 
     check_subject_range(data.min_categories, data.max_subjects)
     rng = np.random.default_rng(ctx.seed_for("candidates"))
     ids = [f"{ctx.key}-{i:05d}" for i in range(data.shard_size)]
-    candidates = [sample_candidates(rng, names, data.min_categories, data.max_subjects) for _ in ids]
+    candidates = [[display_name(c) for c in sample_candidates(rng, names, data.min_categories, data.max_subjects)]
+                  for _ in ids]
     answer_schemas = [schemas.category_filter(c, data.min_categories) for c in candidates]
 
     def check(item: int, value: dict) -> None:
