@@ -268,7 +268,7 @@ def load_msic(shards_dir: str | Path, limit: int | None = None) -> tuple[MsicSam
     With `limit`, samples are taken round-robin over subject counts (in shard and manifest order), so that every
     count present is represented before any count gets a second sample.
     """
-    from music_dagster.storage import complete_shards, read_shard
+    from music_dagster.storage import MANIFEST, complete_shards, read_shard, resolve_stored
 
     shards_dir = Path(shards_dir)
     root = shards_dir.parent  # image references are datasets-relative: <asset>/<key>/<file>
@@ -279,11 +279,14 @@ def load_msic(shards_dir: str | Path, limit: int | None = None) -> tuple[MsicSam
             if record.get("split") != "msic":
                 continue
             try:
-                subjects = tuple(MsicSubject(int(s["id"]), str(s["category"]), root / s["reference"])
-                                 for s in sorted(record["subjects"], key=lambda s: s["id"]))
-                sample = MsicSample(str(record["sample_id"]), str(record["instruction"]), subjects)
+                fields = [(int(s["id"]), str(s["category"]), s["reference"])
+                          for s in sorted(record["subjects"], key=lambda s: s["id"])]
+                sample_id, instruction = str(record["sample_id"]), str(record["instruction"])
             except (KeyError, TypeError, ValueError) as e:
                 raise BenchmarkError(f"{shard.path}: record {n}: not an MSIC sample (missing or bad {e})") from None
+            where = f"{shard.path / MANIFEST}: line {n + 1}"
+            subjects = tuple(MsicSubject(i, category, resolve_stored(root, ref, where)) for i, category, ref in fields)
+            sample = MsicSample(sample_id, instruction, subjects)
             for s in subjects:
                 if not s.reference.is_file():
                     raise BenchmarkError(f"{shard.path}: record {n}: subject {s.id}'s reference {s.reference} "

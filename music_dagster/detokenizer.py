@@ -9,7 +9,7 @@ A UNet with `in_channels != 3` works in the latent space of an `AutoencoderKL` (
 Trained by reconstruction (`training.train_detokenizer`): DDPM noise prediction on target images, conditioned on
 those images' own visual tokens; decoded with DDIM (`Detokenizer.decode`). Frozen while MUSIC trains.
 Saved as `unet/` (diffusers `save_pretrained`, safetensors), `detokenizer_modules.safetensors` (resampler and
-pooled projection) and `detokenizer_config.json`.
+pooled projection) and `detokenizer_config.json` (the settings and the sha256 of every weight file, verified at load).
 
 This module imports torch at its top: import it inside asset functions.
 """
@@ -27,8 +27,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from music_dagster.errors import UserError
-from music_dagster.model import Resampler
-from music_dagster.storage import staged_dir
+from music_dagster.model import (
+    SHA256_SCHEMA, Resampler, check_tensors, safetensors_shapes, verify_weights, weight_hashes,
+)
+from music_dagster.storage import read_json, staged_dir
 
 CONFIG_FILE = "detokenizer_config.json"
 MODULES_FILE = "detokenizer_modules.safetensors"
@@ -37,6 +39,27 @@ UNET_DIR = "unet"
 
 class DetokenizerError(UserError):
     """A de-tokenizer folder that is missing or incomplete, or tokens that do not fit it."""
+
+
+_POSITIVE = {"type": "integer", "minimum": 1}
+_BETA = {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1}
+CONFIG_SCHEMA = {
+    "type": "object", "additionalProperties": False,
+    "required": ["token_dim", "resampler_queries", "resampler_depth", "resampler_heads", "train_timesteps",
+                 "beta_schedule", "beta_start", "beta_end", "decode_steps", "sha256"],
+    "properties": {
+        **{k: _POSITIVE for k in ("token_dim", "resampler_queries", "resampler_depth", "resampler_heads",
+                                  "train_timesteps", "decode_steps")},
+        "beta_schedule": {"enum": ["linear", "scaled_linear"]}, "beta_start": _BETA, "beta_end": _BETA,
+        "sha256": SHA256_SCHEMA,
+    },
+}
+UNET_CONFIG_SCHEMA = {  # what the de-tokenizer reads of diffusers' UNet config; diffusers checks the rest
+    "type": "object", "required": ["_class_name", "in_channels", "sample_size", "cross_attention_dim"],
+    "properties": {"_class_name": {"const": "UNet2DConditionModel"}, "in_channels": _POSITIVE,
+                   "sample_size": _POSITIVE,
+                   "cross_attention_dim": {"anyOf": [_POSITIVE, {"type": "array", "items": _POSITIVE}]}},
+}
 
 
 @dataclass(frozen=True)
@@ -190,7 +213,8 @@ class Detokenizer(nn.Module):
 
     # ---- persistence -------------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """`unet/` (diffusers, safetensors), the resampler in safetensors and the settings, atomically."""
+        """`unet/` (diffusers, safetensors), the resampler in safetensors and the settings with the sha256 of
+        every weight file, atomically."""
         from safetensors.torch import save_file
 
         with staged_dir(directory) as tmp:
@@ -198,44 +222,83 @@ class Detokenizer(nn.Module):
             tensors = {k: v.detach().to("cpu", torch.float32).contiguous()
                        for k, v in self.trainable_state_dict().items()}
             save_file(tensors, str(tmp / MODULES_FILE), metadata={"format": "pt"})
-            (tmp / CONFIG_FILE).write_text(json.dumps(asdict(self.settings), indent=1, sort_keys=True) + "\n")
+            config = {**asdict(self.settings), "sha256": weight_hashes(tmp)}
+            (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1, sort_keys=True) + "\n")
         return Path(directory)
 
     def load_trainable(self, directory: str | os.PathLike) -> None:
-        """Load the UNet and resampler weights of a `save_pretrained` folder into this model."""
+        """Load the UNet and resampler weights of a `save_pretrained` folder into this model (all or nothing)."""
         from safetensors.torch import load_file
 
-        directory = check_checkpoint(Path(directory))
-        unet_file = next((directory / UNET_DIR).glob("*.safetensors"), None)
-        if unet_file is None:
-            raise DetokenizerError(f"de-tokenizer {directory} is incomplete: no UNet safetensors")
-        self.unet.load_state_dict(load_file(str(unet_file), device=str(self.device)))
-        self.load_state_dict(load_file(str(directory / MODULES_FILE), device=str(self.device)), strict=False)
+        directory = Path(directory)
+        check_checkpoint(directory)
+        files = _unet_files(directory)
+        check_tensors(files[0] if len(files) == 1 else directory / UNET_DIR, _shapes(files),
+                      self.unet.state_dict(), DetokenizerError)
+        modules = self._checked_modules(directory)
+        self.unet.load_state_dict({k: v for f in files for k, v in load_file(str(f), device=str(self.device)).items()})
+        self.load_state_dict(load_file(str(modules), device=str(self.device)), strict=False)
+
+    def _checked_modules(self, directory: Path) -> Path:
+        """The resampler weights file, after checking its tensors are this model's."""
+        path = directory / MODULES_FILE
+        check_tensors(path, safetensors_shapes(path, DetokenizerError), self.trainable_state_dict(), DetokenizerError)
+        return path
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, vae=None, device="cpu",
                         dtype=torch.float32) -> "Detokenizer":
-        """A saved de-tokenizer, in eval mode (`vae` for a latent-space UNet)."""
+        """A saved de-tokenizer, after `check_checkpoint`, in eval mode (`vae` for a latent-space UNet)."""
         from diffusers import UNet2DConditionModel
         from safetensors.torch import load_file
 
-        directory = check_checkpoint(Path(directory))
-        settings = DetokenizerSettings(**json.loads((directory / CONFIG_FILE).read_text()))
+        directory = Path(directory)
+        settings = check_checkpoint(directory)
         unet = UNet2DConditionModel.from_pretrained(str(directory / UNET_DIR), use_safetensors=True,
                                                     torch_dtype=dtype).to(device)
         model = cls(unet, settings, vae=vae)
-        tensors = load_file(str(directory / MODULES_FILE), device=str(model.device))
-        if set(tensors) != set(model.trainable_state_dict()):
-            raise DetokenizerError(f"{directory / MODULES_FILE}: its tensors do not fit the saved settings")
-        model.load_state_dict(tensors, strict=False)
+        modules = model._checked_modules(directory)
+        model.load_state_dict(load_file(str(modules), device=str(model.device)), strict=False)
         return model.eval()
 
 
-def check_checkpoint(directory: Path) -> Path:
-    """Refuse a missing or incomplete de-tokenizer folder with a one-line error; the folder otherwise."""
+def _unet_files(directory: Path) -> list[Path]:
+    return sorted((directory / UNET_DIR).glob("*.safetensors"))
+
+
+def _shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape over the UNet's weight files (one, or the shards of a large UNet)."""
+    return {k: v for f in files for k, v in safetensors_shapes(f, DetokenizerError).items()}
+
+
+def _unet_shapes(config: dict, path: Path) -> dict:
+    """The tensors (on the meta device: no memory, no init) of the UNet that `config` (read from `path`) builds."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    try:
+        with init_empty_weights():
+            return UNet2DConditionModel.from_config(config).state_dict()
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+        raise DetokenizerError(f"{path}: diffusers cannot build a UNet from it ({str(e).splitlines()[0]})") from None
+
+
+def check_checkpoint(directory: Path) -> DetokenizerSettings:
+    """The settings of a de-tokenizer folder, after checking that every file is there, both configs are UTF-8
+    JSON of their schema, each weight file is a complete safetensors file with the sha256 `detokenizer_config.json`
+    records, and the UNet's weights are the tensors its config builds. Any fault is one line naming the file;
+    nothing is loaded."""
     if not directory.is_dir():
         raise DetokenizerError(f"de-tokenizer {directory} does not exist")
     for name in (CONFIG_FILE, MODULES_FILE, f"{UNET_DIR}/config.json"):
         if not (directory / name).is_file():
             raise DetokenizerError(f"de-tokenizer {directory} is incomplete: {name} is missing")
-    return directory
+    config = read_json(directory / CONFIG_FILE, CONFIG_SCHEMA, DetokenizerError)
+    unet_config = directory / UNET_DIR / "config.json"
+    expected = _unet_shapes(read_json(unet_config, UNET_CONFIG_SCHEMA, DetokenizerError), unet_config)
+    verify_weights(directory, config["sha256"], CONFIG_FILE, DetokenizerError)
+    files = _unet_files(directory)
+    if not files:
+        raise DetokenizerError(f"de-tokenizer {directory} is incomplete: no UNet safetensors in {UNET_DIR}/")
+    check_tensors(files[0] if len(files) == 1 else directory / UNET_DIR, _shapes(files), expected, DetokenizerError)
+    return DetokenizerSettings(**{k: v for k, v in config.items() if k != "sha256"})

@@ -162,9 +162,52 @@ def _check_mlflow_server(uri: str) -> list[Finding]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Checkpoints and stored paths
+
+def check_checkpoints(config: Config, instance: DagsterInstance) -> list[Finding]:
+    """The published MUSIC checkpoint and de-tokenizer pass the checks loading makes first (every file there,
+    configs of their schema, complete safetensors files with the sha256 their config records). A folder that is
+    not there yet is no finding."""
+    from music_dagster import detokenizer, model
+    from music_dagster.errors import UserError
+    from music_dagster.generate import detokenizer_dir, lora_dir
+
+    findings = []
+    for folder, check, stage in ((lora_dir(config), model.check_checkpoint, "train"),
+                                 (detokenizer_dir(config), detokenizer.check_checkpoint, "detokenizer")):
+        if folder.exists():
+            try:
+                check(folder)
+            except UserError as e:
+                findings.append(Finding(f"{e} (restore {folder} with `dvc pull`, or retrain it: music stage {stage})"))
+    return findings
+
+
+def check_stored_paths(config: Config, instance: DagsterInstance) -> list[Finding]:
+    """Manifest rows whose image paths leave the datasets root (`..`, absolute, a symlink leading out), which
+    training, evaluation and the data stages refuse; one finding per manifest. An image path is a stored string
+    ending in `.png` (every image a shard stores is a PNG)."""
+    from music_dagster.errors import UserError
+    from music_dagster.storage import MANIFEST, complete_shards, first_lines, read_shard, resolve_stored
+
+    root = config.paths.resolve("datasets")
+    findings = []
+    for asset in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
+        for key in complete_shards(asset):
+            manifest = asset / key / MANIFEST
+            try:
+                for ref, line in first_lines(read_shard(asset / key).records).items():
+                    if ref.endswith(".png"):
+                        resolve_stored(root, ref, f"{manifest}: line {line}")
+            except UserError as e:  # its first bad row, or a manifest that does not read
+                findings.append(Finding(f"{e} (materialize data_job for {key} again: music stage data)"))
+    return findings
+
+
+# ---------------------------------------------------------------------------------------------------------------
 
 Check = Callable[[Config, DagsterInstance], list[Finding]]
-CHECKS: list[Check] = [check_runs, check_mlflow]
+CHECKS: list[Check] = [check_runs, check_mlflow, check_checkpoints, check_stored_paths]
 
 
 def run_doctor(fix: bool = False, checks: list[Check] | None = None) -> int:

@@ -5,9 +5,9 @@ decoded by the de-tokenizer as one batch, and scored by CLIP text similarity aga
 role) in one batch; the highest score wins (ties: the lower branch). One branch decodes the plan greedily.
 
 `generate(...)` is the Python API, `Generator` keeps the models loaded across calls, `cli_generate` is
-`music generate`. Bad input (no subject, more than 12, an unreadable image, an empty prompt, N < 1, a missing
-checkpoint, an existing output folder) raises a one-line `UserError` before any model is loaded; the output folder
-appears only once complete. torch is imported inside functions.
+`music generate`. Bad input (no subject, more than 12, an unreadable image, an empty prompt, N < 1, a missing or
+damaged checkpoint, an existing output folder) raises a one-line `UserError` before any model is loaded; the output
+folder appears only once complete. torch is imported inside functions.
 """
 from __future__ import annotations
 
@@ -146,7 +146,7 @@ def check_request(prompt: str, branches: int) -> str:
 
 
 def check_detokenizer(detokenizer: Path) -> None:
-    """Refuse a missing or incomplete de-tokenizer folder."""
+    """Refuse a missing, incomplete or damaged de-tokenizer folder."""
     from music_dagster.detokenizer import check_checkpoint
 
     if not detokenizer.is_dir():
@@ -155,7 +155,7 @@ def check_detokenizer(detokenizer: Path) -> None:
 
 
 def check_checkpoints(checkpoint: Path, detokenizer: Path) -> None:
-    """Refuse a missing or incomplete checkpoint before anything is loaded."""
+    """Refuse a missing, incomplete or damaged checkpoint or de-tokenizer before anything is loaded."""
     from music_dagster.model import check_checkpoint
 
     if not checkpoint.is_dir():
@@ -262,8 +262,8 @@ def generate(subjects: Sequence, prompt: str, branches: int = 1, seed: int = 0,
 
 
 def cli_generate(args) -> None:
-    """`music generate`: check everything cheap first (output folder, request, checkpoint), then generate and
-    write `image.png`, `plan.json` and `layout.png` into the new folder `--out`."""
+    """`music generate`: check the output folder and the request, then (`Generator`) the checkpoints before any
+    model loads; generate and write `image.png`, `plan.json` and `layout.png` into the new folder `--out`."""
     import torch
 
     from music_dagster.config import default_config
@@ -275,7 +275,6 @@ def cli_generate(args) -> None:
     prompt = check_request(args.prompt, args.branches)
     images, names = read_subjects(args.subject)
     checkpoint = Path(args.checkpoint) if args.checkpoint else lora_dir(config)
-    check_checkpoints(checkpoint, detokenizer_dir(config))
     torch.set_num_threads(config.profile.torch_threads)
     generator = Generator(config, checkpoint)
     result = generator.generate_images(images, prompt, args.branches, args.seed, progress=True, names=names)

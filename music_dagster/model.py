@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from music_dagster.decimation import tag
 from music_dagster.errors import UserError
 from music_dagster.layout import TEXT_PREFIX, LayoutError, layout_from_text, layout_to_text
-from music_dagster.storage import staged_dir
+from music_dagster.storage import file_sha256, read_json, resolve_stored, staged_dir
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
@@ -55,6 +55,40 @@ IGNORE = -100
 
 class CheckpointError(UserError):
     """A MUSIC checkpoint folder that is missing, incomplete or does not fit the given backbone."""
+
+
+# What a checkpoint's configs must hold: anything else (hand edits, garbage, an older format) is one line naming
+# the file. `sha256` records each weight file's content hash at save time; loading verifies it.
+_POSITIVE = {"type": "integer", "minimum": 1}
+_NAMES = {"type": "array", "items": {"type": "string", "minLength": 1}}
+SHA256_SCHEMA = {"type": "object", "minProperties": 1,
+                 "additionalProperties": {"type": "string", "pattern": "^[0-9a-f]{64}$"}}
+MODEL_CONFIG_SCHEMA = {
+    "type": "object", "required": ["settings", "vision_hidden", "llm_hidden", "sha256"], "additionalProperties": False,
+    "properties": {
+        "settings": {
+            "type": "object", "additionalProperties": False,
+            "required": ["input_queries", "image_queries", "resampler_depth", "resampler_heads", "lora_rank",
+                         "lora_alpha", "lora_dropout", "lora_targets", "modules_to_save", "w1", "w2",
+                         "max_plan_tokens", "grid"],
+            "properties": {
+                **{k: _POSITIVE for k in ("input_queries", "image_queries", "resampler_depth", "resampler_heads",
+                                          "lora_rank", "max_plan_tokens", "grid")},
+                "lora_alpha": {"type": "number", "exclusiveMinimum": 0},
+                "lora_dropout": {"type": "number", "minimum": 0, "exclusiveMaximum": 1},
+                "lora_targets": {**_NAMES, "minItems": 1}, "modules_to_save": _NAMES,
+                "w1": {"type": "number", "minimum": 0}, "w2": {"type": "number", "minimum": 0},
+            },
+        },
+        "vision_hidden": _POSITIVE, "llm_hidden": _POSITIVE, "sha256": SHA256_SCHEMA,
+    },
+}
+ADAPTER_CONFIG_SCHEMA = {  # the keys of peft's LoRA config that MUSIC writes and checks; peft's others may follow
+    "type": "object", "required": ["peft_type", "r", "lora_alpha", "target_modules"],
+    "properties": {"peft_type": {"const": "LORA"}, "r": _POSITIVE, "lora_alpha": {"type": "number"},
+                   "target_modules": {"anyOf": [_NAMES, {"type": "string"}]},
+                   "base_model_name_or_path": {"type": ["string", "null"]}},
+}
 
 
 class ModelInputError(UserError):
@@ -222,9 +256,8 @@ class MusicModel(nn.Module):
     The LLM handle's model is wrapped by peft *in place* (LoRA layers are injected into it): give each
     MusicModel its own freshly loaded LLM handle."""
 
-    def __init__(self, llm, vision, settings: MusicSettings, adapter_dir: str | os.PathLike | None = None,
-                 base_model_name: str | None = None):
-        from peft import LoraConfig, PeftModel, get_peft_model
+    def __init__(self, llm, vision, settings: MusicSettings, base_model_name: str | None = None):
+        from peft import LoraConfig, get_peft_model
 
         super().__init__()
         self.settings = settings
@@ -237,15 +270,12 @@ class MusicModel(nn.Module):
             if n < 1:
                 raise CheckpointError(f"{name} must be positive, got {n}")
         base = llm.model
-        if adapter_dir is not None:
-            self.llm = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
-        else:
-            lora = LoraConfig(
-                r=settings.lora_rank, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
-                target_modules=list(settings.lora_targets), modules_to_save=list(settings.modules_to_save) or None,
-                task_type="CAUSAL_LM",
-            )
-            self.llm = get_peft_model(base, lora)
+        lora = LoraConfig(
+            r=settings.lora_rank, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
+            target_modules=list(settings.lora_targets), modules_to_save=list(settings.modules_to_save) or None,
+            task_type="CAUSAL_LM",
+        )
+        self.llm = get_peft_model(base, lora)
         if base_model_name is not None:  # a portable name (Hub id or project-relative folder), not a local path
             self.llm.peft_config["default"].base_model_name_or_path = base_model_name
         hidden = base.config.hidden_size
@@ -260,8 +290,6 @@ class MusicModel(nn.Module):
         # Per-channel statistics of target tokens: L2 is computed on standardised features.
         self.register_buffer("feature_mean", torch.zeros(vdim, device=device))
         self.register_buffer("feature_std", torch.ones(vdim, device=device))
-        if adapter_dir is not None:
-            self.eval()
 
     # ---- plumbing -----------------------------------------------------------------------------------
     @property
@@ -499,8 +527,8 @@ class MusicModel(nn.Module):
     # ---- persistence ----------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write the peft adapter (`adapter_model.safetensors`, `adapter_config.json`), the resamplers, query
-        and marker embeddings and feature statistics (`music_modules.safetensors`) and `music_config.json`,
-        atomically (a temporary sibling folder renamed into place)."""
+        and marker embeddings and feature statistics (`music_modules.safetensors`) and `music_config.json` (with
+        the sha256 of both weight files), atomically (a temporary sibling folder renamed into place)."""
         from safetensors.torch import save_file
 
         with staged_dir(directory) as tmp:
@@ -513,54 +541,126 @@ class MusicModel(nn.Module):
                        for k, v in self.trainable_state_dict().items()}
             save_file(tensors, str(tmp / MODULES_FILE), metadata={"format": "pt"})
             meta = {"settings": self.settings.to_json(), "vision_hidden": self.vision.config.hidden_size,
-                    "llm_hidden": self.llm.get_base_model().config.hidden_size}
+                    "llm_hidden": self.llm.get_base_model().config.hidden_size, "sha256": weight_hashes(tmp)}
             (tmp / MODEL_CONFIG).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
         return Path(directory)
 
     def load_trainable(self, directory: str | os.PathLike) -> None:
         """Load the adapter and module weights of a `save_pretrained` folder into this (trainable) model."""
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
         directory = Path(directory)
         check_checkpoint(directory)
-        set_peft_model_state_dict(self.llm, load_file(str(directory / ADAPTER_FILES[1]), device=str(self.device)))
-        self._load_modules(directory)
+        self._load_weights(directory)
 
-    def _load_modules(self, directory: Path) -> None:
+    def _load_weights(self, directory: Path) -> None:
+        """Both weight files, after checking that their tensor names and shapes are this model's (so that a
+        checkpoint of other settings or backbones loads nothing)."""
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
         from safetensors.torch import load_file
 
-        tensors = load_file(str(directory / MODULES_FILE), device=str(self.device))
-        expected = self.trainable_state_dict()
-        if set(tensors) != set(expected) or any(tensors[k].shape != v.shape for k, v in expected.items()):
-            raise CheckpointError(f"{directory / MODULES_FILE}: its tensors do not fit this model's settings")
-        self.load_state_dict(tensors, strict=False)
+        adapter, modules = directory / ADAPTER_FILES[1], directory / MODULES_FILE
+        check_tensors(adapter, safetensors_shapes(adapter, CheckpointError),
+                      get_peft_model_state_dict(self.llm), CheckpointError)
+        check_tensors(modules, safetensors_shapes(modules, CheckpointError), self.trainable_state_dict(),
+                      CheckpointError)
+        set_peft_model_state_dict(self.llm, load_file(str(adapter), device=str(self.device)))
+        self.load_state_dict(load_file(str(modules), device=str(self.device)), strict=False)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, llm, vision) -> "MusicModel":
-        """Load a `save_pretrained` folder onto fresh backbone handles (the adapter through
-        `PeftModel.from_pretrained`). The result is in eval mode."""
+        """Load a `save_pretrained` folder onto fresh backbone handles, after `check_checkpoint`. The result is
+        in eval mode."""
         directory = Path(directory)
-        meta = check_checkpoint(directory)
-        settings = MusicSettings(**{k: tuple(v) if isinstance(v, list) else v
-                                    for k, v in meta["settings"].items()})
-        if meta["vision_hidden"] != vision.model.config.hidden_size or \
-                meta["llm_hidden"] != llm.model.config.hidden_size:
+        saved = check_checkpoint(directory)
+        if saved.vision_hidden != vision.model.config.hidden_size or \
+                saved.llm_hidden != llm.model.config.hidden_size:
             raise CheckpointError(f"{directory}: made for other backbones (hidden sizes differ)")
-        model = cls(llm, vision, settings, adapter_dir=directory)
-        model._load_modules(directory)
+        model = cls(llm, vision, saved.settings, base_model_name=saved.base_model_name)
+        model._load_weights(directory)
+        # A frozen adapter, as peft loads one for inference. The resamplers keep their flags: frozen, their
+        # attention would take another kernel, with other float sums.
+        model.llm.requires_grad_(False)
         return model.eval()
 
 
-def check_checkpoint(directory: Path) -> dict:
-    """The checkpoint's `music_config.json`, after checking every file is there."""
+@dataclass(frozen=True)
+class SavedModel:
+    """What a checked checkpoint folder's configs say."""
+
+    settings: MusicSettings
+    vision_hidden: int
+    llm_hidden: int
+    base_model_name: str | None
+
+
+def check_checkpoint(directory: Path) -> SavedModel:
+    """What a MUSIC checkpoint folder's configs say, after checking that every file is there, both configs are
+    UTF-8 JSON of their schema and agree, and each weight file is a complete safetensors file with the sha256
+    `music_config.json` records. Any fault is one line naming the file; nothing is loaded."""
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint {directory} does not exist")
     for name in (*ADAPTER_FILES, MODULES_FILE, MODEL_CONFIG):
         if not (directory / name).is_file():
             raise CheckpointError(f"checkpoint {directory} is incomplete: {name} is missing")
-    try:
-        return json.loads((directory / MODEL_CONFIG).read_text())
-    except json.JSONDecodeError:
-        raise CheckpointError(f"{directory / MODEL_CONFIG}: not valid JSON") from None
+    meta = read_json(directory / MODEL_CONFIG, MODEL_CONFIG_SCHEMA, CheckpointError)
+    adapter_config = directory / ADAPTER_FILES[0]
+    adapter = read_json(adapter_config, ADAPTER_CONFIG_SCHEMA, CheckpointError)
+    settings = MusicSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["settings"].items()})
+    for key, value in (("r", settings.lora_rank), ("lora_alpha", settings.lora_alpha)):
+        if adapter[key] != value:
+            raise CheckpointError(f"{adapter_config}: {key} is {adapter[key]} but {MODEL_CONFIG} says {value}")
+    verify_weights(directory, meta["sha256"], MODEL_CONFIG, CheckpointError)
+    return SavedModel(settings, meta["vision_hidden"], meta["llm_hidden"], adapter.get("base_model_name_or_path"))
 
+
+# ---------------------------------------------------------------------------------------------------------------
+# Weight files (shared with the de-tokenizer)
+def weight_hashes(folder: Path) -> dict[str, str]:
+    """The sha256 of every safetensors file under `folder`, by folder-relative POSIX name: what a saved config
+    records and `verify_weights` checks."""
+    return {p.relative_to(folder).as_posix(): file_sha256(p) for p in sorted(folder.rglob("*.safetensors"))}
+
+
+def verify_weights(directory: Path, recorded: dict[str, str], config: str, error: type[UserError]) -> None:
+    """Check that the safetensors files under `directory` are those the config file `config` records: the same
+    names, each a complete safetensors file (its header read), each with the recorded sha256."""
+    where = f"{directory / config}: sha256"
+    paths = {name: resolve_stored(directory, name, where) for name in sorted(recorded)}
+    unlisted = sorted(set(p.relative_to(directory).as_posix() for p in directory.rglob("*.safetensors")) - set(paths))
+    if unlisted:
+        raise error(f"{directory / unlisted[0]}: not among the weight files {config} records (copied in by hand?)")
+    for name, path in paths.items():
+        if not path.is_file():
+            raise error(f"{path}: missing ({config} records its sha256)")
+        safetensors_shapes(path, error)  # a truncated or foreign file: say so, rather than "hash differs"
+        if file_sha256(path) != recorded[name]:
+            raise error(f"{path}: content differs from the sha256 {config} records (damaged or replaced)")
+
+
+def safetensors_shapes(path: Path, error: type[UserError]) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape, from a safetensors file's header (nothing loaded); a truncated file or another
+    format is one line naming the file."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except SafetensorError as e:
+        reason = str(e).removeprefix("Error while deserializing header: ")
+        raise error(f"{path}: not a complete safetensors file ({reason})") from None
+    except OSError as e:
+        raise error(f"{path}: cannot be read ({e.strerror})") from None
+
+
+def check_tensors(path: Path, shapes: dict[str, tuple[int, ...]], expected: dict, error: type[UserError]) -> None:
+    """Refuse weights (`shapes`: name -> shape, read from `path`) whose names or shapes differ from the tensors
+    the model has (`expected`: name -> tensor)."""
+    missing, unexpected = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
+    if missing:
+        raise error(f"{path}: tensor {missing[0]} is missing ({len(missing)} missing): not made for this model")
+    if unexpected:
+        raise error(f"{path}: unexpected tensor {unexpected[0]} ({len(unexpected)} unexpected): not made for this "
+                    "model")
+    for name, tensor in sorted(expected.items()):
+        if shapes[name] != tuple(tensor.shape):
+            raise error(f"{path}: tensor {name} has shape {list(shapes[name])}, this model's is "
+                        f"{list(tensor.shape)}")

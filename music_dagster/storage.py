@@ -258,6 +258,23 @@ def resolve_stored(root: str | os.PathLike, ref, where: str) -> Path:
     return target
 
 
+def first_lines(records: list[dict]) -> dict[str, int]:
+    """Each string stored in manifest records (at any depth) -> the first manifest line (1-based) holding it: where a
+    stored path was read, for `resolve_stored`'s error."""
+    lines: dict[str, int] = {}
+
+    def walk(value, line: int) -> None:
+        if isinstance(value, str):
+            lines.setdefault(value, line)
+        elif isinstance(value, (dict, list)):
+            for item in value.values() if isinstance(value, dict) else value:
+                walk(item, line)
+
+    for number, record in enumerate(records, start=1):
+        walk(record, number)
+    return lines
+
+
 def schema_problem(validator, value) -> str | None:
     """`<where>: <what>` of the most relevant way `value` breaks a jsonschema validator's schema, in one line."""
     from jsonschema.exceptions import best_match

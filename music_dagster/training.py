@@ -67,16 +67,23 @@ class TrainResult:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Samples
-def _record_sample(shard, record: dict) -> Callable[[], Sample]:
+def _record_sample(shard, record: dict, line: int) -> Callable[[], Sample]:
+    """The loader of the sample in manifest line `line`; its image paths are resolved now, so a path outside the
+    datasets root is refused before anything trains."""
+    from music_dagster.storage import MANIFEST, resolve_stored
+
     root = shard.path.parent.parent  # image references are datasets-relative: <asset>/<key>/<file>
+    where = f"{shard.path / MANIFEST}: line {line}"
+    subjects = sorted(record["subjects"], key=lambda s: s["id"])
+    references = [resolve_stored(root, s["reference"], where) for s in subjects]
+    target = resolve_stored(root, record["image"], where)
 
     def load() -> Sample:
         from music_dagster.images import read_image
 
-        subjects = sorted(record["subjects"], key=lambda s: s["id"])
         return Sample(
-            instruction=record["instruction"], references=[read_image(root / s["reference"]) for s in subjects],
-            cot=record["cot"], layout=np.asarray(record["layout"], np.int64), target=read_image(root / record["image"]),
+            instruction=record["instruction"], references=[read_image(p) for p in references],
+            cot=record["cot"], layout=np.asarray(record["layout"], np.int64), target=read_image(target),
             id=record["sample_id"], meta={"split": record["split"], "shard": str(shard.path),
                                           "subjects": [{k: s[k] for k in ("id", "category", "box")} for s in subjects]},
         )
@@ -85,12 +92,11 @@ def _record_sample(shard, record: dict) -> Callable[[], Sample]:
 
 def collect_samples(sources: Iterable, full_only: bool = False) -> tuple[list[Callable[[], Sample]], int]:
     """(loaders of the training samples, number of MSIC samples skipped) of `sources`: `training_samples` shard
-    folders (str or PathLike; records validated against the asset's schema), `Sample`s, or iterables of `Sample`s.
-    Shard images are read when a sample is loaded."""
+    folders (str or PathLike; records validated against the asset's schema, image paths kept inside the datasets
+    root), `Sample`s, or iterables of `Sample`s. Shard images are read when a sample is loaded."""
     from jsonschema import Draft202012Validator
-    from jsonschema.exceptions import best_match
 
-    from music_dagster.storage import read_shard
+    from music_dagster.storage import read_shard, schema_problem
     from music_dagster.synthesis.schemas import RECORDS
 
     validator = Draft202012Validator(RECORDS["training_samples"])
@@ -107,16 +113,16 @@ def collect_samples(sources: Iterable, full_only: bool = False) -> tuple[list[Ca
         if isinstance(source, (str, os.PathLike)):
             shard = read_shard(source)
             for n, record in enumerate(shard.records):
-                error = best_match(validator.iter_errors(record))
-                if error is not None:
-                    where = ".".join(str(p) for p in error.absolute_path) or "record"
-                    raise TrainingError(f"{shard.path}: record {n}: {where}: {error.message.splitlines()[0]}")
+                problem = schema_problem(validator, record)
+                if problem is not None:
+                    raise TrainingError(f"{shard.path}: record {n}: {problem}")
+                load = _record_sample(shard, record, line=n + 1)  # every row's paths checked, MSIC ones too
                 if record["split"] == "msic":
                     skipped += 1
                 elif full_only and record["num_subjects"] < record["source_subjects"]:
                     continue  # `full_only` (the no_decimation ablation): full subject counts only
                 else:
-                    items.append(_record_sample(shard, record))
+                    items.append(load)
         elif isinstance(source, Sample):
             add(source)
         else:

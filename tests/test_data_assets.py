@@ -129,6 +129,35 @@ def test_unreadable_image_in_a_shard_fails_in_one_line(tmp_path, tiny_zoo):
     assert not (tmp_path / "datasets" / "detected_boxes").exists()
 
 
+@pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink"])
+def test_an_image_path_leaving_the_datasets_root_fails_naming_the_manifest_line(tmp_path, tiny_zoo, kind):
+    from PIL import Image
+
+    from music_dagster.synthesis.schemas import RECORDS
+
+    root = tmp_path / "datasets"
+    outside = tmp_path / "outside.png"
+    Image.new("RGB", (64, 64)).save(outside)
+    store = DatasetStore(root=str(root))
+    refs = {"dotdot": "../outside.png", "absolute": str(outside), "symlink": "target_images/shard-00000/link.png"}
+    records = [{"sample_id": f"shard-00000-0000{i}", "parent_ids": [f"shard-00000-0000{i}"], "shard": "shard-00000",
+                "candidates": ["Cat", "Couch"], "categories": ["Cat", "Couch"], "scene": "a room",
+                "combo_attempts": 1, "caption": "A cat on a couch.", "caption_attempts": 1,
+                "image": ref, "width": 64, "height": 64}
+               for i, ref in enumerate(["target_images/shard-00000/shard-00000-00000.png", refs[kind]])]
+    with store.writer("target_images", "shard-00000", RECORDS["target_images"]) as writer:
+        writer.add_image("shard-00000-00000.png", Image.new("RGB", (64, 64)))
+        for record in records:
+            writer.add_record(record)
+    (root / "target_images" / "shard-00000" / "link.png").symlink_to(outside)
+    result = dg.materialize([data.detected_boxes], partition_key="shard-00000", instance=_instance(),
+                            resources=_resources(root, ["detector"]), raise_on_error=False)
+    error = _failure(result)
+    manifest = root / "target_images" / "shard-00000" / "manifest.jsonl"
+    assert f"{manifest}: line 2: path {refs[kind]!r}" in error and "\n" not in error
+    assert not (root / "detected_boxes").exists()
+
+
 KILLED_CHILD = """
 import sys, time
 from pathlib import Path

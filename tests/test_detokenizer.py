@@ -51,6 +51,13 @@ def test_bad_input(config, tmp_path):
     (saved / "detokenizer_modules.safetensors").unlink()
     with pytest.raises(DetokenizerError, match="detokenizer_modules.safetensors is missing"):
         Detokenizer.from_pretrained(saved)
+    saved = detok.save_pretrained(tmp_path / "d")
+    weights = saved / "unet" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # the header still reads: only the recorded sha256 tells
+    weights.write_bytes(bytes(data))
+    with pytest.raises(DetokenizerError, match=f"{weights}: content differs from the sha256 detokenizer_config.json"):
+        Detokenizer.from_pretrained(saved)
 
 
 def _sdxl_like_unet(in_channels):

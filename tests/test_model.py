@@ -133,6 +133,25 @@ def test_bad_checkpoints(backbones, tmp_path):
         MusicModel.from_pretrained(saved, backbones("music_llm"), backbones("music_vision"))
 
 
+def test_a_checkpoint_that_does_not_fit_loads_nothing_and_names_the_file(backbones, tmp_path):
+    import json
+
+    saved = _model(backbones).save_pretrained(tmp_path / "ckpt")
+    config = saved / "music_config.json"
+    meta = json.loads(config.read_text())
+    meta["settings"]["input_queries"] = 9  # the config now describes another model than the weights hold
+    config.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"music_modules.safetensors: tensor input_resampler.queries has shape "
+                                              r"\[4, 128\], this model's is \[9, 128\]"):
+        MusicModel.from_pretrained(saved, backbones("music_llm"), backbones("music_vision"))
+
+    saved = _model(backbones).save_pretrained(tmp_path / "ckpt")
+    weights = saved / "music_modules.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1])
+    with pytest.raises(CheckpointError, match=f"{weights}: not a complete safetensors file"):
+        MusicModel.from_pretrained(saved, backbones("music_llm"), backbones("music_vision"))
+
+
 def test_bad_prompts(backbones, samples):
     model = _model(backbones)
     s = samples[0]

@@ -14,8 +14,9 @@ from PIL import Image, PngImagePlugin
 
 from music_dagster.errors import UserError
 from music_dagster.storage import (
-    MANIFEST, ShardError, ShardWriter, atomic_write_bytes, atomic_write_text, complete_shards, read_shard,
-    record_schema, remove_stale, staged_dir,
+    MANIFEST, ShardError, ShardWriter, StoredFileError, StoredPathError, atomic_write_bytes, atomic_write_text,
+    complete_shards, file_sha256, incomplete_shards, read_json, read_shard, record_schema, remove_stale,
+    resolve_stored, staged_dir,
 )
 from processes import kill_when_ready
 
@@ -472,3 +473,101 @@ def test_a_failed_rename_puts_the_old_copy_back(tmp_path, monkeypatch):
             w.add_record({"sample_id": "new", "parent_ids": [], "caption": "c"})
     assert _tree(shard) == before
     assert _leftovers(shard.parent) == []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stored paths and stored JSON
+def _datasets(tmp_path):
+    root = tmp_path / "datasets"
+    (root / "a" / "k").mkdir(parents=True)
+    (root / "a" / "k" / "x.png").write_bytes(b"inside")
+    (tmp_path / "outside.png").write_bytes(b"outside")
+    return root
+
+
+def test_resolve_stored_keeps_paths_inside_their_root(tmp_path):
+    root = _datasets(tmp_path)
+    (root / "a" / "k" / "alias.png").symlink_to(root / "a" / "k" / "x.png")  # a symlink inside the root is fine
+    assert resolve_stored(root, "a/k/x.png", "m: line 1") == root / "a" / "k" / "x.png"
+    assert resolve_stored(root, "a/k/alias.png", "m: line 1").read_bytes() == b"inside"
+    assert resolve_stored(root, "a/./k/x.png", "m: line 1") == root / "a" / "k" / "x.png"
+    assert resolve_stored(root, "a/k/not-yet.png", "m: line 1") == root / "a" / "k" / "not-yet.png"
+
+
+@pytest.mark.parametrize("ref, fault", [
+    ("../outside.png", "climbs out of"), ("a/../../outside.png", "climbs out of"), ("a/k/..", "climbs out of"),
+    ("/etc/passwd", "is absolute"), ("", "is not a relative path"), ("a\\..\\..\\outside.png", "is not a relative path"),
+    ("a/k\0x.png", "is not a relative path"), (None, "is not a relative path"), (["a"], "is not a relative path"),
+])
+def test_resolve_stored_refuses_paths_that_leave_the_root(tmp_path, ref, fault):
+    root = _datasets(tmp_path)
+    with pytest.raises(StoredPathError) as e:
+        resolve_stored(root, ref, "d/a/k/manifest.jsonl: line 3")
+    message = str(e.value)
+    assert message.startswith("d/a/k/manifest.jsonl: line 3: ") and fault in message and "\n" not in message
+
+
+def test_resolve_stored_refuses_a_symlink_leading_out(tmp_path):
+    root = _datasets(tmp_path)
+    (root / "a" / "k" / "link.png").symlink_to(tmp_path / "outside.png")
+    (root / "a" / "out").symlink_to(tmp_path)  # a linked folder leading out
+    for ref in ("a/k/link.png", "a/out/outside.png"):
+        with pytest.raises(StoredPathError, match="leads out of .* through a symlink"):
+            resolve_stored(root, ref, "m: line 2")
+    # what decides is where the file is: back in through the linked folder, or under a linked root, is inside
+    assert resolve_stored(root, "a/out/datasets/a/k/x.png", "m").read_bytes() == b"inside"
+    (tmp_path / "linked").symlink_to(root)
+    assert resolve_stored(tmp_path / "linked", "a/k/x.png", "m").read_bytes() == b"inside"
+
+
+def test_a_shard_file_read_through_a_symlink_leading_out_is_refused(tmp_path):
+    shard = _write(tmp_path / "target_images" / "shard-0")
+    (tmp_path / "secret.json").write_text("{}")
+    (shard / "stats2.json").symlink_to(tmp_path / "secret.json")
+    with pytest.raises(StoredPathError, match="stats2.json.* through a symlink"):
+        read_shard(shard).json("stats2.json")
+
+
+def test_read_json_names_the_file_and_the_fault(tmp_path):
+    schema = {"type": "object", "required": ["n"], "properties": {"n": {"type": "integer"}}}
+    path = tmp_path / "c.json"
+    cases = [
+        (b'{"n": 1}', None),
+        (b'{"n": "\xff"}', "not UTF-8 (byte 0xff at offset 7)"),
+        (b"{this is not json", "not JSON (Expecting property name enclosed in double quotes at line 1 column 2)"),
+        (b'{"n": NaN}', "not JSON (NaN is not a JSON number)"),
+        (b'{"n": "x"}', "n: 'x' is not of type 'integer'"),
+        (b"[]", "[] is not of type 'object'"),
+        (b"{}", "'n' is a required property"),
+    ]
+    for data, fault in cases:
+        path.write_bytes(data)
+        if fault is None:
+            assert read_json(path, schema) == {"n": 1}
+            continue
+        with pytest.raises(StoredFileError) as e:
+            read_json(path, schema)
+        assert str(e.value) == f"{path}: {fault}"
+    with pytest.raises(ShardError, match=f"{tmp_path / 'none.json'}: cannot be read"):
+        read_json(tmp_path / "none.json", error=ShardError)
+
+
+def test_file_sha256_is_the_sha256_of_the_bytes(tmp_path):
+    import hashlib
+
+    data = os.urandom(3 << 20)  # several read blocks
+    (tmp_path / "w").write_bytes(data)
+    assert file_sha256(tmp_path / "w") == hashlib.sha256(data).hexdigest()
+
+
+def test_incomplete_shards_are_the_folders_without_a_manifest(tmp_path):
+    asset = tmp_path / "training_samples"
+    _write(asset / "shard-00000", n=1)
+    (asset / "shard-00001").mkdir()
+    (asset / "shard-00001" / "0.png").write_bytes(b"x")
+    (asset / ".shard-00002.tmp.1.0123456789abcdef0123456789abcdef").mkdir()  # a writer's temporary folder
+    (asset / "notes.txt").write_text("not a shard")
+    assert complete_shards(asset) == ["shard-00000"]
+    assert incomplete_shards(asset) == ["shard-00001"]
+    assert incomplete_shards(tmp_path / "nothing") == []
+

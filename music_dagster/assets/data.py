@@ -74,6 +74,7 @@ def _stage(context: dg.AssetExecutionContext, store: DatasetStore, asset: str, p
     shard atomically, then check what was written. With `record_dvc_stage` (the graph's last asset), the data
     stage's outputs as they now are go into dvc.lock and the DVC remote, so `dvc repro` agrees with this run."""
     from music_dagster.images import read_image
+    from music_dagster.storage import MANIFEST, first_lines, resolve_stored
     from music_dagster.synthesis import preview, schemas
     from music_dagster.synthesis.common import ShardContext, shard_seed
 
@@ -85,9 +86,13 @@ def _stage(context: dg.AssetExecutionContext, store: DatasetStore, asset: str, p
         store.check_writable(name, key)
     parents = store.read(parent, key).records if parent else []
     root = Path(store.root)
+    lines = first_lines(parents)
+    source = store.shard_path(parent, key) / MANIFEST if parent else store.shard_path(asset, key)
 
     def open_image(ref: str):
-        return read_image(root / ref)
+        # Every ref read here comes from a parent record: the error names that manifest line.
+        where = f"{source}: line {lines[ref]}" if ref in lines else str(source)
+        return read_image(resolve_stored(root, ref, where))
 
     context.log.info(f"{asset}[{key}]: {len(parents)} input records")
     result = compute(ctx, data, parents, open_image)
