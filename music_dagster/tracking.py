@@ -184,12 +184,15 @@ def data_version(manifests: Iterable[str | os.PathLike], root: Path | None = Non
 
 
 def folder_hash(folder: str | os.PathLike, exclude: tuple[str, ...] = (RUN_REF,)) -> str:
-    """A sha256 over every file of a folder (relative names and contents): the checkpoint's identity."""
+    """A sha256 over every file of a folder (relative names and each file's `storage.file_sha256`, the hash a
+    checkpoint's config records of its weights): the checkpoint's identity."""
+    from music_dagster.storage import file_sha256
+
     folder = Path(folder)
     digest = hashlib.sha256()
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in exclude):
         digest.update(f"{path.relative_to(folder).as_posix()}\0".encode())
-        digest.update(hashlib.sha256(path.read_bytes()).digest())
+        digest.update(bytes.fromhex(file_sha256(path)))
     return digest.hexdigest()
 
 

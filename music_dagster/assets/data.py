@@ -61,9 +61,11 @@ def _png_markdown(image, title: str, max_side: int = 256) -> str:
 
 
 def _shard_hash(path: Path) -> str:
+    from music_dagster.storage import file_sha256
+
     digest = hashlib.sha256()
     for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        digest.update(file.relative_to(path).as_posix().encode() + b"\0" + hashlib.sha256(file.read_bytes()).digest())
+        digest.update(file.relative_to(path).as_posix().encode() + b"\0" + bytes.fromhex(file_sha256(file)))
     return digest.hexdigest()
 
 
