@@ -4,8 +4,8 @@
 CONTRIBUTING.md). Weights load from safetensors only (a folder with only pickle weights is refused before anything is
 read); `trust_remote_code` is passed through from the spec and is off by default. The evaluation encoders (`dino`,
 `eval_clip`) always load in float32; an open_clip model must have the activation its config declares (QuickGELU for
-an OpenAI checkpoint). Heavy imports happen inside
-functions. Hub downloads follow the usual `HF_HUB_OFFLINE` / cache settings: nothing here forces them.
+an OpenAI checkpoint). Heavy imports happen inside functions. Hub downloads follow the usual `HF_HUB_OFFLINE` / cache
+settings: nothing here forces them.
 """
 from __future__ import annotations
 
