@@ -28,7 +28,6 @@ ROLES = (
 )
 ZOO_COMMAND = "music zoo build"
 _HUB_ID = re.compile(r"^(hf-hub:)?[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_EXPONENT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")  # 1e-4, 1.0e4: text to YAML 1.1, numbers to people
 
 
 TOP_KEYS = ("profile", "seed", "paths", "profiles")  # params.yaml's top level
@@ -37,6 +36,15 @@ ABLATIONS = ("none", "no_cot", "no_layout", "neither", "no_decimation")  # `trai
 
 class ConfigError(UserError):
     """A bad config value: the message is one line naming the key and the problem."""
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2's numbers: `1e-4` and `1.0e4` are floats, as DVC reads params.yaml too (PyYAML's YAML 1.1 reads an
+    exponent without a dot and a sign as text, which strict types would then refuse)."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+                              list("-+0123456789."))
 
 
 def did_you_mean(key, known) -> str:
@@ -334,8 +342,6 @@ def _one_line(error: ValidationError, prefix: str) -> str:
     got = first.get("input")
     if first["type"] in ("unknown_key", "missing_section", "missing_key"):
         got = ""
-    elif isinstance(got, str) and first["type"] == "float_type" and _EXPONENT.match(got):
-        got = f" (got the string {got!r}: YAML reads an exponent as a number only with a dot and a sign, 1.0e-4)"
     elif isinstance(got, (str, int, float, bool)) or got is None:
         got = f" (got {got!r})"
     else:
@@ -383,7 +389,7 @@ def load_config(path: str | os.PathLike | None = None, profile: str | None = Non
         raise ConfigError(f"{path.name}: byte 0x{data[e.start]:02x} at offset {e.start} (line {line}) is not "
                           f"UTF-8; save the file as UTF-8") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path.name}: not valid YAML ({str(e).splitlines()[0]})") from None
     return parse_config(raw, profile, source=path.name)

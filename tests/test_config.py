@@ -93,8 +93,7 @@ def test_unknown_role_suggests_the_closest(raw):
     ("data", "shard_size", True, "profiles.tiny.data.shard_size: Input should be a valid integer (got True)"),
     ("data", "shard_size", "4", "profiles.tiny.data.shard_size: Input should be a valid integer (got '4')"),
     ("data", "num_shards", 2.0, "profiles.tiny.data.num_shards: Input should be a valid integer (got 2.0)"),
-    ("train", "lr", "1e-4", "profiles.tiny.train.lr: Input should be a valid number (got the string '1e-4': "
-                            "YAML reads an exponent as a number only with a dot and a sign, 1.0e-4)"),
+    ("train", "lr", "1e-4", "profiles.tiny.train.lr: Input should be a valid number (got '1e-4')"),
     ("train", "w1", False, "profiles.tiny.train.w1: Input should be a valid number (got False)"),
     ("train", "cache_features", "yes", "profiles.tiny.train.cache_features: Input should be a valid boolean "
                                        "(got 'yes')"),
@@ -170,6 +169,17 @@ def test_every_profile_is_checked_not_only_the_selected_one(raw):
     raw["profiles"]["full"]["data"]["shard_size"] = True
     assert _error(raw, profile="tiny") == (
         "params.yaml: profiles.full.data.shard_size: Input should be a valid integer (got True)")
+
+
+def test_an_exponent_is_a_number_as_yaml_1_2_and_dvc_read_it(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text(PARAMS_FILE.read_text().replace("lr: 1.0e-3", "lr: 1e-3", 1))
+    assert "lr: 1e-3" in path.read_text()
+    assert load_config(path, profile="tiny").profile.train.lr == 1e-3
+    path.write_text(PARAMS_FILE.read_text().replace("lr: 1.0e-3", 'lr: "1e-3"', 1))  # quoted: text
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == "params.yaml: profiles.tiny.train.lr: Input should be a valid number (got '1e-3')"
 
 
 def test_yaml_infinity_from_the_file(tmp_path):
