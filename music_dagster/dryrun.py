@@ -103,10 +103,7 @@ class Report:
 # ---------------------------------------------------------------------------------------------------------------
 # The configs kept in the repository
 def read_sources() -> dict:
-    try:
-        return json.loads(SOURCES.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise DryRunError(f"{SOURCES}: not readable ({e})") from None
+    return _json(SOURCES)
 
 
 def config_folder(spec) -> Path:
@@ -127,7 +124,10 @@ def part_folders(folder: Path) -> list[Path]:
 def _json(path: Path) -> dict:
     if not path.is_file():
         raise DryRunError(f"{path.relative_to(PROJECT_ROOT)} is missing (configs/full/README.md)")
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise DryRunError(f"{path.relative_to(PROJECT_ROOT)}: not readable JSON ({e})") from None
 
 
 def build(folder: Path, role: str | None = None, cls: str | None = None, dtype=None):
@@ -174,9 +174,13 @@ def build_role(role: str, spec, sources: dict) -> list[Part]:
         source = sources["parts"].get(key)
         if source is None:
             raise DryRunError(f"{role}: configs/full/sources.json names no published size for {key}")
-        model = build(folder, role)
-        n = count(model)
-        counted = count(build(folder, role, source["published_class"])) if "published_class" in source else n
+        try:
+            model = build(folder, role)
+            n = count(model)
+            counted = count(build(folder, role, source["published_class"])) if "published_class" in source else n
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:  # how the libraries refuse a config
+            first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+            raise DryRunError(f"{role}: configs/full/{key} does not build ({first.strip()})") from None
         parts.append(Part(key, type(model).__name__, n, float(source["published"]), counted))
     return parts
 
