@@ -215,9 +215,21 @@ def materialize_shards(instance, num_shards: int | None = None) -> None:
         run_job("data_job", instance, partition_key=key)
 
 
+def check_outputs(config) -> None:
+    """Before `music pipeline` starts: the folders and the MLflow store it writes accept writes, so a locked one is
+    one line now, not after the data and the training have run (each asset checks its own outputs again)."""
+    from music_dagster.storage import check_writable
+    from music_dagster.tracking import check_store, store_from_config
+
+    for name in ("datasets", "models", "metrics"):
+        check_writable(config.paths.resolve(name), f"paths.{name}")
+    check_store(store_from_config(config))
+
+
 def run_pipeline(num_shards: int | None = None) -> None:
     """Materialize every asset on the configured profile, `num_shards` data shards (default: the profile's)."""
     config = default_config()
+    check_outputs(config)
     instance = project_instance()
     try:
         config.check_models()

@@ -173,3 +173,15 @@ def test_the_write_probe_leaves_a_healthy_store_as_it_was(project):
     assert db.read_bytes() == before
     with contextlib.closing(sqlite3.connect(db)) as con:
         assert con.execute("SELECT count(*) FROM sqlite_master WHERE name = 'music_write_probe'").fetchone() == (0,)
+
+
+def test_the_pipeline_checks_every_output_before_its_first_job(project):
+    """`music pipeline` with a read-only metrics folder: refused before the data stage, not after training."""
+    root, home = project
+    metrics = root / "metrics"
+    read_only(metrics)
+    before = snapshot(root)
+    proc = music_as_user(root, home, "pipeline")
+    assert_one_line_error(proc, 2, f"{metrics}: read-only; make it writable (chmod u+w {metrics})")
+    assert "data_job" not in proc.stdout and "training_job" not in proc.stdout  # no job started
+    assert snapshot(root) == before and _leftovers(root) == []
