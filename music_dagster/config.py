@@ -221,6 +221,8 @@ class DetokenizerConfig(_Spelled):
     beta_start: float = Field(default=0.00085, gt=0, lt=1)
     beta_end: float = Field(default=0.012, gt=0, lt=1)
     decode_steps: int = Field(default=50, gt=0)  # DDIM steps at inference
+    prediction_type: Literal["epsilon", "sample"] = "epsilon"  # the UNet predicts the noise (SDXL's) or the image
+    spatial_conditioning: bool = False  # the token grid also as ControlNet-style residuals (not in SEED-X)
     lr: float = Field(default=1e-5, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
     warmup_steps: int = Field(default=100, ge=0)

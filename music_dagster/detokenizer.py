@@ -16,6 +16,7 @@ This module imports torch at its top: import it inside asset functions.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -75,6 +76,8 @@ class DetokenizerSettings:
     beta_start: float = 1e-4
     beta_end: float = 0.02
     decode_steps: int = 25
+    prediction_type: str = "epsilon"  # what the UNet predicts: the noise (SDXL's) or the clean image ("sample")
+    spatial_conditioning: bool = False  # also feed the token grid as ControlNet-style residuals (`SpatialResiduals`)
 
     @classmethod
     def from_config(cls, detok, token_dim: int) -> "DetokenizerSettings":
@@ -89,6 +92,45 @@ def load_vae(spec, device="cpu", dtype=torch.float32):
     vae = AutoencoderKL.from_pretrained(spec.source, subfolder=spec.subfolder, revision=spec.revision,
                                         use_safetensors=True, torch_dtype=dtype)
     return vae.to(device).eval().requires_grad_(False)
+
+
+class SpatialResiduals(nn.Module):
+    """The visual tokens as a spatial map for the UNet (not in SEED-X, whose de-tokenizer reads them by
+    cross-attention only). The tokens are a sqrt(Q) x sqrt(Q) grid of pooled features (`model.pool_tokens`); one
+    zero-initialised 1x1 convolution per down-block residual and one for the mid block project the grid to that
+    residual's channels, resized to its resolution (nearest), and the UNet adds them as it adds ControlNet's. At the
+    start the UNet is unchanged; a UNet trained from scratch learns where things go from this far sooner."""
+
+    def __init__(self, token_dim: int, unet):
+        super().__init__()
+        cfg = unet.config
+        channels, self.scales, scale = [cfg.block_out_channels[0]], [1], 1  # conv_in's output first
+        for i, c in enumerate(cfg.block_out_channels):
+            channels += [c] * cfg.layers_per_block
+            self.scales += [scale] * cfg.layers_per_block
+            if i < len(cfg.block_out_channels) - 1:  # every block but the last ends with a downsampler
+                scale *= 2
+                channels.append(c)
+                self.scales.append(scale)
+        self.mid_scale = scale
+        self.size = cfg.sample_size
+        self.proj = nn.ModuleList(nn.Conv2d(token_dim, c, 1) for c in [*channels, cfg.block_out_channels[-1]])
+        for conv in self.proj:
+            nn.init.zeros_(conv.weight)
+            nn.init.zeros_(conv.bias)
+
+    def forward(self, tokens: torch.Tensor, dtype) -> dict:
+        b, q, d = tokens.shape
+        side = math.isqrt(q)
+        if side * side != q:
+            raise DetokenizerError(f"spatial conditioning needs a square number of visual tokens, got {q}")
+        grid = tokens.transpose(1, 2).reshape(b, d, side, side)
+
+        def at(conv, scale):
+            return F.interpolate(conv(grid), size=self.size // scale, mode="nearest").to(dtype)
+
+        return {"down_block_additional_residuals": tuple(at(c, s) for c, s in zip(self.proj[:-1], self.scales)),
+                "mid_block_additional_residual": at(self.proj[-1], self.mid_scale)}
 
 
 class Detokenizer(nn.Module):
@@ -115,8 +157,10 @@ class Detokenizer(nn.Module):
         if self.text_time:
             pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
             self.pooled = nn.Linear(cross, pooled).to(device)
+        self.spatial = SpatialResiduals(settings.token_dim, unet).to(device) if settings.spatial_conditioning else None
         self.noise = DDPMScheduler(num_train_timesteps=settings.train_timesteps, beta_schedule=settings.beta_schedule,
-                                   beta_start=settings.beta_start, beta_end=settings.beta_end)
+                                   beta_start=settings.beta_start, beta_end=settings.beta_end,
+                                   prediction_type=settings.prediction_type)
 
     @property
     def device(self):
@@ -137,7 +181,7 @@ class Detokenizer(nn.Module):
         return self
 
     def trainable_state_dict(self) -> dict:
-        return {k: v for k, v in self.state_dict().items() if k.split(".")[0] in ("resampler", "pooled")}
+        return {k: v for k, v in self.state_dict().items() if k.split(".")[0] in ("resampler", "pooled", "spatial")}
 
     # ---- images <-> UNet space ---------------------------------------------------------------------------
     def preprocess(self, images: Sequence) -> torch.Tensor:
@@ -173,14 +217,17 @@ class Detokenizer(nn.Module):
             ids = torch.tensor([s, s, 0, 0, s, s], device=self.device, dtype=self.unet.dtype)
             kwargs["added_cond_kwargs"] = {"text_embeds": self.pooled(states.mean(1)).to(self.unet.dtype),
                                            "time_ids": ids.expand(len(tokens), -1)}
+        if self.spatial is not None:
+            kwargs.update(self.spatial(tokens.to(self.device, torch.float32), self.unet.dtype))
         return kwargs
 
     def noise_loss(self, x0: torch.Tensor, tokens: torch.Tensor, timesteps: torch.Tensor,
                    noise: torch.Tensor) -> torch.Tensor:
-        """MSE of the predicted noise at given timesteps and noise (x0 in UNet space)."""
+        """MSE of the UNet's prediction (the noise, or x0 itself with `prediction_type: sample`) at given timesteps
+        and noise (x0 in UNet space)."""
         xt = self.noise.add_noise(x0, noise, timesteps)
         pred = self.unet(xt.to(self.unet.dtype), timesteps, **self.condition(tokens)).sample
-        return F.mse_loss(pred.float(), noise)
+        return F.mse_loss(pred.float(), x0 if self.settings.prediction_type == "sample" else noise)
 
     def forward(self, pixels: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """The DDPM training loss of a batch: random timesteps and noise from torch's global generator."""
