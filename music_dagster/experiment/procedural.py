@@ -521,3 +521,48 @@ def run_experiment(config, names: Sequence[str], root: str | os.PathLike, held_o
     prompts = held_out_prompts(config, held_out)
     models = load_models(config, names, Path(root), log)
     return run_rows(config, names, models, prompts, log=log)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# `music demo procedural`
+DEMO_PROFILE = "procedural"
+DEMO_ROLES = ("music_llm", "music_vision", "music_unet", "clip")
+
+
+def run_demo(profile: str = DEMO_PROFILE, rows: Sequence[str] = DEMO_ROWS, held_out: int = 48,
+             log: Callable[[str], None] = print) -> dict[str, Path]:
+    """The experiment's rows on a profile (default: `procedural`, sized for a CPU), from a fresh clone: builds the
+    tiny zoo roles it needs, trains, generates, scores, writes `metrics/procedural.json`, the table, the plot and
+    the example figure, and logs the row runs nested under a parent run. Returns the written files."""
+    import tempfile
+
+    from music_dagster.config import PROJECT_ROOT, load_config
+    from music_dagster.tracking import store_from_config
+    from music_dagster.zoo import default_root, ensure_zoo
+
+    config = load_config(profile=profile)
+    rows = check_rows(rows)
+    if held_out < 1:
+        raise ExperimentError(f"--held-out must be at least 1 (got {held_out})")
+    zoo = default_root().resolve()
+    local = [r for r in DEMO_ROLES if (p := config.models[r].local_path) is not None and p.resolve().parent == zoo]
+    if local:
+        ensure_zoo(seed=config.seed, roles=local)
+    config.check_models(DEMO_ROLES)
+    t0 = time.perf_counter()
+    results = run_experiment(config, rows, PROJECT_ROOT / ".cache" / "experiment", held_out, log)
+    files = write_outputs(config, results, config.paths.resolve("metrics"))
+    store = store_from_config(config)
+    with tempfile.TemporaryDirectory() as tmp:  # each row's scores and examples, logged with its run
+        children = [log_row_run(store, config, r, save_row(r, Path(tmp) / name))["run_id"]
+                    for name, r in results.items()]
+    parent = log_parent_run(store, config, results, files, children)
+    log(table_markdown(results))
+    log(f"wrote {', '.join(str(p) for p in files.values())} in {time.perf_counter() - t0:.0f} s; "
+        f"MLflow parent run {parent['url']}")
+    return files
+
+
+def cli_demo(args) -> None:
+    """`music demo procedural`."""
+    run_demo(args.profile, args.rows or DEMO_ROWS, args.held_out)
