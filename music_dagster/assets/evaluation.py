@@ -37,6 +37,17 @@ def _check_outputs(store: DatasetStore, tracking: MlflowTracking) -> None:
     tracking.check()
 
 
+def _check_inputs(store: DatasetStore) -> None:
+    """Before evaluating: both benchmarks' inputs read (DreamBench, and the MSIC rows with their references inside
+    the datasets root), so a bad one fails before either benchmark logs anything."""
+    from music_dagster import benchmarks as bm
+    from music_dagster.config import default_config
+
+    cfg = default_config()
+    bm.load_dreambench(cfg.dreambench_dir, cfg.profile.eval.dreambench_live_classes)
+    bm.load_msic(store.asset_dir("training_samples"), cfg.profile.eval.msic_samples)
+
+
 def _setup(config: EvaluationConfig, dino: DinoResource, eval_clip: EvalClipResource):
     """The project config, the checkpoint folder, a generate function over it and the score encoders."""
     from music_dagster.config import default_config
@@ -100,6 +111,7 @@ def dreambench_scores(context: dg.AssetExecutionContext, config: EvaluationConfi
     from music_dagster.config import default_config
 
     _check_outputs(store, tracking)
+    _check_inputs(store)
     ev = default_config().profile.eval
     bench = bm.load_dreambench(default_config().dreambench_dir, ev.dreambench_live_classes)
     bench = bench.subset(ev.dreambench_subjects, ev.dreambench_prompts)
@@ -124,6 +136,7 @@ def msic_scores(context: dg.AssetExecutionContext, config: EvaluationConfig, din
     from music_dagster.config import default_config
 
     _check_outputs(store, tracking)
+    _check_inputs(store)
     ev = default_config().profile.eval
     samples = bm.load_msic(store.asset_dir("training_samples"), ev.msic_samples)
     cfg, checkpoint, generate, embedder = _setup(config, dino, eval_clip)
