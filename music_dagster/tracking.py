@@ -128,8 +128,9 @@ def client(store: Store, write: bool = True):
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    if write and _sqlite_path(store) is not None:
-        _sqlite_path(store).parent.mkdir(parents=True, exist_ok=True)
+    db = _sqlite_path(store)
+    if write and db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
     mlf = MlflowClient(store.tracking_uri)
     if write and mlf.get_experiment_by_name(store.experiment) is None:
         try:
