@@ -131,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=_check)
 
     bench = sub.add_parser("bench", help="benchmarks that print figures")
-    bench.add_argument("what", choices=["zoo", "location", "data", "train", "generate", "metrics", "parallel"])
+    bench.add_argument("what", choices=["zoo", "location", "data", "train", "generate", "metrics", "parallel",
+                                               "orchestration"])
     bench.set_defaults(func=_bench)
     return parser
 

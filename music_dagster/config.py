@@ -262,6 +262,9 @@ class GenerateConfig(_Spelled):
 
 class Profile(_Spelled):
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Where concurrent model-heavy steps run, one device per step and per slot of the `gpu` pool (`devices.py`):
+    # `auto` is every visible GPU, or [cpu] without one; a list such as [cuda:0, cuda:1] or [cpu, cpu].
+    devices: list[str] | Literal["auto"]
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     torch_threads: int = Field(default=1, gt=0)
     pool_wait_s: float = Field(gt=0)  # how long a step waits for a slot of its Dagster pool (`gpu`) before giving up
@@ -271,6 +274,21 @@ class Profile(_Spelled):
     detokenizer: DetokenizerConfig
     eval: EvalConfig
     generate: GenerateConfig
+
+    @field_validator("devices")
+    @classmethod
+    def _devices(cls, value):
+        if value == "auto":
+            return value
+        if not value:
+            raise ValueError("expected auto or a list of at least one device")
+        for device in value:
+            if not re.fullmatch(r"cpu|cuda:\d+", device):
+                raise ValueError(f"unknown device {device!r} (use cpu or cuda:<index>)")
+        gpus = [d for d in value if d != "cpu"]
+        if len(set(gpus)) < len(gpus):
+            raise ValueError(f"a GPU is listed twice in {value}: two steps would share it")
+        return value
 
     @field_validator("models", mode="before")
     @classmethod

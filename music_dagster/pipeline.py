@@ -1,7 +1,7 @@
 """The main job: the whole pipeline on the project's Dagster instance, as the UI would run it.
 
 `music pipeline` builds the tiny model zoo when a configured folder is missing, registers the profile's shards,
-materializes the data graph shard by shard, then training and evaluation. Every run lands in the instance under
+materializes the data graph over every shard in one run (a partition range), then training and evaluation. Every run lands in the instance under
 `DAGSTER_HOME` (default `.dagster_home/`), so `make ui` shows the runs, lineage and metadata afterwards. DVC's stages
 (`music stage ...`) run the same jobs through `run_job` and `materialize_shards`.
 
@@ -30,6 +30,7 @@ from dagster._core.execution.plan.execute_plan import inner_plan_execution_itera
 from dagster._core.execution.plan.instance_concurrency_context import InstanceConcurrencyContext
 from dagster._utils.interrupts import check_captured_interrupt, pop_captured_interrupt
 
+from music_dagster import devices
 from music_dagster.config import PROJECT_ROOT, ConfigError, default_config
 from music_dagster.errors import UserError
 
@@ -174,9 +175,10 @@ def _bounded_pool_wait(wait_s: float):
         in_process.inprocess_execution_iterator = original
 
 
-def run_job(job_name: str, instance, partition_key: str | None = None, assets: list[str] | None = None) -> None:
-    """Execute one of the code location's jobs in this process (optionally a partition, or a subset of its assets),
-    after releasing runs whose process is gone."""
+def run_job(job_name: str, instance, partition_key: str | None = None, assets: list[str] | None = None,
+            partition_range: tuple[str, str] | None = None) -> None:
+    """Execute one of the code location's jobs in this process (optionally a partition or a range of partitions
+    (first, last), or a subset of its assets), after releasing runs whose process is gone."""
     from dagster._core.utils import make_new_run_id
 
     from music_dagster.definitions import defs
@@ -184,9 +186,14 @@ def run_job(job_name: str, instance, partition_key: str | None = None, assets: l
 
     for line in release_stale_runs(instance):
         print(f"music pipeline: {line}", flush=True)
+    devices.prepare_instance(instance, default_config().profile.devices)  # the `gpu` pool: one slot per device
     job = defs.resolve_job_def(job_name).with_logger_defs({"console": console_logger})
     run_id = make_new_run_id()
+    from music_dagster.assets.data import partition_range as range_tags
+
     label = job_name + (f"[{partition_key}]" if partition_key else "") + (f" {assets}" if assets else "")
+    label += f"[{partition_range[0]}...{partition_range[1]}]" if partition_range else ""
+    tags = {**process_tags(), **(range_tags(*partition_range) if partition_range else {})}
     start = time.perf_counter()
     print(f"music pipeline: {label} ... (run {run_id})", flush=True)
     try:
@@ -195,7 +202,7 @@ def run_job(job_name: str, instance, partition_key: str | None = None, assets: l
         with _bounded_pool_wait(default_config().profile.pool_wait_s), contextlib.redirect_stderr(sys.stdout):
             job.execute_in_process(
                 run_config=_RUN_CONFIG, instance=instance, partition_key=partition_key, run_id=run_id,
-                asset_selection=[dg.AssetKey(a) for a in assets] if assets else None, tags=process_tags(),
+                asset_selection=[dg.AssetKey(a) for a in assets] if assets else None, tags=tags,
             )
     except UserError as e:
         raise RunError(f"{e} (Dagster run {run_id}: its events in `make ui` have the details)") from e
@@ -207,12 +214,40 @@ def run_job(job_name: str, instance, partition_key: str | None = None, assets: l
     print(f"music pipeline: {label} succeeded in {time.perf_counter() - start:.1f} s (run {run_id})", flush=True)
 
 
-def materialize_shards(instance, num_shards: int | None = None) -> None:
-    """Register the first `num_shards` shard keys (default: `data.num_shards`) and run the data graph for each."""
-    from music_dagster.assets.data import ensure_shards
+class ShardsFailedError(UserError):
+    """Shards of a range run that failed alone: the others were published."""
 
-    for key in ensure_shards(instance, num_shards or default_config().profile.data.num_shards):
-        run_job("data_job", instance, partition_key=key)
+
+def materialize_shards(instance, num_shards: int | None = None) -> None:
+    """Register the first `num_shards` shard keys (default: `data.num_shards`) and run the data graph over all of
+    them in one run (one model load per stage for every shard). Shards that failed alone are named afterwards, in
+    one line, with their reasons; the others are published."""
+    from music_dagster.assets.data import DATA_ASSET_NAMES, ensure_shards
+    from music_dagster.resources.storage import DatasetStore
+
+    keys = ensure_shards(instance, num_shards or default_config().profile.data.num_shards)
+    run_job("data_job", instance, partition_range=(keys[0], keys[-1]))
+    store = DatasetStore.from_config(default_config())
+    failed = [k for k in keys if not store.exists(DATA_ASSET_NAMES[-1], k)]
+    if failed:
+        reasons = failed_shard_reasons(instance, failed)
+        raise ShardsFailedError(f"{len(failed)} of {len(keys)} shards failed, the others were published: "
+                                + "; ".join(f"{k}: {reasons.get(k, 'see the run log')}" for k in failed))
+
+
+def failed_shard_reasons(instance, keys: list[str]) -> dict[str, str]:
+    """The first recorded reason each shard failed for (the `failed` metadata of its latest materializations)."""
+    from music_dagster.assets.data import DATA_ASSET_NAMES
+
+    reasons: dict[str, str] = {}
+    for name in DATA_ASSET_NAMES:  # graph order: the first stage that failed holds the cause
+        records = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=dg.AssetKey(name), asset_partitions=keys), limit=len(keys)).records
+        for record in records:
+            event = record.asset_materialization
+            if "failed" in event.metadata and event.partition not in reasons:
+                reasons[event.partition] = f"{name}: {event.metadata['failed'].value}"
+    return reasons
 
 
 def check_outputs(config) -> None:

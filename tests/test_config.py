@@ -231,3 +231,30 @@ def test_bad_yaml_file(tmp_path):
 def test_profile_from_environment(monkeypatch):
     monkeypatch.setenv("MUSIC_PROFILE", "full")
     assert load_config().profile_name == "full"
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("auto", "auto"), (["cuda:0", "cuda:1"], ["cuda:0", "cuda:1"]), (["cpu", "cpu"], ["cpu", "cpu"]),
+])
+def test_devices_is_auto_or_a_list(raw, value, expected):
+    raw["profiles"]["tiny"]["devices"] = value
+    assert parse_config(raw, profile="tiny").profile.devices == expected
+
+
+@pytest.mark.parametrize("value, problem", [
+    ([], "expected auto or a list of at least one device"),
+    (["gpu0"], "unknown device 'gpu0' (use cpu or cuda:<index>)"),
+    (["cuda"], "unknown device 'cuda' (use cpu or cuda:<index>)"),
+    (["cuda:0", "cuda:0"], "a GPU is listed twice in ['cuda:0', 'cuda:0']: two steps would share it"),
+])
+def test_bad_devices_name_the_key(raw, value, problem):
+    raw["profiles"]["tiny"]["devices"] = value
+    message = _error(raw, profile="tiny")
+    assert message.startswith("params.yaml: profiles.tiny.devices") and problem in message, message
+
+
+def test_every_profile_lists_its_devices(raw):
+    for name in raw["profiles"]:
+        del raw["profiles"][name]["devices"]
+        assert "profiles." + name + ".devices: key missing" in _error(raw, profile=name)
+        raw["profiles"][name]["devices"] = "auto"

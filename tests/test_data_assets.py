@@ -241,3 +241,79 @@ def test_data_graph_materializes_two_shards_reproducibly(tmp_path, tiny_zoo):
     assert len(before) > 40
     assert job.execute_in_process(partition_key=keys[0], instance=instance).success
     assert _file_hashes(root, keys[0]) == before
+
+
+def _range_run(job, instance, keys: list[str]):
+    return job.execute_in_process(instance=instance, tags=data.partition_range(keys[0], keys[-1]))
+
+
+@pytest.mark.slow
+def test_a_range_run_writes_the_bytes_of_one_shard_runs_and_loads_each_model_once(tmp_path, tiny_zoo,
+                                                                                    monkeypatch):
+    from music_dagster import loaders
+
+    loads = []
+    real = loaders.load_role
+    monkeypatch.setattr(loaders, "load_role", lambda role, *a: loads.append(role) or real(role, *a))
+    instance = _instance(2)
+    keys = ["shard-00000", "shard-00001"]
+    roots = {"one": tmp_path / "one", "range": tmp_path / "range"}
+    jobs = {name: dg.Definitions(assets=data.DATA_ASSETS, jobs=[data.data_job], resources=_resources(root))
+            .resolve_job_def("data_job") for name, root in roots.items()}
+    for key in keys:
+        assert jobs["one"].execute_in_process(partition_key=key, instance=instance).success
+    loads.clear()
+    result = _range_run(jobs["range"], instance, keys)
+    assert result.success
+    heavy_roles = {"llm", "t2i", "detector", "vlm", "i2i", "segmenter", "clip"}
+    assert sorted(loads) == sorted(heavy_roles)  # one load per model for the whole run, both shards
+    for key in keys:
+        one = _file_hashes(roots["one"], key)
+        assert len(one) > 40 and _file_hashes(roots["range"], key) == one
+    # Every shard stays its own partition: one materialization per shard and asset, with the shard's own hash.
+    events = result.get_asset_materialization_events()
+    assert sorted((e.asset_key.to_user_string(), e.partition) for e in events) == sorted(
+        (name, key) for name in NAMES for key in keys)
+    assert len({e.materialization.metadata["shard_sha256"].value for e in events}) == len(events)
+    # A model-heavy step records the device it leased (one of the profile's `devices`: cpu here) and its slot.
+    for event in events:
+        metadata = event.materialization.metadata
+        if event.asset_key.to_user_string() in MODEL_HEAVY:
+            assert (metadata["device"].value, metadata["device_slot"].value) == ("cpu", 0)
+        else:
+            assert "device" not in metadata
+
+
+@pytest.mark.slow
+def test_a_shard_failing_inside_a_range_run_fails_alone(tmp_path, tiny_zoo, monkeypatch):
+    from music_dagster.synthesis import captions
+
+    real = captions.scene_captions
+
+    def failing(llm, ctx, *args):
+        if ctx.key == "shard-00001":
+            raise SynthesisError("the LLM wrote no caption (injected)")
+        return real(llm, ctx, *args)
+
+    monkeypatch.setattr(captions, "scene_captions", failing)
+    root = tmp_path / "datasets"
+    store = DatasetStore(root=str(root))
+    instance = _instance(3)
+    keys = ["shard-00000", "shard-00001", "shard-00002"]
+    job = dg.Definitions(assets=data.DATA_ASSETS, jobs=[data.data_job], resources=_resources(root)).resolve_job_def(
+        "data_job")
+    result = _range_run(job, instance, keys)
+    assert result.success
+    assert [k for k in keys if store.exists("training_samples", k)] == ["shard-00000", "shard-00002"]
+    assert store.exists("category_combos", "shard-00001")  # the stages before the failure published it
+    assert not any((root / name / "shard-00001").exists() for name in NAMES[1:])
+    failed = {(e.asset_key.to_user_string(), e.partition): e.materialization.metadata.get("failed")
+              for e in result.get_asset_materialization_events()}
+    assert failed[("scene_captions", "shard-00001")].value == "the LLM wrote no caption (injected)"
+    assert failed[("target_images", "shard-00001")].value.endswith("scene_captions/shard-00001: no such shard")
+    assert all(failed[(name, k)] is None for name in NAMES for k in ("shard-00000", "shard-00002"))
+
+    # Every shard failing is the step failing, in one line, as a one-shard run does.
+    only = job.execute_in_process(instance=instance, tags=data.partition_range("shard-00001", "shard-00001"),
+                                  asset_selection=[dg.AssetKey("scene_captions")], raise_on_error=False)
+    assert not only.success and _failure(only).endswith("SynthesisError: the LLM wrote no caption (injected)")

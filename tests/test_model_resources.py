@@ -105,3 +105,16 @@ def test_bad_checkpoint_is_one_line_error(tmp_path):
         res.load()
     assert "\n" not in str(e.value) and not res.is_loaded
 
+
+
+def test_a_step_loads_on_its_leased_device_and_teardown_frees_it(tiny_zoo, count_loads, tmp_path):
+    from music_dagster import devices
+
+    res = DinoResource(checkpoint=str(tiny_zoo["dino"]), device="auto")
+    with devices.lease(tmp_path, ["cpu"], wait_s=1):
+        handle = res.load()
+        assert str(handle.device) == "cpu" and res.is_loaded
+        assert res.load() is handle and count_loads == ["dino"]
+    res.unload()  # teardown runs outside the step's lease: it still frees what the step loaded
+    with devices.lease(tmp_path, ["cpu"], wait_s=1):
+        assert not res.is_loaded

@@ -1,5 +1,7 @@
 """Scheduled regeneration: off by default, each tick adds the next shards and requests their data runs; the runs
 it requests produce complete shards that training picks up."""
+import os
+
 import dagster as dg
 import pytest
 import yaml
@@ -29,11 +31,17 @@ def tick(instance: dg.DagsterInstance, cursor=None) -> dg.SensorResult:
     return shard_regeneration(dg.build_sensor_context(instance=instance, cursor=cursor))
 
 
-def apply(instance: dg.DagsterInstance, result: dg.SensorResult) -> list[str]:
-    """What the sensor daemon does with a tick before it launches the runs: add the requested partitions."""
+def apply(instance: dg.DagsterInstance, result: dg.SensorResult) -> list[dict]:
+    """What the sensor daemon does with a tick before it launches the runs: add the requested partitions. Returns
+    each requested run's tags (which name its partition range)."""
     for request in result.dynamic_partitions_requests:
         instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
-    return [r.partition_key for r in result.run_requests]
+    return [dict(r.tags) for r in result.run_requests]
+
+
+def ranges(result: dg.SensorResult) -> list[tuple]:
+    return [(r.partition_key, r.run_key, r.tags.get("dagster/asset_partition_range_start"),
+             r.tags.get("dagster/asset_partition_range_end")) for r in result.run_requests]
 
 
 def test_regeneration_is_in_the_code_location_stopped_and_targets_the_data_graph():
@@ -51,19 +59,33 @@ def test_new_keys_follow_the_highest_numbered_shard():
     assert next_shard_keys(["shard-00002", "my-extra-shard"], 2) == ["shard-00003", "shard-00004"]
 
 
-def test_each_tick_adds_the_next_shards_and_requests_one_data_run_each(one_shard_per_tick):
+def test_each_tick_adds_the_next_shards_and_requests_one_data_run_over_their_range(one_shard_per_tick):
     instance = dg.DagsterInstance.ephemeral()
     data.ensure_shards(instance, 2)
     first = tick(instance)
     assert [(r.partitions_def_name, list(r.partition_keys)) for r in first.dynamic_partitions_requests] == [
         ("shards", ["shard-00002"])]
-    assert [(r.partition_key, r.run_key) for r in first.run_requests] == [("shard-00002", "shard-00002")]
+    assert ranges(first) == [(None, "shard-00002...shard-00002", "shard-00002", "shard-00002")]
     assert first.cursor == "shard-00002"
     # Before the daemon applies a tick nothing changes; after it, the next tick moves on.
     assert instance.get_dynamic_partitions("shards") == ["shard-00000", "shard-00001"]
     apply(instance, first)
     second = tick(instance, first.cursor)
-    assert [r.partition_key for r in second.run_requests] == ["shard-00003"]
+    assert ranges(second) == [(None, "shard-00003...shard-00003", "shard-00003", "shard-00003")]
+
+
+def test_a_tick_of_several_shards_is_one_run_over_their_range(one_shard_per_tick):
+    instance = dg.DagsterInstance.ephemeral()
+    data.ensure_shards(instance, 1)
+    raw = yaml.safe_load(open(os.environ["MUSIC_PARAMS"]))
+    raw["profiles"]["tiny"]["data"]["num_shards"] = 3
+    with open(os.environ["MUSIC_PARAMS"], "w") as f:
+        yaml.safe_dump(raw, f)
+    default_config.cache_clear()
+    result = tick(instance)
+    assert [list(r.partition_keys) for r in result.dynamic_partitions_requests] == [
+        ["shard-00001", "shard-00002", "shard-00003"]]
+    assert ranges(result) == [(None, "shard-00001...shard-00003", "shard-00001", "shard-00003")]
 
 
 @pytest.mark.slow
@@ -79,9 +101,9 @@ def test_requested_runs_make_complete_shards_that_training_picks_up(one_shard_pe
     done = []
     for _ in range(2):  # two ticks: shard-00000 (an MSIC hold-out with this seed), then shard-00001 (training)
         result = tick(instance)
-        for key in apply(instance, result):
-            assert job.execute_in_process(partition_key=key, instance=instance).success
-            done.append(key)
+        for tags in apply(instance, result):
+            assert job.execute_in_process(tags=tags, instance=instance).success
+            done.append(tags["dagster/asset_partition_range_start"])
     assert done == ["shard-00000", "shard-00001"]
     _, keys, version = select_sources(config, config.paths.resolve("datasets") / SAMPLES_ASSET)
     assert keys == done

@@ -5,16 +5,20 @@ Every asset reads its parent's shard, runs one stage, and writes `datasets/<asse
 `store` resource: `manifest.jsonl` (records validated against the stage's schema), the PNGs, `dropped.json` (samples
 dropped with their reasons) and `preview.png`. A shard's seed is derived from its key and the config's seed, so a
 shard re-materialized with the same config is byte-identical. Shards are dynamic partitions of `shards`; register
-them with `ensure_shards(instance, n)` (keys `shard-00000`, ...) and run `data_job` once per shard. Model-heavy
-assets run in the Dagster pool `gpu`.
+them with `ensure_shards(instance, n)` (keys `shard-00000`, ...) and run `data_job` over a range of shard keys
+(`partition_range`): each step runs its stage shard after shard, with its models loaded once, and each shard is
+still its own partition with the bytes a one-shard run writes. Model-heavy assets run in the Dagster pool `gpu`.
 """
 
 import base64
+import contextlib
 import hashlib
+import warnings
 from pathlib import Path
 from typing import Callable
 
 import dagster as dg
+from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
 from music_dagster.config import default_config
 from music_dagster.resources.models import (
@@ -25,12 +29,19 @@ from music_dagster.resources.storage import DatasetStore
 SHARDS = dg.DynamicPartitionsDefinition(name="shards")
 GROUP = "data"
 GPU_POOL = "gpu"
+# On Kubernetes (deploy/k8s/, dagster-k8s's k8s_job_executor) each step is a pod: a model-heavy one asks for one GPU.
+GPU_STEP_TAGS = {"dagster-k8s/config": {"container_config": {"resources": {"limits": {"nvidia.com/gpu": 1}}}}}
 DROPPED_FILE = "dropped.json"
 PREVIEW_FILE = "preview.png"
 
 
 def shard_key(index: int) -> str:
     return f"shard-{index:05d}"
+
+
+def partition_range(first: str, last: str) -> dict[str, str]:
+    """The run tags of a run over shards `first` .. `last` (in the order the shards were registered)."""
+    return {ASSET_PARTITION_RANGE_START_TAG: first, ASSET_PARTITION_RANGE_END_TAG: last}
 
 
 def ensure_shards(instance: dg.DagsterInstance, n: int) -> list[str]:
@@ -72,9 +83,82 @@ def _shard_hash(path: Path) -> str:
 def _stage(context: dg.AssetExecutionContext, store: DatasetStore, asset: str, parent: str | None,
            compute: Callable, checks: Callable, table: tuple[str, ...] = (),
            record_dvc_stage: bool = False) -> dg.MaterializeResult:
-    """Run one stage on the context's shard and publish it: compute (nothing written yet), then write the whole
-    shard atomically, then check what was written. With `record_dvc_stage` (the graph's last asset), the data
-    stage's outputs as they now are go into dvc.lock and the DVC remote, so `dvc repro` agrees with this run."""
+    """Run one stage on every shard of the step's partition range and publish each shard on its own.
+
+    A step covers one shard, or a range of shards when a backfill or `music pipeline` runs many shards in one run
+    (the assets' single-run backfill policy): the models the stage needs are loaded once for the whole range. A
+    shard whose stage fails fails alone: nothing of it is written, its reason goes into its partition's metadata
+    and the run's log, and the other shards publish (its children in the same run fail alone in turn, their
+    parent shard missing). When every shard of the step fails, the step fails with the first reason, as a
+    one-shard run always has. With `record_dvc_stage` (the graph's last asset), the data stage's outputs as they
+    now are go into dvc.lock and the DVC remote once per step, so `dvc repro` agrees with this run."""
+    from music_dagster.errors import UserError
+
+    keys = context.partition_keys
+    failures: dict[str, UserError] = {}
+    verdicts: dict[str, list] = {}
+    versions: dict[str, str] = {}
+    with _step_device(context) as summary:
+        for key in keys:
+            _publish_or_record(context, store, asset, parent, key, compute, checks, table, failures, verdicts,
+                               versions)
+    if len(failures) == len(keys):
+        raise next(iter(failures.values()))
+    if record_dvc_stage:
+        from music_dagster.dvc import record_output
+
+        summary.update(record_output(store.asset_dir(asset)).metadata())
+    if failures:
+        summary["failed_shards"] = dg.MetadataValue.json({k: str(e) for k, e in failures.items()})
+    return dg.MaterializeResult(
+        metadata=summary,
+        # Dagster's data version is one per step output: a shard's own hash when the step is one shard; in a range
+        # each shard's hash is its `shard_sha256` metadata.
+        data_version=dg.DataVersion(versions[keys[0]]) if len(keys) == 1 else None,
+        check_results=[dg.AssetCheckResult(
+            check_name=name, passed=all(v.passed for _, v in results),
+            metadata={"detail": "; ".join(v.detail if len(keys) == 1 else f"{k}: {v.detail}" for k, v in results)})
+            for name, results in verdicts.items()],
+    )
+
+
+def _publish_or_record(context, store, asset, parent, key, compute, checks, table, failures, verdicts, versions):
+    """Publish shard `key`, or record why it failed (its partition's `failed` metadata, the run's log)."""
+    from music_dagster.errors import UserError
+
+    try:
+        metadata, shard_verdicts, versions[key] = _publish_shard(context, store, asset, parent, key, compute, checks,
+                                                                 table)
+    except UserError as e:
+        failures[key] = e
+        context.log.error(f"{asset}[{key}] failed, not published: {e}")
+        context.add_asset_metadata({"failed": dg.MetadataValue.text(str(e))}, partition_key=key)
+        return
+    context.add_asset_metadata(metadata, partition_key=key)
+    for name, verdict in shard_verdicts.items():
+        verdicts.setdefault(name, []).append((key, verdict))
+
+
+@contextlib.contextmanager
+def _step_device(context: dg.AssetExecutionContext):
+    """A model-heavy step leases one device of the profile's `devices` for its whole range (`devices.lease`);
+    yields the step's metadata so far: the device and its slot."""
+    from music_dagster import devices
+
+    if context.assets_def.node_def.pool != GPU_POOL:
+        yield {}
+        return
+    profile = default_config().profile
+    with devices.lease(context.instance.root_directory, devices.visible_devices(profile.devices),
+                       profile.pool_wait_s) as (slot, device):
+        context.log.info(f"{context.op_def.name}: device {device} (slot {slot})")
+        yield {"device": dg.MetadataValue.text(device), "device_slot": dg.MetadataValue.int(slot)}
+
+
+def _publish_shard(context: dg.AssetExecutionContext, store: DatasetStore, asset: str, parent: str | None, key: str,
+                   compute: Callable, checks: Callable, table: tuple[str, ...]) -> tuple[dict, dict, str]:
+    """Run one stage on shard `key` and publish it: compute (nothing written yet), then write the whole shard
+    atomically, then check what was written. Returns its metadata, its check verdicts and its hash."""
     from music_dagster.images import read_image
     from music_dagster.storage import MANIFEST, first_lines, resolve_stored
     from music_dagster.synthesis import preview, schemas
@@ -82,7 +166,6 @@ def _stage(context: dg.AssetExecutionContext, store: DatasetStore, asset: str, p
 
     config = default_config()
     data = config.profile.data
-    key = context.partition_key
     ctx = ShardContext(asset, key, shard_seed(config.seed, key))
     for name in DATA_ASSET_NAMES:  # the shard's whole graph: a locked folder fails now, not after models ran
         store.check_writable(name, key)
@@ -111,7 +194,7 @@ def _stage(context: dg.AssetExecutionContext, store: DatasetStore, asset: str, p
         writer.add_json(DROPPED_FILE, result.dropped)
     path = store.shard_path(asset, key)
     records = store.read(asset, key).records
-    verdicts = checks(records, data, open_image)
+    verdicts = checks(ctx, records, data, open_image)
     reasons = result.reasons()
     metadata = {
         "path": dg.MetadataValue.path(str(path)),
@@ -132,17 +215,10 @@ def _stage(context: dg.AssetExecutionContext, store: DatasetStore, asset: str, p
         metadata["preview_path"] = dg.MetadataValue.path(str(path / PREVIEW_FILE))
     if table and records:
         metadata["samples"] = dg.MetadataValue.md(preview.sample_table(records, table))
-    if record_dvc_stage:
-        from music_dagster.dvc import record_output
-
-        metadata.update(record_output(store.asset_dir(asset)).metadata())
+    version = _shard_hash(path)
+    metadata["shard_sha256"] = dg.MetadataValue.text(version)
     context.log.info(f"{asset}[{key}]: kept {len(records)}, dropped {len(result.dropped)} {reasons or ''}")
-    return dg.MaterializeResult(
-        metadata=metadata,
-        data_version=dg.DataVersion(_shard_hash(path)),
-        check_results=[dg.AssetCheckResult(check_name=name, passed=v.passed, metadata={"detail": v.detail})
-                       for name, v in verdicts.items()],
-    )
+    return metadata, verdicts, version
 
 
 def _specs(asset: str, **descriptions: str) -> list[dg.AssetCheckSpec]:
@@ -151,11 +227,17 @@ def _specs(asset: str, **descriptions: str) -> list[dg.AssetCheckSpec]:
 
 
 def _asset(name: str, description: str, parent: str | None, gpu: bool, checks: dict[str, str]):
-    return dg.asset(
-        name=name, partitions_def=SHARDS, group_name=GROUP, deps=[parent] if parent else None,
-        description=description, pool=GPU_POOL if gpu else None, kinds={"pytorch"} if gpu else {"python"},
-        check_specs=_specs(name, **checks),
-    )
+    with warnings.catch_warnings():  # backfill_policy is "beta" in Dagster 1.13: known, not news to a user
+        warnings.simplefilter("ignore", dg.BetaWarning)
+        return dg.asset(
+            name=name, partitions_def=SHARDS, group_name=GROUP, deps=[parent] if parent else None,
+            description=description, pool=GPU_POOL if gpu else None, kinds={"pytorch"} if gpu else {"python"},
+            check_specs=_specs(name, **checks),
+            op_tags=GPU_STEP_TAGS if gpu else None,
+            # A backfill of many shards (the UI's "Materialize" of selected partitions, the regeneration sensor,
+            # `music pipeline`) is one run over their key range, so each step loads its models once for all of them.
+            backfill_policy=dg.BackfillPolicy.single_run(),
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -169,7 +251,7 @@ def category_combos(context: dg.AssetExecutionContext, llm: LLMResource, store: 
     return _stage(
         context, store, "category_combos", None,
         lambda ctx, data, parents, open_image: combos.category_combos(llm.load(), ctx, data, names),
-        lambda records, data, open_image: {"categories_valid": checks.categories_valid(
+        lambda ctx, records, data, open_image: {"categories_valid": checks.categories_valid(
             records, set(names), data.min_categories, data.max_subjects, data.min_categories)},
         table=("categories", "scene"))
 
@@ -182,7 +264,7 @@ def scene_captions(context: dg.AssetExecutionContext, llm: LLMResource, store: D
     return _stage(
         context, store, "scene_captions", "category_combos",
         lambda ctx, data, parents, open_image: captions.scene_captions(llm.load(), ctx, data, parents),
-        lambda records, data, open_image: {"captions_mention_categories": checks.captions_mention_categories(records)},
+        lambda ctx, records, data, open_image: {"captions_mention_categories": checks.captions_mention_categories(records)},
         table=("caption",))
 
 
@@ -194,7 +276,7 @@ def target_images(context: dg.AssetExecutionContext, t2i: T2IResource, store: Da
     return _stage(
         context, store, "target_images", "scene_captions",
         lambda ctx, data, parents, open_image: targets.target_images(t2i.load(), ctx, data, parents),
-        lambda records, data, open_image: {
+        lambda ctx, records, data, open_image: {
             "images_have_size": checks.images_have_size(records, data.image_size, open_image)},
         table=("caption",))
 
@@ -209,7 +291,7 @@ def detected_boxes(context: dg.AssetExecutionContext, detector: DetectorResource
         context, store, "detected_boxes", "target_images",
         lambda ctx, data, parents, open_image: detection.detected_boxes(detector.load(), ctx, data, parents,
                                                                         open_image),
-        lambda records, data, open_image: {
+        lambda ctx, records, data, open_image: {
             "box_area_filter": checks.box_area_filter(records, data.min_box_area, data.min_subjects)})
 
 
@@ -222,7 +304,7 @@ def verified_boxes(context: dg.AssetExecutionContext, vlm: VLMResource, store: D
         context, store, "verified_boxes", "detected_boxes",
         lambda ctx, data, parents, open_image: verification.verified_boxes(vlm.load(), ctx, data, parents,
                                                                            open_image),
-        lambda records, data, open_image: {"verified_above_threshold": checks.verified_above_threshold(
+        lambda ctx, records, data, open_image: {"verified_above_threshold": checks.verified_above_threshold(
             records, data.verify_threshold, data.min_subjects)})
 
 
@@ -236,7 +318,7 @@ def reference_subjects(context: dg.AssetExecutionContext, i2i: I2IResource, stor
         context, store, "reference_subjects", "verified_boxes",
         lambda ctx, data, parents, open_image: references.reference_subjects(i2i.load(), ctx, data, parents,
                                                                              open_image),
-        lambda records, data, open_image: {
+        lambda ctx, records, data, open_image: {
             "references_not_copies": checks.references_not_copies(records, open_image)})
 
 
@@ -251,7 +333,7 @@ def subject_masks(context: dg.AssetExecutionContext, segmenter: SegmenterResourc
         context, store, "subject_masks", "reference_subjects",
         lambda ctx, data, parents, open_image: masks.subject_masks(segmenter.load(), clip.load(), ctx, data,
                                                                    parents, open_image),
-        lambda records, data, open_image: {"regions_valid": checks.regions_valid(records, open_image)})
+        lambda ctx, records, data, open_image: {"regions_valid": checks.regions_valid(records, open_image)})
 
 
 @_asset("grid_layouts", "8x8 semantic layout: IoU with each patch above lambda x mean IoU", "subject_masks", False,
@@ -262,7 +344,7 @@ def grid_layouts(context: dg.AssetExecutionContext, store: DatasetStore):
     return _stage(
         context, store, "grid_layouts", "subject_masks",
         lambda ctx, data, parents, open_image: layouts.grid_layouts(ctx, data, parents, open_image),
-        lambda records, data, open_image: {
+        lambda ctx, records, data, open_image: {
             "every_subject_owns_a_cell": checks.every_subject_owns_a_cell(records, data.grid)},
         table=("layout_text",))
 
@@ -275,7 +357,7 @@ def cot_annotations(context: dg.AssetExecutionContext, vlm: VLMResource, store: 
     return _stage(
         context, store, "cot_annotations", "grid_layouts",
         lambda ctx, data, parents, open_image: cot.cot_annotations(vlm.load(), ctx, data, parents, open_image),
-        lambda records, data, open_image: {"annotation_tags_valid": checks.annotation_tags_valid(records)},
+        lambda ctx, records, data, open_image: {"annotation_tags_valid": checks.annotation_tags_valid(records)},
         table=("instruction", "cot"))
 
 
@@ -287,15 +369,21 @@ def training_samples(context: dg.AssetExecutionContext, store: DatasetStore):
 
     config = default_config()
     every = config.profile.data.msic_holdout_every
-    held_out = samples.is_msic_shard(context.partition_key, config.seed, every)
-    context.log.info(f"shard {context.partition_key} is {'MSIC (held out)' if held_out else 'training'} data")
-    sources = store.read("cot_annotations", context.partition_key).records
-    floor = samples.MSIC_MIN_SUBJECTS if held_out else config.profile.data.min_subjects
+
+    def held_out(key: str) -> bool:
+        return samples.is_msic_shard(key, config.seed, every)
+
+    def decimation_consistent(ctx, records, data, open_image):
+        floor = samples.MSIC_MIN_SUBJECTS if held_out(ctx.key) else data.min_subjects
+        sources = store.read("cot_annotations", ctx.key).records
+        return {"decimation_consistent": checks.decimation_consistent(records, sources, floor)}
+
+    for key in context.partition_keys:
+        context.log.info(f"shard {key} is {'MSIC (held out)' if held_out(key) else 'training'} data")
     return _stage(
         context, store, "training_samples", "cot_annotations",
-        lambda ctx, data, parents, open_image: samples.training_samples(ctx, data, parents, held_out),
-        lambda records, data, open_image: {
-            "decimation_consistent": checks.decimation_consistent(records, sources, floor)},
+        lambda ctx, data, parents, open_image: samples.training_samples(ctx, data, parents, held_out(ctx.key)),
+        decimation_consistent,
         table=("split", "num_subjects", "instruction", "layout_text"), record_dvc_stage=True)
 
 
@@ -303,9 +391,18 @@ DATA_ASSETS = [category_combos, scene_captions, target_images, detected_boxes, v
                subject_masks, grid_layouts, cot_annotations, training_samples]
 DATA_ASSET_NAMES = [a.key.path[-1] for a in DATA_ASSETS]
 
-data_job = dg.define_asset_job(
-    "data_job", selection=dg.AssetSelection.groups(GROUP), partitions_def=SHARDS,
-    description="the whole data-synthesis graph for one shard (register shards with ensure_shards)",
-)
 
+def build_data_job(executor_def: dg.ExecutorDefinition = dg.in_process_executor):
+    """`data_job` with an executor. In-process by default: the graph is a chain, so no two of its steps could run at
+    once anyway, and one process keeps each model loaded from the step that first needs it to the end of the run
+    (a process per step would import torch and load every model again). Parallelism comes from runs over other
+    shard ranges, on other devices. On Kubernetes (`music_dagster.k8s`) each step is its own pod instead."""
+    return dg.define_asset_job(
+        "data_job", selection=dg.AssetSelection.groups(GROUP), partitions_def=SHARDS, executor_def=executor_def,
+        description="the whole data-synthesis graph for one shard or a range of shards (register shards with "
+                    "ensure_shards)",
+    )
+
+
+data_job = build_data_job()
 defs = dg.Definitions(assets=DATA_ASSETS, jobs=[data_job])

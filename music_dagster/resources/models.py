@@ -1,7 +1,9 @@
 """One Dagster resource per model role, each under its role's name as resource key.
 
 `resource.load()` loads the checkpoint lazily, once per process (a module-level cache keyed by role, checkpoint,
-device and dtype), in eval mode on the configured device; `teardown_after_execution` drops it when the step ends.
+device and dtype), in eval mode on the device the step leased (`devices.lease`, one per `gpu` pool slot), else the
+configured one; `teardown_after_execution` drops it when the resource's execution ends: the step's under the
+multiprocess executor, the whole run's under the in-process one (`data_job`'s), so a run loads each model once.
 This module imports neither torch nor the model libraries: `loaders` does, when a model is first loaded.
 """
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import ClassVar, Literal
 import dagster as dg
 from pydantic import Field
 
+from music_dagster import devices
 from music_dagster.config import ROLES, Config, ModelSpec
 
 _CACHE: dict[tuple, object] = {}
@@ -46,12 +49,18 @@ class ModelResource(dg.ConfigurableResource):
         return ModelSpec(id=self.checkpoint, subfolder=self.subfolder, revision=self.revision,
                          trust_remote_code=self.trust_remote_code)
 
+    def _device(self) -> str:
+        """The device the running step leased (`devices.lease`), else the resource's own."""
+        return devices.current() or self.device
+
+    def _checkpoint_key(self) -> tuple:
+        return self.role, self.checkpoint, self.subfolder, self.revision, self.trust_remote_code, self.dtype
+
     def _key(self) -> tuple:
-        return (self.role, self.checkpoint, self.subfolder, self.revision, self.trust_remote_code, self.device,
-                self.dtype)
+        return *self._checkpoint_key(), self._device()
 
     def load(self):
-        """The role's `ModelHandle`, loaded on first use in this process and reused after."""
+        """The role's `ModelHandle` on the step's device, loaded on first use in this process and reused after."""
         key = self._key()
         with _LOCK:
             if key not in _CACHE:
@@ -60,7 +69,7 @@ class ModelResource(dg.ConfigurableResource):
                 from music_dagster.loaders import load_role
 
                 torch.set_num_threads(self.torch_threads)
-                _CACHE[key] = load_role(self.role, self.spec, self.device, self.dtype)
+                _CACHE[key] = load_role(self.role, self.spec, self._device(), self.dtype)
             return _CACHE[key]
 
     @property
@@ -71,12 +80,12 @@ class ModelResource(dg.ConfigurableResource):
         self.unload()
 
     def unload(self) -> None:
-        """Forget the loaded model so its memory (CPU and GPU) can be reclaimed."""
+        """Forget the loaded model, on every device it was loaded on, so its memory (CPU and GPU) can be reclaimed."""
         with _LOCK:
-            handle = _CACHE.pop(self._key(), None)
-        if handle is None:
+            handles = [_CACHE.pop(k) for k in list(_CACHE) if k[:-1] == self._checkpoint_key()]
+        if not handles:
             return
-        del handle
+        del handles
         gc.collect()
         torch = sys.modules.get("torch")  # loaded when a model was: never import it just to free nothing
         if torch is not None and torch.cuda.is_available():

@@ -1,0 +1,77 @@
+"""One device per concurrent model-heavy step: two processes holding a device at once hold two distinct ones, a
+third waits and gives up in one line, a killed holder frees its device, and the `gpu` pool gets one slot per device."""
+import multiprocessing
+import time
+
+import dagster as dg
+import pytest
+
+from music_dagster import devices
+
+CPUS = ["cpu", "cpu"]
+
+
+def _hold(home, ready, release, slots):
+    """A step's process: lease a device, say which, hold it until told to let go."""
+    with devices.lease(home, CPUS, wait_s=60) as (slot, device):
+        assert devices.current() == device
+        slots.put((slot, device))
+        ready.set()
+        release.wait(120)
+
+
+def test_two_concurrent_steps_hold_two_distinct_devices_and_a_third_waits(tmp_path):
+    ctx = multiprocessing.get_context("spawn")
+    slots, release = ctx.Queue(), ctx.Event()
+    readies = [ctx.Event(), ctx.Event()]
+    workers = [ctx.Process(target=_hold, args=(str(tmp_path), ready, release, slots)) for ready in readies]
+    for worker in workers:
+        worker.start()
+    try:
+        assert all(ready.wait(120) for ready in readies)
+        held = sorted(slots.get(timeout=10) for _ in workers)
+        assert held == [(0, "cpu"), (1, "cpu")]  # both held at once: never the same slot
+        with pytest.raises(devices.DeviceWaitError, match=r"^no device of \['cpu', 'cpu'\] came free in 0.5 s"):
+            with devices.lease(tmp_path, CPUS, wait_s=0.5):
+                pass
+    finally:
+        release.set()
+        for worker in workers:
+            worker.join(60)
+    assert [w.exitcode for w in workers] == [0, 0]
+    with devices.lease(tmp_path, CPUS, wait_s=1) as (slot, device):  # released: free again
+        assert device == "cpu" and slot in (0, 1)
+    assert devices.current() is None
+
+
+def test_a_killed_holder_frees_its_device(tmp_path):
+    ctx = multiprocessing.get_context("spawn")
+    slots, release, ready = ctx.Queue(), ctx.Event(), ctx.Event()
+    worker = ctx.Process(target=_hold, args=(str(tmp_path), ready, release, slots))
+    worker.start()
+    assert ready.wait(120)
+    slot, _ = slots.get(timeout=10)
+    worker.kill()
+    worker.join(30)
+    taken = []
+    with devices.lease(tmp_path, ["cpu"] * 2, wait_s=1) as first:
+        taken.append(first[0])
+        with devices.lease(tmp_path, ["cpu"] * 2, wait_s=1) as second:
+            taken.append(second[0])
+    assert sorted(taken) == [0, 1] and slot in taken
+
+
+def test_the_gpu_pool_has_one_slot_per_device():
+    instance = dg.DagsterInstance.ephemeral()
+    assert devices.prepare_instance(instance, ["cpu", "cpu", "cpu"]) == 3
+    assert instance.event_log_storage.get_concurrency_info("gpu").slot_count == 3
+    assert devices.visible_devices(["cuda:0", "cuda:1"]) == ["cuda:0", "cuda:1"]
+
+
+def test_auto_is_every_visible_gpu_or_the_cpu(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert devices.visible_devices("auto") == ["cpu"]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    assert devices.visible_devices("auto") == ["cuda:0", "cuda:1", "cuda:2"]
