@@ -1,0 +1,117 @@
+"""`music bench orchestration`: how much of a data run's wall time is model and stage work, and what 2 runs at once
+gain over one after another.
+
+Each run is `data_job` over a range of shard keys as Dagster launches it: a fresh process (as the default run
+launcher starts one), the job's own executor, a temporary on-disk instance whose `gpu` pool has one slot per device
+(`devices: [cpu, cpu]` here: one per core). S is the sum of the run's step durations (model loads, stage work,
+writes and checks: what a step's own code does), W the run's wall time from its process's start (Python, Dagster and
+torch imports, run set-up, events). E = S / W for 4 shards as one range run; P = the wall time of 2 range runs of 2
+shards one after another divided by the same 2 runs at once. Prints figures; asserts nothing.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+SHARDS = 4
+DEVICES = ["cpu", "cpu"]
+
+
+def run_range(first: str, last: str, dagster_home: str, params: str) -> tuple[str, float]:
+    """One run of `data_job` over shards `first` .. `last` in this (fresh) worker process, its output (and its step
+    processes') in `<dagster_home>/logs/`; (run id, seconds since the process started)."""
+    import psutil
+
+    started = psutil.Process().create_time()
+    os.environ["MUSIC_PARAMS"] = params
+    log = Path(dagster_home) / "logs" / f"{first}.log"
+    log.parent.mkdir(exist_ok=True)
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    import dagster as dg
+
+    from music_dagster.assets.data import partition_range
+    from music_dagster.bench.parallel import data_job
+
+    instance = dg.DagsterInstance.from_config(dagster_home)
+    result = dg.execute_job(dg.reconstructable(data_job), instance=instance, tags=partition_range(first, last))
+    if not result.success:
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:])
+        raise RuntimeError(f"data_job failed for {first}...{last} (run {result.run_id}):\n{tail}")
+    return result.run_id, time.time() - started
+
+
+def run_ranges(ranges: list[tuple[str, str]], at_once: int, home: str, params: str) -> tuple[float, list[str]]:
+    """Each range in its own fresh process, `at_once` at a time: (wall seconds, run ids)."""
+    start = time.perf_counter()
+    with ProcessPoolExecutor(max_workers=at_once, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(run_range, first, last, home, params) for first, last in ranges]
+        run_ids = [f.result()[0] for f in futures]
+    return time.perf_counter() - start, run_ids
+
+
+def step_seconds(instance, run_id: str) -> float:
+    """The sum of a run's step durations (start to success)."""
+    import dagster as dg
+
+    starts, total = {}, 0.0
+    for record in instance.all_logs(run_id, of_type={dg.DagsterEventType.STEP_START,
+                                                      dg.DagsterEventType.STEP_SUCCESS}):
+        event = record.dagster_event
+        if event.event_type == dg.DagsterEventType.STEP_START:
+            starts[event.step_key] = record.timestamp
+        else:
+            total += record.timestamp - starts[event.step_key]
+    return total
+
+
+def _params(folder: Path, name: str) -> str:
+    """This process's config, datasets in `folder/name`, model-heavy steps on `DEVICES`: its path."""
+    import yaml
+
+    from music_dagster.bench.parallel import params_file
+    from music_dagster.config import default_config
+
+    path = Path(params_file(folder, name))
+    raw = yaml.safe_load(path.read_text())
+    raw["profiles"][default_config().profile_name]["devices"] = DEVICES
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return str(path)
+
+
+def main() -> None:
+    import dagster as dg
+
+    from music_dagster import devices
+    from music_dagster.assets.data import ensure_shards
+    from music_dagster.bench.parallel import instance_home
+    from music_dagster.config import default_config
+
+    config = default_config()
+    config.check_models(("llm", "vlm", "t2i", "i2i", "detector", "segmenter", "clip"))
+    with tempfile.TemporaryDirectory(prefix="music-bench-orchestration-") as tmp:
+        tmp = Path(tmp)
+        home = instance_home(tmp)
+        instance = dg.DagsterInstance.from_config(str(home))
+        devices.prepare_instance(instance, DEVICES)
+        keys = ensure_shards(instance, SHARDS)
+        print(f"data graph, shards of {config.profile.data.shard_size} samples, profile {config.profile_name}; "
+              f"{len(os.sched_getaffinity(0))} CPU cores; devices {DEVICES}; load average "
+              f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
+
+        wall, (run_id,) = run_ranges([(keys[0], keys[-1])], 1, str(home), _params(tmp, "one"))
+        work = step_seconds(instance, run_id)
+        print(f"{SHARDS} shards as one range run: wall {wall:.1f} s, steps {work:.1f} s", flush=True)
+
+        halves = [(keys[0], keys[1]), (keys[2], keys[3])]
+        seq_wall, _ = run_ranges(halves, 1, str(home), _params(tmp, "sequential"))
+        par_wall, _ = run_ranges(halves, 2, str(home), _params(tmp, "parallel"))
+        print(f"2 range runs of 2 shards: one after another {seq_wall:.1f} s, at once {par_wall:.1f} s", flush=True)
+    print(f"orchestration efficiency {work / wall:.2f} (model and stage seconds {work:.1f} of wall {wall:.1f}), "
+          f"2 at once {seq_wall / par_wall:.2f} x")
