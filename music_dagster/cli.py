@@ -92,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--branches", type=int, default=1, help="test-time scaling: N plans, best CLIP-T kept (MUSIC*)")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--checkpoint", help="LoRA checkpoint folder (default: the latest under models/)")
+    plan = gen.add_mutually_exclusive_group()
+    plan.add_argument("--plan", metavar="JSON", help="draw this plan (a plan.json: its cot and layout) instead of "
+                      "the model's; branches then differ only in the image stage's sampling")
+    plan.add_argument("--layout", metavar="JSON", help="draw this layout (a JSON 8x8 grid of subject ids, 0 = "
+                      "background); the model writes the CoT")
     gen.add_argument("--out", required=True, help="output folder (must not exist)")
     gen.set_defaults(func=_generate)
 

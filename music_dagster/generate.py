@@ -4,6 +4,10 @@ MUSIC* (test-time scaling): N plans are sampled as one batch, their image tokens
 decoded by the de-tokenizer as one batch, and scored by CLIP text similarity against the instruction (the `clip`
 role) in one batch; the highest score wins (ties: the lower branch). One branch decodes the plan greedily.
 
+Editable plans: a `GivenPlan` (`--plan plan.json`: CoT and layout; `--layout grid.json`: the layout only) is
+drawn instead of the model's plan (see `GivenPlan` for how each is fed to the image stage); `read_plan` /
+`read_layout` refuse a malformed file, a wrong grid size, an unknown id or a subject without a cell in one line.
+
 `generate(...)` is the Python API, `Generator` keeps the models loaded across calls, `cli_generate` is
 `music generate`. Bad input (no subject, more than 12, an unreadable image, an empty prompt, N < 1, a missing or
 damaged checkpoint, an existing output folder) raises a one-line `UserError` before any model is loaded; the output
@@ -20,6 +24,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from music_dagster.errors import UserError
+from music_dagster.layout import TEXT_PREFIX
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
@@ -34,6 +39,67 @@ IMAGE_FILE, PLAN_FILE, OVERLAY_FILE = "image.png", "plan.json", "layout.png"
 
 class GenerateError(UserError):
     """A generation request that cannot run: no or too many subjects, an empty prompt, N < 1, a bad output folder."""
+
+
+class PlanError(GenerateError):
+    """A given plan or layout that cannot be drawn: a malformed file, a wrong grid size, an unknown or missing id."""
+
+
+@dataclass(frozen=True)
+class GivenPlan:
+    """A plan the user gives instead of the model's: the layout grid, and the CoT (None: the model writes it).
+
+    With a CoT the planning step is skipped: every branch reads this plan, so branches differ only in the image
+    stage's sampling. Without one (`--layout`) the model decodes its plan as usual and its CoT (the text before its
+    first `layout:`) is kept while the given layout replaces the model's: the CoT comes first in the plan, so it is
+    written before the layout exists and is not conditioned on it; the image stage is."""
+
+    layout: np.ndarray
+    cot: str | None = None
+
+    @property
+    def source(self) -> str:
+        """What `plan.json` records as `plan_source`."""
+        return "given" if self.cot is not None else "given_layout"
+
+
+_GRID_SCHEMA = {"type": "array", "items": {"type": "array", "items": {"type": "integer"}}}
+_PLAN_SCHEMA = {"type": "object", "required": ["cot", "layout"],
+                "properties": {"cot": {"type": "string"}, "layout": _GRID_SCHEMA}}
+
+
+def check_layout(layout, subjects: int, grid: int, name: str) -> np.ndarray:
+    """`layout` (rows of subject ids) as a `grid x grid` int array whose ids are 0..subjects, each subject owning
+    at least one cell; else a one-line PlanError naming `name` (the file) and the problem."""
+    rows = len(layout)
+    if rows != grid or any(len(row) != grid for row in layout):
+        cols = sorted({len(row) for row in layout}) or [0]
+        shape = f"{rows}x{cols[0]}" if len(cols) == 1 else f"{rows} rows of {cols[0]}..{cols[-1]} cells"
+        raise PlanError(f"{name}: the layout grid is {shape}, expected {grid}x{grid}")
+    arr = np.asarray(layout, dtype=np.int64)
+    for (r, c), sid in np.ndenumerate(arr):
+        if not 0 <= sid <= subjects:
+            raise PlanError(f"{name}: cell (row {r}, column {c}) holds id {sid}, not among the {subjects} subject(s) "
+                            f"(ids 1..{subjects}, 0 = background)")
+    for sid in range(1, subjects + 1):
+        if not (arr == sid).any():
+            raise PlanError(f"{name}: subject {sid} has no cell in the layout (each subject needs at least one)")
+    return arr
+
+
+def read_plan(path: str | os.PathLike, subjects: int, grid: int) -> GivenPlan:
+    """The CoT and layout of a plan file (`plan.json`'s format: its `cot` and `layout` keys; others ignored)."""
+    from music_dagster.storage import read_json
+
+    plan = read_json(path, _PLAN_SCHEMA, error=PlanError)
+    return GivenPlan(layout=check_layout(plan["layout"], subjects, grid, str(path)), cot=plan["cot"])
+
+
+def read_layout(path: str | os.PathLike, subjects: int, grid: int) -> GivenPlan:
+    """A layout file: just the grid, as JSON rows of subject ids (what `plan.json` holds under `layout`)."""
+    from music_dagster.storage import read_json
+
+    return GivenPlan(layout=check_layout(read_json(path, _GRID_SCHEMA, error=PlanError), subjects, grid, str(path)))
 
 
 def lora_dir(config: Config) -> Path:
@@ -67,6 +133,7 @@ class Result:
     clip_model: str
     grid: int
     subjects: tuple[str, ...]  # how each reference was given (file path, or `<image i>` for an in-memory image)
+    plan_source: str = "model"  # "model", or `GivenPlan.source`: "given" (CoT and layout), "given_layout"
 
     @property
     def image(self) -> Image.Image:
@@ -91,6 +158,7 @@ class Result:
         return {
             "prompt": self.prompt, "seed": self.seed, "checkpoint": self.checkpoint, "clip_model": self.clip_model,
             "subjects": list(self.subjects), "num_branches": len(self.branches), "best": self.best,
+            "plan_source": self.plan_source,
             "cot": self.branches[self.best].cot, "layout": grid(self.layout),
             "branches": [{"index": i, "text": b.text, "cot": b.cot, "layout": grid(b.layout),
                           "parsed": b.layout is not None, "clip_score": b.clip_score}
@@ -200,19 +268,32 @@ class Generator:
         self.detokenizer = Detokenizer.from_pretrained(detokenizer, vae=vae, device=device)
         self.clip = load_role("clip", config.models["clip"], device, config.profile.dtype)
 
+    def forced_plan(self, cot: str, layout: np.ndarray):
+        """The plan the image stage reads for a given CoT and layout: the text the model is trained to write for
+        them (`plan_text`) and its token ids."""
+        from music_dagster.model import Plan, plan_text
+
+        text = plan_text(cot, layout)
+        return Plan(text=text, cot=cot.strip(), layout=np.asarray(layout),
+                    token_ids=tuple(self.model.encode_ids(text)))
+
     def generate(self, subjects: Sequence, prompt: str, branches: int = 1, seed: int = 0,
-                 progress: bool = False) -> Result:
+                 progress: bool = False, given: GivenPlan | None = None) -> Result:
         """Generate one image for `prompt` from the reference `subjects` (paths or PIL images), keeping the best
-        of `branches` plans by CLIP text similarity."""
+        of `branches` plans by CLIP text similarity; `given`: draw this plan or layout (see `GivenPlan`)."""
         prompt = check_request(prompt, branches)
         images, names = read_subjects(subjects)
-        return self.generate_images(images, prompt, branches, seed, progress, names)
+        if given is not None:
+            given = GivenPlan(check_layout(np.asarray(given.layout).tolist(), len(images), self.model.settings.grid,
+                                           "the given plan"), given.cot)
+        return self.generate_images(images, prompt, branches, seed, progress, names, given=given)
 
     def generate_images(self, images: Sequence, prompt: str, branches: int = 1, seed: int = 0,
                         progress: bool = False, names: Sequence[str] | None = None,
-                        sample: bool | None = None) -> Result:
+                        sample: bool | None = None, given: GivenPlan | None = None) -> Result:
         """`generate` for references already read as RGB PIL images (`read_subjects`). `sample`: sample the
-        plans (default: when there are several branches; one branch decodes greedily)."""
+        plans (default: when there are several branches; one branch decodes greedily). `given`: draw this plan
+        or layout (checked with `check_layout`) instead of the model's (see `GivenPlan`)."""
         from tqdm.auto import tqdm
 
         from music_dagster.model import Sample
@@ -226,9 +307,14 @@ class Generator:
             request = Sample(instruction=prompt, references=images)
             encoded = [self.model.encode(request, with_target=False)]
             sample = branches > 1 if sample is None else sample
-            plans = self.model.plan([request], branches=branches, sample=sample,
-                                    temperature=gen.temperature, top_k=gen.top_k,
-                                    max_new_tokens=gen.max_plan_tokens, seed=seed, encoded=encoded)[0]
+            if given is not None and given.cot is not None:
+                plans = [self.forced_plan(given.cot, given.layout)] * branches
+            else:
+                plans = self.model.plan([request], branches=branches, sample=sample,
+                                        temperature=gen.temperature, top_k=gen.top_k,
+                                        max_new_tokens=gen.max_plan_tokens, seed=seed, encoded=encoded)[0]
+            if given is not None and given.cot is None:
+                plans = [self.forced_plan(p.text.split(TEXT_PREFIX, 1)[0], given.layout) for p in plans]
             bar.update()
             bar.set_postfix_str("image tokens")
             tokens = self.model.image_tokens([request] * branches, plans, encoded=encoded * branches)
@@ -242,7 +328,7 @@ class Generator:
         best = int(np.argmax(scores))  # first maximum: ties go to the lower branch
         return Result(
             prompt=prompt, seed=seed, best=best, checkpoint=str(self.checkpoint), clip_model=str(self.clip.name),
-            grid=self.model.settings.grid, subjects=names,
+            grid=self.model.settings.grid, subjects=names, plan_source=given.source if given else "model",
             branches=tuple(Branch(text=p.text, cot=p.cot, layout=p.layout, clip_score=float(s), image=im)
                            for p, s, im in zip(plans, scores, pictures)),
         )
@@ -274,10 +360,14 @@ def cli_generate(args) -> None:
     config = default_config()
     prompt = check_request(args.prompt, args.branches)
     images, names = read_subjects(args.subject)
+    grid = config.profile.data.grid
+    given = (read_plan(args.plan, len(images), grid) if args.plan else
+             read_layout(args.layout, len(images), grid) if args.layout else None)
     checkpoint = Path(args.checkpoint) if args.checkpoint else lora_dir(config)
     torch.set_num_threads(config.profile.torch_threads)
     generator = Generator(config, checkpoint)
-    result = generator.generate_images(images, prompt, args.branches, args.seed, progress=True, names=names)
+    result = generator.generate_images(images, prompt, args.branches, args.seed, progress=True, names=names,
+                                       given=given)
     result.save(out)
     scores = ", ".join(f"{b.clip_score:.4f}" for b in result.branches)
     print(f"wrote {out}/{{{IMAGE_FILE},{PLAN_FILE},{OVERLAY_FILE}}}; branch {result.best} of "

@@ -176,3 +176,70 @@ def test_branches_run_as_one_batch_and_are_deterministic(tiny_checkpoint, monkey
     assert first.plan() == again.plan()
     assert np.array_equal(np.asarray(first.image), np.asarray(again.image))
     assert torch.tensor([1e-40]).mul(1.0).item() != 0.0  # generation turns denormal flushing off again
+
+
+def _corner_layout(subjects: int, corner: tuple[int, int]) -> np.ndarray:
+    """Subject 1 owns the 2x2 block at `corner`; subject i > 1 owns cell (7, i) of the bottom row."""
+    layout = np.zeros((8, 8), np.int64)
+    layout[corner[0]:corner[0] + 2, corner[1]:corner[1] + 2] = 1
+    for sid in range(2, subjects + 1):
+        layout[7, sid] = sid
+    return layout
+
+
+@pytest.mark.slow
+def test_moving_a_subjects_cells_moves_what_the_image_stage_reads(tiny_checkpoint, monkeypatch):
+    from music_dagster.layout import layout_to_text
+
+    generator = generate.Generator(tiny_checkpoint["config"])
+    seen = []
+    tokens = generator.model.image_tokens
+    monkeypatch.setattr(generator.model, "image_tokens", lambda r, p, **k: seen.append((p, tokens(r, p, **k))) or seen[-1][1])
+    n = len(tiny_checkpoint["refs"])
+    results = {}
+    for corner in ((0, 0), (5, 5)):
+        given = generate.GivenPlan(layout=_corner_layout(n, corner), cot="[1] stands apart")
+        results[corner] = generator.generate(tiny_checkpoint["refs"], tiny_checkpoint["prompt"], branches=2,
+                                             seed=1, given=given)
+    (left, left_tokens), (right, right_tokens) = seen
+    for plans, corner in ((left, (0, 0)), (right, (5, 5))):
+        text = generator.model.tokenizer.decode(list(plans[0].token_ids))
+        assert text.strip() == f"[1] stands apart {layout_to_text(_corner_layout(n, corner))}"
+        assert plans[0].token_ids == plans[1].token_ids  # a given plan: every branch reads the same plan
+    assert not torch.equal(left_tokens, right_tokens)  # the image stage is conditioned on where subject 1 is
+    assert np.array_equal(results[(5, 5)].layout, _corner_layout(n, (5, 5)))
+    assert results[(0, 0)].plan()["plan_source"] == "given"
+
+
+@pytest.mark.slow
+def test_a_given_layout_keeps_the_models_cot(tiny_checkpoint):
+    generator = generate.Generator(tiny_checkpoint["config"])
+    n = len(tiny_checkpoint["refs"])
+    own = generator.generate(tiny_checkpoint["refs"], tiny_checkpoint["prompt"], branches=2, seed=4)
+    given = generator.generate(tiny_checkpoint["refs"], tiny_checkpoint["prompt"], branches=2, seed=4,
+                               given=generate.GivenPlan(layout=_corner_layout(n, (0, 0))))
+    plan = given.plan()
+    assert plan["plan_source"] == "given_layout"
+    for mine, theirs in zip(plan["branches"], own.plan()["branches"]):
+        assert mine["layout"] == _corner_layout(n, (0, 0)).tolist()
+        assert mine["cot"] == theirs["text"].split("layout:")[0].strip()  # the model's CoT, the given layout
+
+
+@pytest.mark.slow
+def test_a_hand_edited_plan_redraws_through_the_cli(tiny_checkpoint, tmp_path, use_params, capsys):
+    use_params(tiny_checkpoint["params"])
+    argv = [a for r in tiny_checkpoint["refs"] for a in ("--subject", r)]
+    argv += ["--prompt", tiny_checkpoint["prompt"], "--branches", 2]
+    code, err = _run(capsys, *argv, "--out", tmp_path / "first")
+    assert code == 0, err
+    # The user moves subject 1 to the top-left corner of the plan the model wrote and redraws.
+    plan = json.loads((tmp_path / "first" / "plan.json").read_text())
+    assert plan["plan_source"] == "model"
+    plan["layout"] = _corner_layout(len(tiny_checkpoint["refs"]), (0, 0)).tolist()
+    (tmp_path / "edited.json").write_text(json.dumps(plan))
+    code, err = _run(capsys, *argv, "--plan", tmp_path / "edited.json", "--out", tmp_path / "second")
+    assert code == 0, err
+    redrawn = json.loads((tmp_path / "second" / "plan.json").read_text())
+    assert redrawn["plan_source"] == "given"
+    assert redrawn["layout"] == plan["layout"] and redrawn["cot"] == plan["cot"].strip()
+    assert {json.dumps(b["layout"]) for b in redrawn["branches"]} == {json.dumps(plan["layout"])}
