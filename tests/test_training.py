@@ -109,9 +109,9 @@ def test_msic_samples_are_never_trained_on(config, tmp_path):
     cfg = _with(config, "train", max_steps=1)
     orig = MusicModel.encode
 
-    def spy(self, sample, with_target=True):
+    def spy(self, sample, with_target=True, **kwargs):
         seen.append(sample.id)
-        return orig(self, sample, with_target)
+        return orig(self, sample, with_target, **kwargs)
 
     MusicModel.encode = spy
     try:

@@ -76,8 +76,9 @@ def test_assets_write_checkpoints_and_pass_checks(setup, first):
     assert checks == {"lora_weights_finite": True, "detokenizer_weights_finite": True}
     meta = first.asset_materializations_for_node("lora_checkpoint")[0].metadata
     assert meta["steps"].value == 3 and meta["resumed_from"].value == 0
-    # 4 training-shard samples + 6 procedural; the 3 MSIC samples are counted and skipped
-    assert meta["samples"].value == 10 and meta["skipped_msic"].value == 3
+    # 4 training-shard samples + 6 procedural world samples with their decimations down to 2 subjects (15);
+    # the 3 MSIC samples are counted and skipped
+    assert meta["samples"].value == 19 and meta["skipped_msic"].value == 3
     assert meta["checkpoint_sha256"].value == tracking.folder_hash(lora)
     assert meta["mlflow_run_id"].value == tracking.read_run_ref(lora)["run_id"]
     assert meta["mlflow_url"].value.endswith(f"/runs/{meta['mlflow_run_id'].value}")
