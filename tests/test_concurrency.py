@@ -15,7 +15,8 @@ def test_every_model_heavy_asset_is_in_the_gpu_pool():
     for key in graph.get_all_asset_keys():
         asset = graph.get(key).assets_def
         uses_a_model = bool(set(ROLES) & asset.required_resource_keys)
-        trains_or_scores = asset.group_names_by_key[key] in ("training", "evaluation")
+        trains_or_scores = (asset.group_names_by_key[key] in ("training", "evaluation", "experiment")
+                            and "pytorch" in asset.specs_by_key[key].kinds)
         expected = "gpu" if uses_a_model or trains_or_scores else None
         assert asset.node_def.pool == expected, key.to_user_string()
 
