@@ -290,10 +290,12 @@ class Generator:
 
     def generate_images(self, images: Sequence, prompt: str, branches: int = 1, seed: int = 0,
                         progress: bool = False, names: Sequence[str] | None = None,
-                        sample: bool | None = None, given: GivenPlan | None = None) -> Result:
+                        sample: bool | None = None, given: GivenPlan | None = None,
+                        progress_bar: dict | None = None) -> Result:
         """`generate` for references already read as RGB PIL images (`read_subjects`). `sample`: sample the
         plans (default: when there are several branches; one branch decodes greedily). `given`: draw this plan
-        or layout (checked with `check_layout`) instead of the model's (see `GivenPlan`)."""
+        or layout (checked with `check_layout`) instead of the model's (see `GivenPlan`). `progress_bar`: tqdm
+        options for the bar over the four stages (`MusicPipeline.set_progress_bar_config`)."""
         from tqdm.auto import tqdm
 
         from music_dagster.model import Sample
@@ -302,7 +304,8 @@ class Generator:
         prompt = check_request(prompt, branches)
         names = tuple(names or (f"<image {i}>" for i in range(1, len(images) + 1)))
         gen = self.config.profile.generate
-        with flush_denormals(), tqdm(total=4, desc="music generate", unit="stage", disable=not progress) as bar:
+        bar_options = {"desc": "music generate", "unit": "stage", "disable": not progress, **(progress_bar or {})}
+        with flush_denormals(), tqdm(total=4, **bar_options) as bar:
             bar.set_postfix_str(f"planning {branches} branch(es)")
             request = Sample(instruction=prompt, references=images)
             encoded = [self.model.encode(request, with_target=False)]
@@ -348,26 +351,27 @@ def generate(subjects: Sequence, prompt: str, branches: int = 1, seed: int = 0,
 
 
 def cli_generate(args) -> None:
-    """`music generate`: check the output folder and the request, then (`Generator`) the checkpoints before any
-    model loads; generate and write `image.png`, `plan.json` and `layout.png` into the new folder `--out`."""
+    """`music generate`: check the output folder, the request and a given plan, then (`MusicPipeline`) the
+    checkpoints before any model loads; generate and write `image.png`, `plan.json` and `layout.png` into the new
+    folder `--out`."""
     import torch
 
     from music_dagster.config import default_config
+    from music_dagster.music_pipeline import MusicPipeline
 
     out = Path(args.out)
     if out.exists():
         raise GenerateError(f"--out {out}: already exists (choose a new folder)")
     config = default_config()
     prompt = check_request(args.prompt, args.branches)
-    images, names = read_subjects(args.subject)
+    images, _ = read_subjects(args.subject)  # read again by the pipeline: checked here before any model loads
     grid = config.profile.data.grid
     given = (read_plan(args.plan, len(images), grid) if args.plan else
              read_layout(args.layout, len(images), grid) if args.layout else None)
     checkpoint = Path(args.checkpoint) if args.checkpoint else lora_dir(config)
     torch.set_num_threads(config.profile.torch_threads)
-    generator = Generator(config, checkpoint)
-    result = generator.generate_images(images, prompt, args.branches, args.seed, progress=True, names=names,
-                                       given=given)
+    pipe = MusicPipeline.from_pretrained(checkpoint, config)
+    result = pipe(args.subject, prompt, args.branches, plan=given, generator=args.seed).result
     result.save(out)
     scores = ", ".join(f"{b.clip_score:.4f}" for b in result.branches)
     print(f"wrote {out}/{{{IMAGE_FILE},{PLAN_FILE},{OVERLAY_FILE}}}; branch {result.best} of "

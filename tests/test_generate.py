@@ -243,3 +243,30 @@ def test_a_hand_edited_plan_redraws_through_the_cli(tiny_checkpoint, tmp_path, u
     assert redrawn["plan_source"] == "given"
     assert redrawn["layout"] == plan["layout"] and redrawn["cot"] == plan["cot"].strip()
     assert {json.dumps(b["layout"]) for b in redrawn["branches"]} == {json.dumps(plan["layout"])}
+
+
+@pytest.mark.slow
+def test_music_pipeline_in_diffusers_style_gives_the_generators_bytes(tiny_checkpoint):
+    from diffusers.utils import BaseOutput
+
+    from music_dagster.music_pipeline import MusicPipeline
+    from music_dagster.storage import png_bytes
+
+    config = tiny_checkpoint["config"]
+    pipe = MusicPipeline.from_pretrained(generate.lora_dir(config), config).to("cpu")
+    pipe.set_progress_bar_config(disable=True)
+    subjects = [Image.open(r) for r in tiny_checkpoint["refs"]]
+    out = pipe(subjects=subjects, prompt=tiny_checkpoint["prompt"], branches=3,
+               generator=torch.Generator().manual_seed(5))
+    assert isinstance(out, BaseOutput) and out[0] is out.images
+    assert len(out.images) == len(out.plans) == len(out.scores) == 3
+    assert out.best == int(np.argmax(out.scores)) and out.plans[out.best]["cot"] == out.result.plan()["cot"]
+    direct = generate.Generator(config).generate(subjects, tiny_checkpoint["prompt"], branches=3, seed=5)
+    assert direct.plan() == out.result.plan()
+    assert [png_bytes(im) for im in out.images] == [png_bytes(b.image) for b in direct.branches]
+    # A given plan as plan.json's keys: every branch is drawn from it.
+    layout = _corner_layout(len(subjects), (0, 0)).tolist()
+    given = pipe(subjects=subjects, prompt=tiny_checkpoint["prompt"], branches=2, plan={"cot": "c", "layout": layout})
+    assert [p["layout"] for p in given.plans] == [layout, layout] and given.result.plan_source == "given"
+    with pytest.raises(generate.PlanError, match="subject 1 has no cell"):
+        pipe(subjects=subjects, prompt="x", plan={"layout": np.zeros((8, 8), int).tolist()})
