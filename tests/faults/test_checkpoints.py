@@ -7,18 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from helpers import assert_one_line_error, build_project, copy_project, music, snapshot
+from helpers import assert_one_line_error, copy_project, music, snapshot
 
 pytestmark = pytest.mark.slow
 
 LORA, DETOK = "models/lora", "models/detokenizer"
 UNET_WEIGHTS = f"{DETOK}/unet/diffusion_pytorch_model.safetensors"
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A project copy after `music pipeline`: checkpoints, scores and MLflow runs."""
-    return build_project(tmp_path_factory.mktemp("trained") / "p", "pipeline")
 
 
 @pytest.fixture()

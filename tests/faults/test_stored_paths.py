@@ -12,17 +12,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import assert_one_line_error, build_project, copy_project, music, snapshot
+from helpers import assert_one_line_error, copy_project, music, snapshot
 
 pytestmark = pytest.mark.slow
 
 SAMPLES = Path("datasets") / "training_samples"
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A project copy after `music pipeline`: data, checkpoints, scores and MLflow runs."""
-    return build_project(tmp_path_factory.mktemp("trained") / "p", "pipeline")
 
 
 @pytest.fixture()

@@ -14,16 +14,10 @@ from pathlib import Path
 import pytest
 
 from helpers import (
-    assert_one_line_error, build_project, copy_project, music_as_user, read_only, snapshot, writable,
+    assert_one_line_error, copy_project, music_as_user, read_only, snapshot, writable,
 )
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A project copy after `music pipeline`: data, checkpoints, scores, metrics and MLflow runs."""
-    return build_project(tmp_path_factory.mktemp("trained") / "p", "pipeline")
 
 
 @pytest.fixture()
