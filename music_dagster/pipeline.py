@@ -1,8 +1,9 @@
 """The main job: the whole pipeline on the project's Dagster instance, as the UI would run it.
 
 `music pipeline` builds the tiny model zoo when a configured folder is missing, registers the profile's shards,
-materializes the data graph over every shard in one run (a partition range), then training and evaluation. Every run lands in the instance under
-`DAGSTER_HOME` (default `.dagster_home/`), so `make ui` shows the runs, lineage and metadata afterwards. DVC's stages
+materializes the data graph over every shard in one run (a partition range), then training and evaluation. Every
+run lands in the instance under `DAGSTER_HOME` (default `.dagster_home/`), so `make ui` shows the runs, lineage and
+metadata afterwards. DVC's stages
 (`music stage ...`) run the same jobs through `run_job` and `materialize_shards`.
 
 What `run_job` adds to Dagster's in-process execution, so that a killed or stuck run never blocks the next one:

@@ -286,6 +286,7 @@ def test_a_range_run_writes_the_bytes_of_one_shard_runs_and_loads_each_model_onc
 
 @pytest.mark.slow
 def test_a_shard_failing_inside_a_range_run_fails_alone(tmp_path, tiny_zoo, monkeypatch):
+    from music_dagster.pipeline import failed_shard_reasons
     from music_dagster.synthesis import captions
 
     real = captions.scene_captions
@@ -312,6 +313,8 @@ def test_a_shard_failing_inside_a_range_run_fails_alone(tmp_path, tiny_zoo, monk
     assert failed[("scene_captions", "shard-00001")].value == "the LLM wrote no caption (injected)"
     assert failed[("target_images", "shard-00001")].value.endswith("scene_captions/shard-00001: no such shard")
     assert all(failed[(name, k)] is None for name in NAMES for k in ("shard-00000", "shard-00002"))
+    assert failed_shard_reasons(instance, ["shard-00001"]) == {
+        "shard-00001": "scene_captions: the LLM wrote no caption (injected)"}  # what `music pipeline` prints
 
     # Every shard failing is the step failing, in one line, as a one-shard run does.
     only = job.execute_in_process(instance=instance, tags=data.partition_range("shard-00001", "shard-00001"),

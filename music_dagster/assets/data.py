@@ -264,7 +264,8 @@ def scene_captions(context: dg.AssetExecutionContext, llm: LLMResource, store: D
     return _stage(
         context, store, "scene_captions", "category_combos",
         lambda ctx, data, parents, open_image: captions.scene_captions(llm.load(), ctx, data, parents),
-        lambda ctx, records, data, open_image: {"captions_mention_categories": checks.captions_mention_categories(records)},
+        lambda ctx, records, data, open_image: {
+            "captions_mention_categories": checks.captions_mention_categories(records)},
         table=("caption",))
 
 
