@@ -1,7 +1,7 @@
 """`music bench parallel`: wall time of the data graph for 4 shards run one after another vs all at once.
 
 Each shard is one run of `data_job` as Dagster launches it: its own process (as the default run launcher does),
-the multiprocess executor (a subprocess per step), on a temporary on-disk instance configured by the project's
+the job's own executor (in-process: see `music bench orchestration` for range runs), on a temporary on-disk instance configured by the project's
 `.dagster_home/dagster.yaml`, whose pool limit caps the model-heavy (`gpu` pool) steps running at once across runs.
 Both modes run the same 4 shard keys of the configured profile into separate temporary datasets folders, after an
 untimed warm-up shard (one-off costs such as compile caches). Prints figures; asserts nothing.
