@@ -51,15 +51,17 @@ def _check_inputs(store: DatasetStore) -> None:
 def _setup(config: EvaluationConfig, dino: DinoResource, eval_clip: EvalClipResource):
     """The project config, the checkpoint folder, a generate function over it and the score encoders."""
     from music_dagster.config import default_config
-    from music_dagster.generate import Generator, lora_dir
+    from music_dagster.generate import lora_dir
     from music_dagster.metrics import Embedder
+    from music_dagster.music_pipeline import MusicPipeline
 
     cfg = default_config()
     checkpoint = Path(config.checkpoint) if config.checkpoint else lora_dir(cfg)
-    generator = Generator(cfg, checkpoint)
+    pipe = MusicPipeline.from_pretrained(checkpoint, cfg)
+    pipe.set_progress_bar_config(disable=True)
 
     def generate(references, instruction, branches, seed):
-        return generator.generate(list(references), instruction, branches, seed).image
+        return pipe(list(references), instruction, branches, generator=seed).result.image
 
     embedder = Embedder(dino.load(), eval_clip.load(), dino_name=cfg.models["dino"].id,
                         batch_size=cfg.profile.eval.batch_size)
