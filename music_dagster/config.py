@@ -199,6 +199,10 @@ class TrainConfig(_Spelled):
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     # recompute each decoder layer's activations in the backward pass: memory for about a third more compute
     gradient_checkpointing: bool = True
+    # processes of the loop (one per GPU, all machines together): more than 1 runs it under `accelerate launch`;
+    # `batch_size` is per process, so the global batch is batch_size * num_processes
+    num_processes: int = Field(default=1, gt=0)
+    accelerate_config: str | None = None  # an `accelerate config` file (multi-node), relative to the project root
 
     @model_validator(mode="after")
     def _check(self):
@@ -234,6 +238,8 @@ class DetokenizerConfig(_Spelled):
     checkpoints_kept: int = Field(default=2, gt=0)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     gradient_checkpointing: bool = True  # recompute each UNet block's activations in the backward pass
+    num_processes: int = Field(default=1, gt=0)  # as `train.num_processes`
+    accelerate_config: str | None = None  # as `train.accelerate_config`
 
 
 class EvalConfig(_Spelled):

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from music_dagster.errors import UserError
-from music_dagster.model import MusicModel, MusicSettings, Sample, target_tokens
+from music_dagster.model import IGNORE, MusicModel, MusicSettings, Sample, target_tokens
 
 CHECKPOINTS = "checkpoints"
 MODEL_DIR = "model"
@@ -194,7 +194,9 @@ def _start(config, sample_sources: Iterable, out_dir: Path, mixed_precision: str
         raise TrainingError(f"no training samples (skipped {skipped} MSIC hold-out samples)")
     torch.set_num_threads(config.profile.torch_threads)  # float sums differ with the thread count
     # One scheduler step per optimizer step: a step already consumes the global batch of every process.
+    # cpu: the configured device, not whatever accelerate finds (under `accelerate launch` on CPUs: gloo processes)
     accelerator = Accelerator(mixed_precision=mixed_precision, step_scheduler_with_optimizer=False,
+                              cpu=device_of(config) == "cpu",
                               project_config=ProjectConfiguration(project_dir=str(out_dir)))
     set_seed(config.seed)
     return items, skipped, accelerator
@@ -354,7 +356,16 @@ def train_music(config, sample_sources: Iterable, out_dir: str | os.PathLike, re
 
     def step(wrapped, indices):
         core = accelerator.unwrap_model(wrapped)
-        return wrapped(core.collate([encoded(i) for i in indices]))
+        batch = core.collate([encoded(i) for i in indices])
+        out = wrapped(batch)
+        if accelerator.num_processes > 1:
+            # L1 is a mean over this process's plan tokens; weighted by its share of the global batch's tokens, the
+            # averaged gradient is the one of a single process holding the whole global batch
+            tokens = (batch["labels"][:, 1:] != IGNORE).sum()
+            share = tokens * accelerator.num_processes / accelerator.reduce(tokens.clone(), "sum")
+            out["L1"] = out["L1"] * share
+            out["loss"] = train.w1 * out["L1"] + train.w2 * out["L2"]
+        return out
 
     with flush_denormals():
         core, history, steps, start, seconds, epochs = _run(

@@ -12,6 +12,7 @@ final weights are published atomically to `models/detokenizer/` and `models/lora
 
 import hashlib
 import json
+import shlex
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -150,6 +151,28 @@ def weights_finite(folder: Path) -> dict[str, int]:
     return {"tensors": tensors, "non_finite": bad}
 
 
+def train_in_processes(context: dg.AssetExecutionContext, model: str, command: list[str],
+                       work: Path) -> "TrainResult":
+    """Run the training loop as `command` (`train_entry.launch_command`: `accelerate launch` of
+    `music_dagster.train_entry` over the section's `num_processes`) through Dagster Pipes: rank 0's log lines and
+    per-step losses stream into this step's log, and the result comes back as its reported materialization (the
+    history is read from `work`). A cluster runs the same command in a pod with `dagster_k8s.PipesK8sClient`."""
+    from dagster._core.errors import DagsterPipesExecutionError  # not exported at dagster's top level
+
+    from music_dagster.training import HISTORY, MODEL_DIR, TrainingError, TrainResult
+
+    context.log.info("launching: " + shlex.join(command))  # other machines run it too (README: 2 nodes)
+    try:
+        invocation = dg.PipesSubprocessClient(cwd=str(PROJECT_ROOT)).run(context=context, command=command)
+    except DagsterPipesExecutionError as error:
+        raise TrainingError(f"{model} training under accelerate launch failed ({error}): its log is above") from None
+    reported = {k: v.value for k, v in invocation.get_materialize_result().metadata.items()}
+    history = json.loads((work / HISTORY).read_text())
+    return TrainResult(work / MODEL_DIR, int(reported["steps"]), float(reported["epochs"]),
+                       int(reported["samples"]), int(reported["skipped_msic"]), int(reported["resumed_from"]),
+                       history, float(reported["seconds"]))
+
+
 @dataclass
 class Trained:
     """One training materialization: what it trained on, its result and where it was published and recorded."""
@@ -189,10 +212,20 @@ def train_and_publish(context: dg.AssetExecutionContext, config: Config, store: 
     sources, keys, version = select_sources(config, store.asset_dir(SAMPLES_ASSET))
     work = work_dir(config, model, version)
     check_replaceable(target, "paths.models")
+    launch = None
+    if (config.profile.train if model == "lora" else config.profile.detokenizer).num_processes > 1:
+        from music_dagster.train_entry import launch_command
+
+        shards = [s for s in sources if isinstance(s, Path)]  # the procedural world is rebuilt in every process
+        launch = launch_command(config, model, work, shards, procedural=len(shards) < len(sources))
     with tracking.training_run(config, context, keys, version) as run:  # probes the store first
         run.set_tags({runs.TAG_MODEL: model})
-        result = train_fn(config, sources, work, resume=True, on_step=run.log_step)
-        log_steps(run, result.history[:result.resumed_from])
+        if launch is None:  # one process: this one (docs/design.md says why)
+            result = train_fn(config, sources, work, resume=True, on_step=run.log_step)
+            log_steps(run, result.history[:result.resumed_from])
+        else:  # rank 0 of the launch streams its steps to the step's log; MLflow gets them all from here
+            result = train_in_processes(context, model, launch, work)
+            log_steps(run, result.history)
         digest = publish(result.model_dir, target, result.history, run)
         run.keep(target, f"music stage {STAGES[model]}")
         drop_stale_work(work)

@@ -1,0 +1,109 @@
+"""One process of a multi-process training: `python -m music_dagster.train_entry <lora|detokenizer> <work dir>
+[--procedural] [shard folder ...]`, started `train.num_processes` times by `accelerate launch`.
+
+The training assets start it through Dagster Pipes (`dg.PipesSubprocessClient`; `dagster_k8s.PipesK8sClient` is
+the same on a cluster). Rank 0 opens the Pipes session: its log lines and per-step losses reach the asset's log as
+they happen, and the `TrainResult` comes back as the reported materialization's metadata. The other ranks, and the
+processes of other machines (which run the same command without Pipes), only train. Publishing, MLflow and DVC stay
+in the asset's step after this process ends: nothing here writes outside the work folder.
+
+The sources are named on the command line, not read from Pipes, so every machine can run the same command.
+"""
+import argparse
+import os
+import sys
+from pathlib import Path
+
+TRAINERS = {"lora": "train_music", "detokenizer": "train_detokenizer"}
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (the launch's rendezvous on one machine)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch_command(config, model: str, work: Path, shards: list[Path], procedural: bool) -> list[str]:
+    """`accelerate launch` of this module over the `num_processes` of `model`'s config section: one machine, or
+    the machines, ranks and rendezvous address of `accelerate_config` (relative to the project root)."""
+    from music_dagster.config import PROJECT_ROOT
+    from music_dagster.training import TrainingError
+
+    name = "train" if model == "lora" else "detokenizer"
+    section = getattr(config.profile, name)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(section.num_processes),
+              "--mixed_precision", section.mixed_precision, "--dynamo_backend", "no"]
+    if section.accelerate_config is not None:
+        path = PROJECT_ROOT / section.accelerate_config
+        if not path.is_file():
+            raise TrainingError(f"{name}.accelerate_config: {path}: no such file")
+        launch += ["--config_file", str(path)]
+    else:
+        launch += ["--num_machines", "1"]
+        if section.num_processes > 1:  # torchrun on this machine; on CPUs Accelerator(cpu=True) makes gloo ranks
+            launch += ["--multi_gpu", "--main_process_port", str(free_port())]
+    entry = ["-m", "music_dagster.train_entry", model, str(work), *(["--procedural"] if procedural else []),
+             *map(str, shards)]
+    return launch + entry
+
+
+def result_metadata(result) -> dict:
+    """The `TrainResult` fields the asset rebuilds its result from (the history is read from the work folder)."""
+    return {"steps": result.steps, "epochs": float(result.epochs), "samples": result.samples,
+            "skipped_msic": result.skipped_msic, "resumed_from": result.resumed_from,
+            "seconds": float(result.seconds)}
+
+
+def train(model: str, work: Path, sources: list, pipes=None):
+    """Run the trainer of `model` in this process (one rank of the launch); `pipes`: rank 0's Pipes context."""
+    from music_dagster import training
+    from music_dagster.config import default_config
+
+    config = default_config()
+
+    def on_step(step: int, metrics: dict) -> None:  # only rank 0 calls it (training._run)
+        pipes.log.info(f"{model} step {step}: " + ", ".join(f"{k}={v:.6g}" for k, v in sorted(metrics.items())))
+
+    fn = getattr(training, TRAINERS[model])
+    return fn(config, sources, work, resume=True, on_step=on_step if pipes is not None else None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m music_dagster.train_entry")
+    parser.add_argument("model", choices=sorted(TRAINERS))
+    parser.add_argument("work", type=Path)
+    parser.add_argument("--procedural", action="store_true", help="also train on the config's procedural world")
+    parser.add_argument("shards", nargs="*", help="training_samples shard folders")
+    args = parser.parse_args(argv)
+
+    from music_dagster.config import default_config
+    from music_dagster.errors import UserError
+
+    sources: list = [Path(s) for s in args.shards]
+    try:
+        if args.procedural:
+            from music_dagster.training import procedural_source
+
+            sources.append(procedural_source(default_config()))
+        if int(os.environ.get("RANK", "0")) != 0:  # torchrun's global rank: only rank 0 talks to Dagster
+            train(args.model, args.work, sources)
+            return 0
+        from dagster_pipes import PipesEnvVarParamsLoader, open_dagster_pipes
+
+        if not PipesEnvVarParamsLoader().is_dagster_pipes_process():  # rank 0 started by hand, not by an asset
+            train(args.model, args.work, sources)
+            return 0
+        with open_dagster_pipes() as pipes:
+            result = train(args.model, args.work, sources, pipes)
+            pipes.report_asset_materialization(metadata=result_metadata(result))
+    except UserError as error:
+        print(f"music: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
