@@ -5,7 +5,7 @@ VENV := .venv
 export DAGSTER_HOME := $(CURDIR)/.dagster_home
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: setup run test test-fast repro ui mlflow-ui bench demo
+.PHONY: setup run test test-fast repro ui mlflow-ui bench demo demo-setup demo-web
 
 # The project's environment. DVC lives in its own environment (.dvc-tool): its hydra-core pins an antlr4 runtime
 # that breaks Dagster's asset-selection parser, so the `dvc` command is linked into .venv/bin instead of installed there.
@@ -28,6 +28,19 @@ run: setup
 # `procedural` profile, on a CPU: metrics/procedural.json, metrics/procedural_examples.png, MLflow runs.
 demo: setup
 	$(VENV)/bin/music demo procedural
+
+# The web demo's extra (gradio) on top of the project's environment, checked with pip check like setup.
+$(VENV)/.demo-installed: $(VENV)/.installed
+	$(VENV)/bin/pip install --quiet -e '.[test,demo]'
+	$(VENV)/bin/pip check
+	touch $@
+
+demo-setup: $(VENV)/.demo-installed
+
+# `music demo web`: the Gradio page on http://127.0.0.1:$(PORT) over models/lora (make run trains it).
+PORT ?= 7860
+demo-web: demo-setup
+	$(VENV)/bin/music demo web --port $(PORT)
 
 # --durations: the slowest tests, to keep the suite's time in view
 test: setup

@@ -46,6 +46,12 @@ def _demo(args):
     cli_demo(args)
 
 
+def _demo_web(args):
+    from music_dagster.webdemo import cli_demo_web
+
+    cli_demo_web(args)
+
+
 def _runs(args):
     from music_dagster.tracking import print_runs
 
@@ -120,6 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
                             help="a row of the table (repeatable; default: the rows that need only the full model)")
     procedural.add_argument("--held-out", type=int, default=48, help="held-out prompts (default 48)")
     procedural.set_defaults(func=_demo)
+    web = demo_sub.add_parser("web", help="a Gradio page on 127.0.0.1: upload subjects, read, edit and redraw "
+                              "the plan (needs the demo extra: make demo-web)")
+    web.add_argument("--port", type=int, default=7860, help="port on 127.0.0.1 (default 7860)")
+    web.add_argument("--checkpoint", help="LoRA checkpoint folder (default: the latest under models/); the "
+                     "de-tokenizer is read from beside it, else the project's")
+    web.set_defaults(func=_demo_web)
 
     runs = sub.add_parser("runs", help="the latest MLflow runs with key params, losses, scores and checkpoint hash")
     runs.add_argument("--limit", type=int, default=10)

@@ -34,6 +34,15 @@ def chromium_path() -> Path:
     return CHROMIUM
 
 
+@pytest.fixture(scope="session")
+def gradio_installed() -> None:
+    """The web demo's browser test needs the `demo` extra (CI installs it: `make demo-setup`)."""
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        _unavailable("gradio is not installed (make demo-setup)")
+
+
 @pytest.fixture
 def page(chromium_path):
     from playwright.sync_api import expect, sync_playwright
