@@ -48,9 +48,11 @@ def checkpoint(tmp_path_factory, tiny_zoo):
     return {"params": params, "lora": generate.lora_dir(config), "grid": config.profile.data.grid}
 
 
-@pytest.fixture
-def web_demo(checkpoint, gradio_installed, tmp_path, output_dir):
-    """`music demo web --checkpoint ...` on 127.0.0.1 and a free port, with gradio's uploads under `tmp_path`."""
+@pytest.fixture(scope="module")
+def web_demo(checkpoint, gradio_installed, tmp_path_factory, output_dir):
+    """`music demo web --checkpoint ...` on 127.0.0.1 and a free port (one server, models loaded once, for the
+    module's tests; each opens a fresh page), with gradio's uploads in a temporary folder."""
+    tmp_path = tmp_path_factory.mktemp("webdemo_server")
     port = free_port()
     env = {**os.environ, "MUSIC_PARAMS": str(checkpoint["params"]), "GRADIO_TEMP_DIR": str(tmp_path / "gradio"),
            "GRADIO_ANALYTICS_ENABLED": "False"}
