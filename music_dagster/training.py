@@ -251,7 +251,9 @@ def _run(*, accelerator, model, n_items: int, cfg, seed: int, out_dir: Path, res
         accelerator.load_state(str(path))
         history = json.loads((path / HISTORY).read_text())
     else:
-        set_seed(seed)  # the RNG stream of a fresh run (a resumed one gets its saved RNG states)
+        # the RNG stream of a fresh run (a resumed one gets its saved RNG states), seed + rank: each process draws
+        # its own noise and timesteps (rank 0, and so a one-process run, the stream it always had)
+        set_seed(seed, device_specific=True)
 
     order: dict[int, np.ndarray] = {}
     model.train()

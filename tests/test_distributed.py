@@ -23,23 +23,25 @@ TOLERANCE = 1e-4
 def _params(root: Path, num_processes: int, batch_size: int) -> Path:
     raw = yaml.safe_load(PARAMS_FILE.read_text())
     raw["profile"] = "tiny"
+    steps = {"batch_size": batch_size, "num_processes": num_processes, "epochs": 10 ** 6, "max_steps": STEPS,
+             "checkpoint_every": 2, "warmup_steps": 2}
     raw["profiles"]["tiny"]["train"].update(
         source="procedural", procedural_samples=8, input_queries=4, image_queries=4, lora_rank=4, lora_alpha=8,
-        batch_size=batch_size, num_processes=num_processes, epochs=10 ** 6, max_steps=STEPS, checkpoint_every=2,
-        warmup_steps=2, max_plan_tokens=8, feature_stats_samples=8)
+        max_plan_tokens=8, feature_stats_samples=8, **steps)
+    raw["profiles"]["tiny"]["detokenizer"].update(resampler_queries=4, **steps)
     path = root / f"params-{num_processes}.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
 
 
-def _launch(params: Path, work: Path, **popen):
+def _launch(params: Path, work: Path, model: str = "lora", **popen):
     env = {**os.environ, "MUSIC_PARAMS": str(params), "OMP_NUM_THREADS": "1"}
-    command = launch_command(load_config(params), "lora", work, [], procedural=True)
+    command = launch_command(load_config(params), model, work, [], procedural=True)
     return subprocess.Popen(command, env=env, cwd=PROJECT_ROOT, **popen)
 
 
-def _train(params: Path, work: Path) -> dict:
-    process = _launch(params, work)
+def _train(params: Path, work: Path, model: str = "lora") -> dict:
+    process = _launch(params, work, model)
     assert process.wait(timeout=900) == 0
     return _weights(work / "model")
 
@@ -47,7 +49,7 @@ def _train(params: Path, work: Path) -> dict:
 def _weights(folder: Path) -> dict:
     from safetensors.torch import load_file
 
-    return {f"{path.name}:{k}": v for path in sorted(folder.glob("*.safetensors")) for k, v in load_file(path).items()}
+    return {f"{path.name}:{k}": v for path in sorted(folder.rglob("*.safetensors")) for k, v in load_file(path).items()}
 
 
 def _max_difference(a: dict, b: dict) -> float:
@@ -71,12 +73,10 @@ def test_two_processes_match_one_with_the_same_global_batch(two_processes):
     assert difference <= TOLERANCE
 
 
-@pytest.mark.slow
-def test_a_killed_two_process_run_resumes_to_the_same_weights(two_processes):
-    root, whole = two_processes
-    params, work = _params(root, 2, 2), root / "killed"
+def _killed_and_resumed(params: Path, work: Path, model: str) -> dict:
+    """The weights of a launch SIGKILLed (launcher and ranks) once its first checkpoint is complete, then re-run."""
     # its own session: the launcher and both ranks are killed together, as a lost machine would be
-    process = _launch(params, work, start_new_session=True)
+    process = _launch(params, work, model, start_new_session=True)
     marker = work / "checkpoints" / "checkpoint-2"  # renamed into place once complete
     try:
         deadline = time.monotonic() + 900
@@ -88,9 +88,25 @@ def test_a_killed_two_process_run_resumes_to_the_same_weights(two_processes):
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
     assert not (work / "model").exists()  # killed before the end
-    resumed = _train(params, work)
+    resumed = _train(params, work, model)
     history = yaml.safe_load((work / "history.json").read_text())
     assert [e["step"] for e in history] == list(range(1, STEPS + 1))
+    return resumed
+
+
+@pytest.mark.slow
+def test_a_killed_two_process_run_resumes_to_the_same_weights(two_processes):
+    root, whole = two_processes
+    resumed = _killed_and_resumed(_params(root, 2, 2), root / "killed", "lora")
+    assert _max_difference(resumed, whole) == 0.0
+
+
+@pytest.mark.slow
+def test_the_detokenizer_trains_in_two_processes_and_resumes(tmp_path, tiny_zoo):
+    root = tmp_path
+    params = _params(root, 2, 2)
+    whole = _train(params, root / "detokenizer-whole", "detokenizer")
+    resumed = _killed_and_resumed(params, root / "detokenizer-killed", "detokenizer")
     assert _max_difference(resumed, whole) == 0.0
 
 
