@@ -20,9 +20,15 @@ OpenImage = Callable[[str], "object"]  # datasets-relative ref -> PIL RGB image 
 def clip_prompts(pipe, prompts: Sequence[str]) -> list[str]:
     """The prompts as FLUX's CLIP encoder reads them: cut to its 77-token window here, on purpose, so that
     diffusers has no truncation to warn about on every call. FLUX's T5 reads the whole prompt (`prompt_2`)."""
-    tokenizer = pipe.tokenizer
-    ids = tokenizer(list(prompts), truncation=True, max_length=pipe.tokenizer_max_length).input_ids
-    return [tokenizer.decode(i, skip_special_tokens=True) for i in ids]
+    tokenizer, limit = pipe.tokenizer, pipe.tokenizer_max_length
+    cut = []
+    for prompt in prompts:
+        text, ids, keep = prompt, tokenizer(prompt, verbose=False).input_ids, limit - 2  # 2: start and end tokens
+        while len(ids) > limit:  # decoded text can re-encode longer (BPE merges differ): cut until it fits
+            text = tokenizer.decode(ids[1:1 + keep], skip_special_tokens=True)
+            ids, keep = tokenizer(text, verbose=False).input_ids, keep - 1
+        cut.append(text)
+    return cut
 
 
 def derive_seed(*parts) -> int:
