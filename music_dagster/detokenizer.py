@@ -52,6 +52,7 @@ CONFIG_SCHEMA = {
         **{k: _POSITIVE for k in ("token_dim", "resampler_queries", "resampler_depth", "resampler_heads",
                                   "train_timesteps", "decode_steps")},
         "beta_schedule": {"enum": ["linear", "scaled_linear"]}, "beta_start": _BETA, "beta_end": _BETA,
+        "prediction_type": {"enum": ["epsilon", "sample"]}, "spatial_conditioning": {"type": "boolean"},
         "sha256": SHA256_SCHEMA,
     },
 }
