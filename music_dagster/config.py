@@ -153,6 +153,12 @@ class DataConfig(_Spelled):
         return self
 
 
+def _check_launch(section) -> None:
+    if section.accelerate_config is not None and section.num_processes == 1:  # it would be silently ignored
+        raise ValueError(f"accelerate_config ({section.accelerate_config}) needs num_processes above 1 (the "
+                         "processes of every machine together)")
+
+
 def _square(name: str, value: int) -> None:
     if int(value ** 0.5 + 0.5) ** 2 != value:
         raise ValueError(f"{name} must be a square number (tokens pooled from a square patch grid), got {value}")
@@ -207,6 +213,7 @@ class TrainConfig(_Spelled):
     @model_validator(mode="after")
     def _check(self):
         _square("image_queries", self.image_queries)
+        _check_launch(self)
         if self.procedural_min_subjects > self.procedural_max_subjects:
             raise ValueError(f"procedural_min_subjects ({self.procedural_min_subjects}) exceeds "
                              f"procedural_max_subjects ({self.procedural_max_subjects})")
@@ -240,6 +247,11 @@ class DetokenizerConfig(_Spelled):
     gradient_checkpointing: bool = True  # recompute each UNet block's activations in the backward pass
     num_processes: int = Field(default=1, gt=0)  # as `train.num_processes`
     accelerate_config: str | None = None  # as `train.accelerate_config`
+
+    @model_validator(mode="after")
+    def _check(self):
+        _check_launch(self)
+        return self
 
 
 class EvalConfig(_Spelled):

@@ -10,13 +10,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from music_dagster.config import PARAMS_FILE, PROJECT_ROOT, load_config
+from music_dagster.config import PARAMS_FILE, PROJECT_ROOT, ConfigError, load_config, parse_config
 from music_dagster.train_entry import launch_command
+from music_dagster.training import TrainingError, _with
 
 STEPS = 6
 # Float sums over 2 processes (gloo all-reduce of gradients, the token-weighted L1) are ordered differently from
 # one process's batch sums, and Adam's normalised steps carry the rounding: after 6 steps at lr 1e-3 the largest
-# weight difference measured 2.7e-5, against updates of about the learning rate per step.
+# weight difference measured 2.7e-5. A wrong global batch is far outside: each rank's L1 a mean over its own plan
+# tokens (no token weighting) gave 3.1e-3, one process at half the batch 8.9e-3.
 TOLERANCE = 1e-4
 
 
@@ -55,6 +57,23 @@ def _weights(folder: Path) -> dict:
 def _max_difference(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+@pytest.mark.parametrize("section", ["train", "detokenizer"])
+def test_an_accelerate_config_with_one_process_is_refused(section):
+    raw = yaml.safe_load(PARAMS_FILE.read_text())
+    raw["profiles"]["tiny"][section]["accelerate_config"] = "accelerate.yaml"
+    expected = (rf"^params\.yaml: profiles\.tiny\.{section}: "
+                r"accelerate_config \(accelerate.yaml\) needs num_processes above 1")
+    with pytest.raises(ConfigError, match=expected):
+        parse_config(raw, profile="tiny")
+
+
+def test_a_missing_accelerate_config_is_refused_before_training(tmp_path):
+    config = _with(load_config(profile="tiny"), "detokenizer", num_processes=2, accelerate_config="no/such.yaml")
+    with pytest.raises(TrainingError, match=r"^detokenizer\.accelerate_config: .*no/such\.yaml: no such file$"):
+        launch_command(config, "detokenizer", tmp_path, [], procedural=True)
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.fixture(scope="module")
