@@ -177,9 +177,9 @@ def _bounded_pool_wait(wait_s: float):
 
 
 def run_job(job_name: str, instance, partition_key: str | None = None, assets: list[str] | None = None,
-            partition_range: tuple[str, str] | None = None) -> None:
+            partition_range: tuple[str, str] | None = None) -> str:
     """Execute one of the code location's jobs in this process (optionally a partition or a range of partitions
-    (first, last), or a subset of its assets), after releasing runs whose process is gone."""
+    (first, last), or a subset of its assets), after releasing runs whose process is gone; the run's id."""
     from dagster._core.utils import make_new_run_id
 
     from music_dagster.definitions import defs
@@ -213,6 +213,7 @@ def run_job(job_name: str, instance, partition_key: str | None = None, assets: l
         # A step interrupted mid-way may not have handed its slot back; no-op when it did.
         instance.event_log_storage.free_concurrency_slots_for_run(run_id)
     print(f"music pipeline: {label} succeeded in {time.perf_counter() - start:.1f} s (run {run_id})", flush=True)
+    return run_id
 
 
 class ShardsFailedError(UserError):
@@ -223,21 +224,20 @@ def materialize_shards(instance, num_shards: int | None = None) -> None:
     """Register the first `num_shards` shard keys (default: `data.num_shards`) and run the data graph over all of
     them in one run (one model load per stage for every shard). Shards that failed alone are named afterwards, in
     one line, with their reasons; the others are published."""
-    from music_dagster.assets.data import DATA_ASSET_NAMES, ensure_shards
-    from music_dagster.resources.storage import DatasetStore
+    from music_dagster.assets.data import ensure_shards
 
     keys = ensure_shards(instance, num_shards or default_config().profile.data.num_shards)
-    run_job("data_job", instance, partition_range=(keys[0], keys[-1]))
-    store = DatasetStore.from_config(default_config())
-    failed = [k for k in keys if not store.exists(DATA_ASSET_NAMES[-1], k)]
-    if failed:
-        reasons = failed_shard_reasons(instance, failed)
-        raise ShardsFailedError(f"{len(failed)} of {len(keys)} shards failed, the others were published: "
-                                + "; ".join(f"{k}: {reasons.get(k, 'see the run log')}" for k in failed))
+    run_id = run_job("data_job", instance, partition_range=(keys[0], keys[-1]))
+    # This run's records decide, not the folders: a shard that failed may still hold an older published copy.
+    reasons = failed_shard_reasons(instance, keys, run_id)
+    if reasons:
+        raise ShardsFailedError(f"{len(reasons)} of {len(keys)} shards failed, the others were published: "
+                                + "; ".join(f"{k}: {reasons[k]}" for k in keys if k in reasons))
 
 
-def failed_shard_reasons(instance, keys: list[str]) -> dict[str, str]:
-    """The first recorded reason each shard failed for (the `failed` metadata of its latest materializations)."""
+def failed_shard_reasons(instance, keys: list[str], run_id: str | None = None) -> dict[str, str]:
+    """The first recorded reason each shard failed for (the `failed` metadata of its latest materializations, or
+    of run `run_id`'s)."""
     from music_dagster.assets.data import DATA_ASSET_NAMES
 
     reasons: dict[str, str] = {}
@@ -246,6 +246,8 @@ def failed_shard_reasons(instance, keys: list[str]) -> dict[str, str]:
             dg.AssetRecordsFilter(asset_key=dg.AssetKey(name), asset_partitions=keys), limit=len(keys)).records
         for record in records:
             event = record.asset_materialization
+            if run_id is not None and record.run_id != run_id:
+                continue
             if "failed" in event.metadata and event.partition not in reasons:
                 reasons[event.partition] = f"{name}: {event.metadata['failed'].value}"
     return reasons
