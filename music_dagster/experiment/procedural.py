@@ -358,7 +358,7 @@ def figure(result: RowResult, size: int = 128) -> "Image.Image":
 
     font = ImageFont.load_default(size=12)
     ref = size // 2
-    text_lines = 6
+    text_lines = 4
     row_h = size + 16 + 14 * text_lines + 8
     width = 4 * ref + 8 + 3 * (size + 8) + 8
     sheet = Image.new("RGB", (width, 20 + row_h * len(result.examples)), "white")
