@@ -114,4 +114,3 @@ def test_assets_write_the_table_and_nest_the_row_runs(tiny_zoo, tmp_path, monkey
         assert {ex.RESULTS_FILE, ex.PLOT_FILE, ex.FIGURE_FILE, ex.TABLE_FILE} <= artifacts
     finally:
         default_config.cache_clear()
-
