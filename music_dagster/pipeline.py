@@ -220,7 +220,7 @@ class ShardsFailedError(UserError):
     """Shards of a range run that failed alone: the others were published."""
 
 
-def materialize_shards(instance, num_shards: int | None = None) -> None:
+def materialize_shards(instance, num_shards: int | None = None) -> list[str]:
     """Register the first `num_shards` shard keys (default: `data.num_shards`) and run the data graph over all of
     them in one run (one model load per stage for every shard). Shards that failed alone are named afterwards, in
     one line, with their reasons; the others are published."""
@@ -233,6 +233,7 @@ def materialize_shards(instance, num_shards: int | None = None) -> None:
     if reasons:
         raise ShardsFailedError(f"{len(reasons)} of {len(keys)} shards failed, the others were published: "
                                 + "; ".join(f"{k}: {reasons[k]}" for k in keys if k in reasons))
+    return keys
 
 
 def failed_shard_reasons(instance, keys: list[str], run_id: str | None = None) -> dict[str, str]:
@@ -274,6 +275,44 @@ def run_pipeline(num_shards: int | None = None) -> None:
     except ConfigError:
         run_job("zoo_job", instance)
         config.check_models()
-    materialize_shards(instance, num_shards)
+    start = time.perf_counter()
+    keys = materialize_shards(instance, num_shards)
     run_job("training_job", instance)
     run_job("evaluation_job", instance)
+    print(f"music pipeline: done in {time.perf_counter() - start:.0f} s", flush=True)
+    for line in summary(instance, keys):
+        print(f"  {line}", flush=True)
+
+
+def summary(instance, keys: list[str]) -> list[str]:
+    """What the main job made, from its latest materializations: shards and samples kept and dropped, training
+    losses, scores, and where each output is."""
+    from music_dagster.assets.data import DATA_ASSET_NAMES
+    from music_dagster.benchmarks import LABELS, METHODS, METRIC_LABELS
+
+    def latest(asset: str, partition: str | None = None) -> dict:
+        records = instance.fetch_materializations(dg.AssetRecordsFilter(
+            asset_key=dg.AssetKey(asset), asset_partitions=[partition] if partition else None), limit=1).records
+        return {k: v.value for k, v in records[0].asset_materialization.metadata.items()} if records else {}
+
+    def where(meta: dict, key: str = "path") -> str:
+        return os.path.relpath(meta[key], PROJECT_ROOT) if key in meta else "?"
+
+    last = DATA_ASSET_NAMES[-1]
+    shards = [latest(last, k) for k in keys]
+    dropped = sum(latest(name, k).get("dropped", 0) for name in DATA_ASSET_NAMES for k in keys)
+    lines = [f"data: {len(keys)} shards ({keys[0]}..{keys[-1]}), {sum(m.get('kept', 0) for m in shards)} samples "
+             f"kept, {dropped} dropped on the way -> {os.path.dirname(os.path.dirname(where(shards[0])))}/"]
+    for asset, label, losses in (("detokenizer", "de-tokenizer", ("loss",)), ("lora_checkpoint", "MUSIC",
+                                                                            ("L1", "L2", "loss"))):
+        meta = latest(asset)
+        figures = ", ".join(f"{n} {meta[f'final_{n}']:.4f}" for n in losses if f"final_{n}" in meta)
+        lines.append(f"{label}: {meta.get('steps', '?')} steps, final {figures} -> {where(meta)}")
+    for asset, label in (("dreambench_scores", "DreamBench"), ("msic_scores", "MSIC")):
+        meta = latest(asset)
+        methods = "; ".join(LABELS[m] + " " + " ".join(f"{METRIC_LABELS[k]} {meta[f'{m}/{k}']:.3f}"
+                                                       for k in METRIC_LABELS if f"{m}/{k}" in meta)
+                            for m in METHODS)
+        lines.append(f"{label}: {methods} -> {where(meta, 'metrics_file')}")
+    lines.append("runs: `make ui` (Dagster), `make mlflow-ui` or `music runs` (MLflow), `dvc status` (DVC)")
+    return lines

@@ -1,5 +1,6 @@
 """DVC: the project's dvc.yaml matches the code it runs, the DVC hash the project computes is DVC's own, a recorded
 output comes back byte-identical in a second clone by `dvc pull`, and the default remote is shared by clones."""
+import json
 import re
 import shutil
 from pathlib import Path
@@ -201,9 +202,21 @@ def test_a_bare_clone_runs_the_main_job_and_dvc_agrees_with_dagster(tmp_path):
     proc = run_in(a, home, "music", "pipeline")  # builds the zoo, then data, training, evaluation
     console = proc.stdout + proc.stderr
     assert proc.returncode == 0, console[-4000:]
-    # the console shows progress, not third-party noise
+    # the console shows progress, not third-party noise, and ends with a summary of what the job made
     for noise in ("FutureWarning", "truncated because CLIP", " INFO mlflow", "Traceback"):
         assert noise not in console, noise
+    kept = sum(1 for shard in (a / "datasets" / "training_samples").iterdir()
+               for line in (shard / "manifest.jsonl").read_text().splitlines() if line.strip())
+    scores = {name: json.loads((a / "metrics" / f"{name}.json").read_text()) for name in ("dreambench", "msic")}
+    tail = proc.stdout[proc.stdout.index("music pipeline: done in"):].splitlines()[1:]
+    assert re.fullmatch(rf"  data: 2 shards \(shard-00000\.\.shard-00001\), {kept} samples kept, \d+ dropped on "
+                        r"the way -> datasets/", tail[0]), tail
+    assert re.fullmatch(r"  de-tokenizer: 2 steps, final loss \d+\.\d{4} -> models/detokenizer", tail[1]), tail
+    assert re.fullmatch(r"  MUSIC: 3 steps, final L1 [\d.]+, L2 [\d.]+, loss [\d.]+ -> models/lora", tail[2]), tail
+    for line, (name, label) in zip(tail[3:5], (("dreambench", "DreamBench"), ("msic", "MSIC"))):
+        music = scores[name]["music"]
+        dino = music.get("overall", music)["dino"]  # MSIC also keeps scores by subject count
+        assert line.startswith(f"  {label}: MUSIC DINO {dino:.3f} ") and line.endswith(f"-> metrics/{name}.json")
 
     # The training materialization recorded the checkpoint: dvc.lock, the MLflow run, the Dagster metadata.
     lora = dvc.lock_hash("models/lora", root=a)
