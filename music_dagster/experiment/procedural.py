@@ -325,7 +325,7 @@ def results_json(config, results: dict[str, RowResult]) -> dict:
         "world": {"samples": train.procedural_samples, "image_size": train.procedural_image_size,
                   "subjects": [train.procedural_min_subjects, train.procedural_max_subjects]},
         "steps": {"music": train.max_steps, "detokenizer": detok.max_steps},
-        "rows": {name: {"metrics": r.summary, "seconds": round(r.seconds, 1)} for name, r in results.items()},
+        "rows": {name: {"metrics": r.summary} for name, r in results.items()},  # no wall times: same seed, same bytes
         "gaps": comparison(results),
     }
 
