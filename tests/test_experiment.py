@@ -94,9 +94,9 @@ def test_assets_write_the_table_and_nest_the_row_runs(tiny_zoo, tmp_path, monkey
             meta = result.asset_materializations_for_node("procedural_row")[0].metadata
             assert f"| {row} |" in meta["scores"].value and "placement" in meta
         assert "data:image/png;base64," in meta["examples"].value
-        result = dg.materialize([experiment.procedural_comparison], resources=resources,
-                                selection=[experiment.procedural_comparison])
-        meta = result.asset_materializations_for_node("procedural_comparison")[0].metadata
+        result = dg.materialize([experiment.procedural_report], resources=resources,
+                                selection=[experiment.procedural_report])
+        meta = result.asset_materializations_for_node("procedural_report")[0].metadata
         assert "| full |" in meta["table"].value and "| untrained |" in meta["table"].value
         assert "data:image/png;base64," in meta["image_grid"].value and meta["rows"].value == 2
         report = json.loads((tmp_path / "metrics" / ex.RESULTS_FILE).read_text())

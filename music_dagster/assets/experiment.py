@@ -4,7 +4,7 @@
 variants, the untrained model, the ground-truth-token ceiling). Each partition trains what it needs on the
 procedural world (models shared between rows are trained once, under `.cache/experiment/`), generates for the
 held-out prompts end to end, scores the pixels against ground truth, writes `datasets/procedural_row/<row>/` and
-logs one MLflow run. `procedural_comparison` reads every row that exists, writes `metrics/procedural.json` (each
+logs one MLflow run. `procedural_report` reads every row that exists, writes `metrics/procedural.json` (each
 metric's mean, 95% interval and n per row), the table, a plot and the example figure, and logs the parent MLflow
 run that every row run is nested under. The Dagster UI shows the table, the plot and the image grid as metadata.
 """
@@ -66,7 +66,7 @@ def procedural_row(context: dg.AssetExecutionContext, config: ExperimentConfig, 
 @dg.asset(group_name="experiment", deps=[ROW_ASSET], kinds={"mlflow"},
           description="the procedural experiment's comparison: metrics/procedural.json, table, plot, image grid, "
                       "and the parent MLflow run of every row run")
-def procedural_comparison(context: dg.AssetExecutionContext, store: DatasetStore,
+def procedural_report(context: dg.AssetExecutionContext, store: DatasetStore,
                           tracking: MlflowTracking) -> dg.MaterializeResult:
     import json
 
@@ -104,4 +104,4 @@ def procedural_comparison(context: dg.AssetExecutionContext, store: DatasetStore
 experiment_job = dg.define_asset_job("experiment_job", selection=dg.AssetSelection.assets(procedural_row),
                                      partitions_def=rows_partitions)
 
-defs = dg.Definitions(assets=[procedural_row, procedural_comparison], jobs=[experiment_job])
+defs = dg.Definitions(assets=[procedural_row, procedural_report], jobs=[experiment_job])
