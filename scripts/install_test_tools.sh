@@ -1,8 +1,14 @@
 #!/usr/bin/env bash
-# capsh (Debian's libcap2-bin) for the read-only fault tests (tests/faults/helpers.py `as_user`): root ignores file
-# permissions, so as root those tests run `music` with CAP_DAC_OVERRIDE dropped through capsh.
+# The Debian packages the tests drive, each installed only when missing:
+# - chromium for the browser tests (tests/e2e): Playwright for Python drives it through
+#   executable_path=/usr/bin/chromium. Never `playwright install` (it downloads its own browsers).
+# - capsh (libcap2-bin) for the read-only fault tests (tests/faults/helpers.py `as_user`): root ignores file
+#   permissions, so as root those tests run `music` with CAP_DAC_OVERRIDE dropped through capsh.
 set -euo pipefail
-if command -v capsh >/dev/null || [ -x /sbin/capsh ] || [ -x /usr/sbin/capsh ]; then
+missing=()
+[ -x /usr/bin/chromium ] || missing+=(chromium)
+command -v capsh >/dev/null || [ -x /sbin/capsh ] || [ -x /usr/sbin/capsh ] || missing+=(libcap2-bin)
+if [ ${#missing[@]} -eq 0 ]; then
     exit 0
 fi
 SUDO=""
@@ -11,5 +17,6 @@ if [ "$(id -u)" != 0 ]; then
 fi
 export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq
-$SUDO apt-get install -y -qq --no-install-recommends libcap2-bin >/dev/null
+$SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+/usr/bin/chromium --version
 command -v capsh || ls /sbin/capsh /usr/sbin/capsh

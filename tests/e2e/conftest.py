@@ -1,5 +1,5 @@
 """Browser-test fixtures: headless Debian chromium driven by Playwright for Python (never `playwright install`:
-`scripts/install_browser.sh` installs chromium), and the live servers of `ui_helpers`. Screenshots and server logs
+`scripts/install_test_tools.sh` installs chromium), and the live servers of `ui_helpers`. Screenshots and server logs
 land in `outputs/e2e/` (gitignored) and are kept."""
 import os
 from pathlib import Path
@@ -19,8 +19,8 @@ UI_TIMEOUT_MS = 60_000  # the machine is shared: the UIs can be slow to answer
 def _unavailable(reason: str):
     """Skip locally; in CI (the `CI` variable set) the browser tests must run, so fail instead."""
     if os.environ.get("CI"):
-        pytest.fail(f"{reason} (CI must run the browser tests: run scripts/install_browser.sh)", pytrace=False)
-    pytest.skip(f"{reason}: run scripts/install_browser.sh to enable the browser tests")
+        pytest.fail(f"{reason} (CI must run the browser tests: run scripts/install_test_tools.sh)", pytrace=False)
+    pytest.skip(f"{reason}: run scripts/install_test_tools.sh to enable the browser tests")
 
 
 @pytest.fixture(scope="session")
