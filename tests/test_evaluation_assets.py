@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from checkpoints import train_checkpoint
 from music_dagster.config import PARAMS_FILE, default_config
 
 pytestmark = pytest.mark.slow
@@ -31,25 +32,16 @@ def _params(root: Path) -> Path:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, tiny_zoo):
     """A tiny trained checkpoint with its MLflow training run, and MSIC hold-out shards (plus a training shard)."""
-    import torch
-
     from music_dagster import tracking
     from music_dagster.config import load_config
-    from music_dagster.generate import detokenizer_dir, lora_dir
+    from music_dagster.generate import lora_dir
     from music_dagster.procedural import WorldSettings, write_procedural_shard
     from music_dagster.storage import read_shard
-    from music_dagster.training import procedural_source, train_detokenizer, train_music
 
-    torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("evaluation")
     params = _params(root)
     config = load_config(params)
-    samples = procedural_source(config)
-    detok = train_detokenizer(config, [samples], root / "work_detok", resume=False)
-    lora = train_music(config, [samples], root / "work_lora", resume=False)
-    lora_dir(config).parent.mkdir(parents=True)
-    detok.model_dir.rename(detokenizer_dir(config))
-    lora.model_dir.rename(lora_dir(config))
+    train_checkpoint(config, root)
     store = tracking.store_from_config(config)
     with tracking.start_training_run(store, config, "lora_checkpoint") as run:
         tracking.write_run_ref(lora_dir(config), run)

@@ -1,27 +1,15 @@
 """`music generate`: bad input (exit code 2, no output folder), odd images accepted, and real generations on a tiny
 checkpoint trained here (1 and 4 branches; the branches run as one batch)."""
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import yaml
 from PIL import Image
 
+from checkpoints import QUICK_TRAINING, train_checkpoint, write_params
 from music_dagster import cli, generate
-from music_dagster.config import PARAMS_FILE, default_config
-
-
-def write_params(path: Path, models: Path, **sections) -> Path:
-    """The project's params.yaml with `paths.models` elsewhere and tiny-profile sections updated."""
-    raw = yaml.safe_load(PARAMS_FILE.read_text())
-    raw["profile"] = "tiny"
-    raw["paths"]["models"] = str(models)
-    for name, values in sections.items():
-        raw["profiles"]["tiny"][name] = {**(raw["profiles"]["tiny"].get(name) or {}), **values}
-    path.write_text(yaml.safe_dump(raw))
-    return path
+from music_dagster.config import default_config
 
 
 @pytest.fixture()
@@ -108,26 +96,12 @@ def test_odd_but_valid_images_are_accepted(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory, tiny_zoo):
     """A de-tokenizer and a LoRA checkpoint trained for two steps on the procedural world, and params using them."""
-    import torch
-
     from music_dagster.config import load_config
-    from music_dagster.training import procedural_source, train_detokenizer, train_music
 
-    torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("generate")
-    params = write_params(
-        root / "params.yaml", root / "models",
-        train={"source": "procedural", "procedural_samples": 8, "max_steps": 2, "batch_size": 4,
-               "max_plan_tokens": 24},
-        detokenizer={"max_steps": 2, "batch_size": 4, "decode_steps": 2},
-        generate={"max_plan_tokens": 24})
+    params = write_params(root / "params.yaml", root / "models", **QUICK_TRAINING)
     config = load_config(params)
-    samples = procedural_source(config)
-    detok = train_detokenizer(config, [samples], root / "work_detok", resume=False)
-    lora = train_music(config, [samples], root / "work_lora", resume=False)
-    generate.lora_dir(config).parent.mkdir(parents=True)
-    detok.model_dir.rename(generate.detokenizer_dir(config))
-    lora.model_dir.rename(generate.lora_dir(config))
+    samples = train_checkpoint(config, root)
     refs = []
     for i, ref in enumerate(samples[0].references):
         refs.append(root / f"ref{i}.png")

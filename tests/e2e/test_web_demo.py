@@ -5,9 +5,9 @@ import os
 import sys
 
 import pytest
-import yaml
 
-from music_dagster.config import PARAMS_FILE, PROJECT_ROOT
+from checkpoints import QUICK_TRAINING, train_checkpoint, write_params
+from music_dagster.config import PROJECT_ROOT
 from ui_helpers import Server, free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -21,30 +21,13 @@ GENERATE_TIMEOUT_MS = 300_000  # a generation on a shared 2-core machine
 def checkpoint(tmp_path_factory, tiny_zoo):
     """A de-tokenizer and a LoRA checkpoint trained for two steps on the procedural world (as `music generate`'s
     tests train one), and the params file that points at them."""
-    import torch
-
     from music_dagster import generate
     from music_dagster.config import load_config
-    from music_dagster.training import procedural_source, train_detokenizer, train_music
 
-    torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("webdemo")
-    raw = yaml.safe_load(PARAMS_FILE.read_text())
-    raw["profile"] = "tiny"
-    raw["paths"]["models"] = str(root / "models")
-    tiny = raw["profiles"]["tiny"]
-    tiny["train"].update(source="procedural", procedural_samples=8, max_steps=2, batch_size=4, max_plan_tokens=24)
-    tiny["detokenizer"].update(max_steps=2, batch_size=4, decode_steps=2)
-    tiny["generate"].update(max_plan_tokens=24)
-    params = root / "params.yaml"
-    params.write_text(yaml.safe_dump(raw))
+    params = write_params(root / "params.yaml", root / "models", **QUICK_TRAINING)
     config = load_config(params)
-    samples = procedural_source(config)
-    detok = train_detokenizer(config, [samples], root / "work_detok", resume=False)
-    lora = train_music(config, [samples], root / "work_lora", resume=False)
-    generate.lora_dir(config).parent.mkdir(parents=True)
-    detok.model_dir.rename(generate.detokenizer_dir(config))
-    lora.model_dir.rename(generate.lora_dir(config))
+    train_checkpoint(config, root)
     return {"params": params, "lora": generate.lora_dir(config), "grid": config.profile.data.grid}
 
 

@@ -1,0 +1,42 @@
+"""A tiny trained MUSIC checkpoint for the tests that generate with one (generation, evaluation, the web demo)."""
+from pathlib import Path
+
+import yaml
+
+from music_dagster.config import PARAMS_FILE
+
+# Two steps of each model on 8 procedural samples, short plans (a random tiny LLM rambles otherwise).
+QUICK_TRAINING = {
+    "train": {"source": "procedural", "procedural_samples": 8, "max_steps": 2, "batch_size": 4, "max_plan_tokens": 24},
+    "detokenizer": {"max_steps": 2, "batch_size": 4, "decode_steps": 2},
+    "generate": {"max_plan_tokens": 24},
+}
+
+
+def write_params(path: Path, models: Path, **sections) -> Path:
+    """The project's params.yaml with `paths.models` elsewhere and tiny-profile sections updated."""
+    raw = yaml.safe_load(PARAMS_FILE.read_text())
+    raw["profile"] = "tiny"
+    raw["paths"]["models"] = str(models)
+    for name, values in sections.items():
+        raw["profiles"]["tiny"][name] = {**(raw["profiles"]["tiny"].get(name) or {}), **values}
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def train_checkpoint(config, work: Path) -> list:
+    """Train the de-tokenizer and MUSIC on `config`'s procedural source (work folders under `work`) and publish
+    them where `config` reads them (`generate.detokenizer_dir`, `generate.lora_dir`); the samples trained on."""
+    import torch
+
+    from music_dagster import generate
+    from music_dagster.training import procedural_source, train_detokenizer, train_music
+
+    torch.set_num_threads(1)
+    samples = procedural_source(config)
+    detok = train_detokenizer(config, [samples], work / "work_detok", resume=False)
+    lora = train_music(config, [samples], work / "work_lora", resume=False)
+    generate.lora_dir(config).parent.mkdir(parents=True)
+    detok.model_dir.rename(generate.detokenizer_dir(config))
+    lora.model_dir.rename(generate.lora_dir(config))
+    return samples
