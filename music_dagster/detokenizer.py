@@ -294,14 +294,15 @@ class Detokenizer(nn.Module):
         return path
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, vae=None, device="cpu",
-                        dtype=torch.float32) -> "Detokenizer":
-        """A saved de-tokenizer, after `check_checkpoint`, in eval mode (`vae` for a latent-space UNet)."""
+    def from_pretrained(cls, directory: str | os.PathLike, vae=None, device="cpu", dtype=torch.float32,
+                        settings: "DetokenizerSettings | None" = None) -> "Detokenizer":
+        """A saved de-tokenizer, after `check_checkpoint` (`settings`: its result, when the caller has just run it:
+        it hashes every weight file), in eval mode (`vae` for a latent-space UNet)."""
         from diffusers import UNet2DConditionModel
         from safetensors.torch import load_file
 
         directory = Path(directory)
-        settings = check_checkpoint(directory)
+        settings = settings or check_checkpoint(directory)
         unet = UNet2DConditionModel.from_pretrained(str(directory / UNET_DIR), use_safetensors=True,
                                                     torch_dtype=dtype).to(device)
         model = cls(unet, settings, vae=vae)

@@ -213,24 +213,24 @@ def check_request(prompt: str, branches: int) -> str:
     return prompt.strip()
 
 
-def check_detokenizer(detokenizer: Path) -> None:
-    """Refuse a missing, incomplete or damaged de-tokenizer folder."""
+def check_detokenizer(detokenizer: Path):
+    """Refuse a missing, incomplete or damaged de-tokenizer folder; its settings."""
     from music_dagster.detokenizer import check_checkpoint
 
     if not detokenizer.is_dir():
         raise GenerateError(f"de-tokenizer {detokenizer} does not exist (materialize the detokenizer asset)")
-    check_checkpoint(detokenizer)
+    return check_checkpoint(detokenizer)
 
 
-def check_checkpoints(checkpoint: Path, detokenizer: Path) -> None:
-    """Refuse a missing, incomplete or damaged checkpoint or de-tokenizer before anything is loaded."""
+def check_checkpoints(checkpoint: Path, detokenizer: Path):
+    """Refuse a missing, incomplete or damaged checkpoint or de-tokenizer before anything is loaded; what
+    each one's `check_checkpoint` read (handed to `from_pretrained`, so no weight file is hashed twice)."""
     from music_dagster.model import check_checkpoint
 
     if not checkpoint.is_dir():
         raise GenerateError(f"checkpoint {checkpoint} does not exist (materialize the lora_checkpoint asset, "
                             "or pass --checkpoint)")
-    check_checkpoint(checkpoint)
-    check_detokenizer(detokenizer)
+    return check_checkpoint(checkpoint), check_detokenizer(detokenizer)
 
 
 def clip_text_scores(clip, images: Sequence, text: str) -> list[float]:
@@ -258,14 +258,14 @@ class Generator:
         self.config = config
         self.checkpoint = Path(checkpoint) if checkpoint is not None else lora_dir(config)
         detokenizer = Path(detokenizer) if detokenizer is not None else detokenizer_dir(config)
-        check_checkpoints(self.checkpoint, detokenizer)
+        saved, detok_settings = check_checkpoints(self.checkpoint, detokenizer)
         config.check_models(["music_llm", "music_vision", "music_unet", "clip"])
         device = device_of(config)
         self.model = MusicModel.from_pretrained(self.checkpoint, load_backbone(config, "music_llm"),
-                                                load_backbone(config, "music_vision"))
+                                                load_backbone(config, "music_vision"), saved=saved)
         detok_cfg = config.profile.detokenizer
         vae = load_vae(detok_cfg.vae, device) if detok_cfg.vae is not None else None
-        self.detokenizer = Detokenizer.from_pretrained(detokenizer, vae=vae, device=device)
+        self.detokenizer = Detokenizer.from_pretrained(detokenizer, vae=vae, device=device, settings=detok_settings)
         self.clip = load_role("clip", config.models["clip"], device, config.profile.dtype)
 
     def forced_plan(self, cot: str, layout: np.ndarray):

@@ -566,11 +566,12 @@ class MusicModel(nn.Module):
         self.load_state_dict(load_file(str(modules), device=str(self.device)), strict=False)
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, llm, vision) -> "MusicModel":
-        """Load a `save_pretrained` folder onto fresh backbone handles, after `check_checkpoint`. The result is
-        in eval mode."""
+    def from_pretrained(cls, directory: str | os.PathLike, llm, vision, saved: "SavedModel | None" = None
+                        ) -> "MusicModel":
+        """Load a `save_pretrained` folder onto fresh backbone handles, after `check_checkpoint` (`saved`: its
+        result, when the caller has just run it: it hashes every weight file). The result is in eval mode."""
         directory = Path(directory)
-        saved = check_checkpoint(directory)
+        saved = saved or check_checkpoint(directory)
         if saved.vision_hidden != vision.model.config.hidden_size or \
                 saved.llm_hidden != llm.model.config.hidden_size:
             raise CheckpointError(f"{directory}: made for other backbones (hidden sizes differ)")
