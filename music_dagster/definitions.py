@@ -5,9 +5,8 @@ Importing this module must stay cheap: no torch, transformers or diffusers at im
 import dagster as dg
 
 from music_dagster.assets import data, evaluation, experiment, schedules, training, zoo
-from music_dagster.config import default_config
 from music_dagster.console import quiet_third_party
-from music_dagster.resources import build_resources
+from music_dagster.resources import ProjectConfig, build_resources
 
 quiet_third_party()  # the code location is an entry point: `make ui`'s step processes import it
 
@@ -18,5 +17,5 @@ defs = dg.Definitions.merge(
     evaluation.defs,
     experiment.defs,
     schedules.defs,
-    dg.Definitions(resources=build_resources(default_config())),
+    dg.Definitions(resources=build_resources(ProjectConfig.from_environment())),
 )

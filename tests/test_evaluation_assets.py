@@ -62,11 +62,11 @@ def materialize(project, monkeypatch):
         import dagster as dg
 
         from music_dagster.assets import evaluation
-        from music_dagster.resources import build_resources
+        from music_dagster.resources import ProjectConfig, build_resources
 
         return dg.materialize([evaluation.dreambench_scores, evaluation.msic_scores,
                                evaluation.dreambench_scores_in_range, evaluation.msic_scores_in_range],
-                              resources=build_resources(default_config()))
+                              resources=build_resources(ProjectConfig.from_environment()))
     yield run
     default_config.cache_clear()
 
@@ -137,7 +137,7 @@ def test_missing_dreambench_is_one_line(project, materialize, tmp_path, monkeypa
     default_config.cache_clear()
     from music_dagster.assets import evaluation
     from music_dagster.benchmarks import BenchmarkError
-    from music_dagster.resources import build_resources
+    from music_dagster.resources import ProjectConfig, build_resources
 
     def written():
         folders = (project["root"] / "metrics", project["root"] / "datasets" / "dreambench_scores")
@@ -145,6 +145,6 @@ def test_missing_dreambench_is_one_line(project, materialize, tmp_path, monkeypa
 
     before = written()
     with pytest.raises(BenchmarkError, match="no-dreambench does not exist") as e:
-        dg.materialize([evaluation.dreambench_scores], resources=build_resources(default_config()))
+        dg.materialize([evaluation.dreambench_scores], resources=build_resources(ProjectConfig.from_environment()))
     assert "\n" not in str(e.value)
     assert written() == before  # nothing written, nothing overwritten

@@ -79,14 +79,14 @@ def test_assets_write_the_table_and_nest_the_row_runs(tiny_zoo, tmp_path, monkey
 
     from music_dagster import tracking
     from music_dagster.assets import experiment
-    from music_dagster.resources import build_resources
+    from music_dagster.resources import ProjectConfig, build_resources
 
     monkeypatch.setenv("MUSIC_PARAMS", str(_params(tmp_path)))
     monkeypatch.delenv("MUSIC_PROFILE", raising=False)
     default_config.cache_clear()
     try:
         config = default_config()
-        resources = build_resources(config)
+        resources = build_resources(ProjectConfig.from_environment())
         run_config = {"ops": {"procedural_row": {"config": {"held_out": 3, "work_dir": str(tmp_path / "work")}}}}
         for row in ("full", "untrained"):
             result = dg.materialize([experiment.procedural_row], partition_key=row, resources=resources,

@@ -91,13 +91,13 @@ def test_a_tick_of_several_shards_is_one_run_over_their_range(one_shard_per_tick
 @pytest.mark.slow
 def test_requested_runs_make_complete_shards_that_training_picks_up(one_shard_per_tick, tiny_zoo):
     from music_dagster.assets.training import SAMPLES_ASSET, select_sources
-    from music_dagster.resources import build_resources
+    from music_dagster.resources import ProjectConfig, build_resources
 
     config = one_shard_per_tick
     instance = dg.DagsterInstance.ephemeral()
     # The data graph with resources of this test's config (the code location's are built when it is imported).
     job = dg.Definitions(assets=data.DATA_ASSETS, jobs=[data.data_job],
-                         resources=build_resources(config)).resolve_job_def("data_job")
+                         resources=build_resources(ProjectConfig.from_environment())).resolve_job_def("data_job")
     done = []
     for _ in range(2):  # two ticks: shard-00000 (an MSIC hold-out with this seed), then shard-00001 (training)
         result = tick(instance)

@@ -26,11 +26,10 @@ def data_job():
 
     from music_dagster.assets.data import DATA_ASSETS
     from music_dagster.assets.data import data_job as job
-    from music_dagster.config import default_config
-    from music_dagster.resources import build_resources
+    from music_dagster.resources import ProjectConfig, build_resources
 
     return dg.Definitions(assets=DATA_ASSETS, jobs=[job],
-                          resources=build_resources(default_config())).resolve_job_def("data_job")
+                          resources=build_resources(ProjectConfig.from_environment())).resolve_job_def("data_job")
 
 
 def run_shard(key: str, dagster_home: str, params: str) -> tuple[str, float]:
