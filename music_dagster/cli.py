@@ -29,7 +29,7 @@ def _pipeline(args):
 
 
 def _stage(args):
-    from music_dagster.dvc import run_stage
+    from music_dagster.pipeline import run_stage
 
     run_stage(args.name)
 

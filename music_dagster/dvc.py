@@ -1,12 +1,11 @@
-"""DVC from the project: the `dvc` command run by subprocess, DVC's hash of an output, and the entry points of
-`dvc.yaml`'s stages.
+"""DVC from the project: the `dvc` command run by subprocess, DVC's hash of an output, recording an output in
+`dvc.lock` and the remote, and `dvc import` of DreamBench. `dvc.yaml`'s stage entry points (`music stage <name>`)
+are the application layer's: `pipeline.run_stage`.
 
 dvc is never imported here: its hydra-core pins an antlr4 runtime that breaks Dagster's asset-selection parser, so it
 lives in its own environment (`.dvc-tool/`, linked as `.venv/bin/dvc`). `dvc_md5` computes the hash DVC 3 writes
 to `dvc.lock` (md5 of each file; a folder is the md5 of its sorted JSON listing plus `.dir`); `record_output`
 checks it against DVC's own result whenever it commits.
-
-    music stage data     # what `dvc repro` runs for the stage `data`
 """
 from __future__ import annotations
 
@@ -219,28 +218,3 @@ def import_dreambench(out: str = "datasets/dreambench", rev: str = DREAMBENCH_RE
                            f"folder (commit {rev[:8]}) to {rel}") from None
         raise
     return target
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Stage entry points: what `dvc repro` runs. Each materializes the stage's assets on the project's Dagster instance
-# (DAGSTER_HOME, default `.dagster_home/`), so the runs also show in the UI.
-STAGE_ASSETS = {
-    "detokenizer": ("training_job", ["detokenizer"]),
-    "train": ("training_job", ["lora_checkpoint"]),
-    "evaluate": ("evaluation_job", None),
-}
-STAGES = ("data", *STAGE_ASSETS)
-
-
-def run_stage(name: str) -> None:
-    """Materialize the assets of the DVC stage `name`: `data` runs `data_job` for each of the profile's shards."""
-    from music_dagster.pipeline import materialize_shards, project_instance, run_job
-
-    if name not in STAGES:
-        raise DvcError(f"unknown stage {name!r} (stages: {', '.join(STAGES)})")
-    if name == "data":
-        materialize_shards(project_instance())
-        return
-    job_name, assets = STAGE_ASSETS[name]
-    run_job(job_name, project_instance(), assets=assets)
-

@@ -4,7 +4,8 @@
 materializes the data graph over every shard in one run (a partition range), then training and evaluation. Every
 run lands in the instance under `DAGSTER_HOME` (default `.dagster_home/`), so `make ui` shows the runs, lineage and
 metadata afterwards. DVC's stages
-(`music stage ...`) run the same jobs through `run_job` and `materialize_shards`.
+(`music stage ...`, `run_stage`: dvc.yaml's entry points live here, in the application layer, not in `dvc.py`) run
+the same jobs through `run_job` and `materialize_shards`.
 
 What `run_job` adds to Dagster's in-process execution, so that a killed or stuck run never blocks the next one:
 - each run is tagged with its host and process; before a run starts, runs whose process is gone are marked failed
@@ -234,6 +235,29 @@ def materialize_shards(instance, num_shards: int | None = None) -> list[str]:
         raise ShardsFailedError(f"{len(reasons)} of {len(keys)} shards failed, the others were published: "
                                 + "; ".join(f"{k}: {reasons[k]}" for k in keys if k in reasons))
     return keys
+
+
+# Stage entry points: what `dvc repro` runs (`music stage <name>`, dvc.yaml's `cmd`s). Each materializes the stage's
+# assets on the project's Dagster instance (DAGSTER_HOME, default `.dagster_home/`), so the runs also show in the UI.
+STAGE_ASSETS = {
+    "detokenizer": ("training_job", ["detokenizer"]),
+    "train": ("training_job", ["lora_checkpoint"]),
+    "evaluate": ("evaluation_job", None),
+}
+STAGES = ("data", *STAGE_ASSETS)
+
+
+def run_stage(name: str) -> None:
+    """Materialize the assets of the DVC stage `name`: `data` runs `data_job` for each of the profile's shards."""
+    from music_dagster.dvc import DvcError
+
+    if name not in STAGES:
+        raise DvcError(f"unknown stage {name!r} (stages: {', '.join(STAGES)})")
+    if name == "data":
+        materialize_shards(project_instance())
+        return
+    job_name, assets = STAGE_ASSETS[name]
+    run_job(job_name, project_instance(), assets=assets)
 
 
 def failed_shard_reasons(instance, keys: list[str], run_id: str | None = None) -> dict[str, str]:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from music_dagster import dvc
+from music_dagster import dvc, pipeline
 from music_dagster.config import PROJECT_ROOT
 from projects import git, in_clone, project_copy, run_in
 
@@ -123,7 +123,7 @@ def test_bad_paths_and_stages_are_one_line_errors(tmp_path):
     with pytest.raises(dvc.DvcError, match="no such file"):
         dvc.dvc_md5(a / "missing", root=a)
     with pytest.raises(dvc.DvcError, match="unknown stage 'nope'"):
-        dvc.run_stage("nope")
+        pipeline.run_stage("nope")
 
 
 def test_an_unknown_stage_exits_2_with_one_line(capsys):
@@ -160,7 +160,7 @@ def test_dvc_yaml_runs_the_project_entry_points():
     stages = spec["stages"]
     assert list(stages) == ["zoo", "data", "detokenizer", "train", "evaluate"]
     assert stages["zoo"]["cmd"].startswith("music zoo build")
-    for name in dvc.STAGES:
+    for name in pipeline.STAGES:
         assert stages[name]["cmd"] == f"music stage {name}"
     assert stages["data"]["outs"] == [f"datasets/{a.key.to_user_string()}" for a in DATA_ASSETS]
     metrics = [next(iter(m)) for m in stages["evaluate"]["metrics"]]
