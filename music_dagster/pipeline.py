@@ -312,7 +312,8 @@ def summary(instance, keys: list[str]) -> list[str]:
     """What the main job made, from its latest materializations: shards and samples kept and dropped, training
     losses, scores, and where each output is."""
     from music_dagster.assets.data import DATA_ASSET_NAMES
-    from music_dagster.benchmarks import LABELS, METHODS, METRIC_LABELS
+    from music_dagster.evaluation.common import METHODS
+    from music_dagster.evaluation.report import LABELS, METRIC_LABELS
 
     def latest(asset: str, partition: str | None = None) -> dict:
         records = instance.fetch_materializations(dg.AssetRecordsFilter(

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from music_dagster.config import PROJECT_ROOT, Config
 from music_dagster.errors import UserError
-from music_dagster.metrics import METRICS
+from music_dagster.evaluation.metrics import METRICS
 
 EXPERIMENT = "music"
 RUN_REF = "mlflow_run.json"  # written into a checkpoint folder: which run trained it

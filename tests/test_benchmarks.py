@@ -9,13 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
-from music_dagster import benchmarks as bm
 from music_dagster.config import PROJECT_ROOT, default_config
+from music_dagster.evaluation import common, dreambench, msic, report
+from music_dagster.evaluation.metrics import Embedder
 from music_dagster.images import read_image
-from music_dagster.metrics import Embedder
 
 torch.set_num_threads(1)
-PROMPTS = bm.PROMPTS_FILE
+PROMPTS = dreambench.PROMPTS_FILE
 
 
 SHARED_DREAMBENCH = PROJECT_ROOT.parent / "shared" / "data" / "dreambench"  # 20 subjects: extra test material
@@ -56,7 +56,7 @@ def _noise(seed, size=(96, 64)):
 # ---------------------------------------------------------------------------------------------------- loader
 def test_loader_reads_the_repository_subset(dreambench_root):
     """The subset the tiny profile evaluates on: one object and two live subjects, small, each photo licensed."""
-    bench = bm.load_dreambench(dreambench_root)
+    bench = dreambench.load_dreambench(dreambench_root)
     assert {s.name: (s.class_noun, s.kind) for s in bench.subjects} == \
         {"backpack": ("backpack", "object"), "cat": ("cat", "live"), "dog": ("dog", "live")}
     assert bench.num_images == 16 and bench.unlisted == ()
@@ -75,7 +75,7 @@ def test_loader_reads_the_repository_subset(dreambench_root):
 
 def test_loader_reads_shared_copy(shared_dreambench):
     dreambench_root = shared_dreambench
-    bench = bm.load_dreambench(dreambench_root)
+    bench = dreambench.load_dreambench(dreambench_root)
     manifest = json.loads((dreambench_root / "manifest.json").read_text())["subjects"]
     assert len(bench.subjects) == 20 == len(manifest)
     assert bench.num_images == sum(len(s["images"]) for s in manifest) == 105
@@ -90,7 +90,7 @@ def test_loader_reads_shared_copy(shared_dreambench):
 
 
 def test_subset_spans_both_types(shared_dreambench):
-    sub = bm.load_dreambench(shared_dreambench).subset(2, 3)
+    sub = dreambench.load_dreambench(shared_dreambench).subset(2, 3)
     assert [s.name for s in sub.subjects] == ["backpack", "dog5"]
     assert {s.kind for s in sub.subjects} == {"object", "live"} and all(len(s.prompts) == 3 for s in sub.subjects)
 
@@ -104,38 +104,38 @@ def _mini_bench(root, dreambench_root, subjects=("backpack", "dog")):
 
 
 def test_loader_bad_input(tmp_path, dreambench_root):
-    with pytest.raises(bm.BenchmarkError, match="does not exist"):
-        bm.load_dreambench(tmp_path / "nowhere")
+    with pytest.raises(common.BenchmarkError, match="does not exist"):
+        dreambench.load_dreambench(tmp_path / "nowhere")
     root = _mini_bench(tmp_path / "db", dreambench_root)
     (root / PROMPTS).unlink()
-    with pytest.raises(bm.BenchmarkError, match=f"no {PROMPTS}"):
-        bm.load_dreambench(root)
+    with pytest.raises(common.BenchmarkError, match=f"no {PROMPTS}"):
+        dreambench.load_dreambench(root)
     shutil.copy(dreambench_root / PROMPTS, root / PROMPTS)
     (root / "cat").mkdir()
-    with pytest.raises(bm.BenchmarkError, match="subject 'cat' has no images") as err:
-        bm.load_dreambench(root)
+    with pytest.raises(common.BenchmarkError, match="subject 'cat' has no images") as err:
+        dreambench.load_dreambench(root)
     assert "\n" not in str(err.value)
     (root / "cat").rmdir()
     (root / "mystery").mkdir()
-    with pytest.raises(bm.BenchmarkError, match="mystery: subject folder not listed"):
-        bm.load_dreambench(root)
+    with pytest.raises(common.BenchmarkError, match="mystery: subject folder not listed"):
+        dreambench.load_dreambench(root)
     (root / "mystery").rmdir()
     (root / PROMPTS).write_text("Classes\n\nsubject_name,class\nbackpack,backpack\n\nObject Prompts\n")
-    with pytest.raises(bm.BenchmarkError, match="Live Subject Prompts"):
-        bm.load_dreambench(root)
+    with pytest.raises(common.BenchmarkError, match="Live Subject Prompts"):
+        dreambench.load_dreambench(root)
 
 
 # --------------------------------------------------------------------------------------------------- scoring
 def test_dreambench_scores_mean_over_real_photos(tmp_path, dreambench_root, embedder):
-    bench = bm.load_dreambench(_mini_bench(tmp_path / "db", dreambench_root)).subset(None, 1)
+    bench = dreambench.load_dreambench(_mini_bench(tmp_path / "db", dreambench_root)).subset(None, 1)
     dog = bench.subject("dog")
     good = tmp_path / "gen.png"
     read_image(dog.images[1]).save(good)
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
-    items = [bm.DreamItem("dog/00/0", "dog", dog.prompts[0], good),
-             bm.DreamItem("dog/00/1", "dog", dog.prompts[0], bad)]
-    result = bm.score_dreambench(bench, items, embedder)
+    items = [dreambench.DreamItem("dog/00/0", "dog", dog.prompts[0], good),
+             dreambench.DreamItem("dog/00/1", "dog", dog.prompts[0], bad)]
+    result = dreambench.score_dreambench(bench, items, embedder)
     assert [f["key"] for f in result["failures"]] == ["dog/00/1"] and "broken.png" in result["failures"][0]["error"]
     (record,) = result["images"]
     gen = embedder.images([read_image(good)])
@@ -149,8 +149,8 @@ def test_dreambench_scores_mean_over_real_photos(tmp_path, dreambench_root, embe
 
 
 def test_real_vs_real_pairs(tmp_path, dreambench_root, embedder):
-    bench = bm.load_dreambench(_mini_bench(tmp_path / "db", dreambench_root))
-    result = bm.score_real_vs_real(bench, embedder)
+    bench = dreambench.load_dreambench(_mini_bench(tmp_path / "db", dreambench_root))
+    result = dreambench.score_real_vs_real(bench, embedder)
     assert result["per_subject"]["backpack"]["n"] == 6 * 5 and result["per_subject"]["dog"]["n"] == 5 * 4
     assert result["overall"]["n"] == 50 and result["overall"]["clip_t"] is None
     for m in ("dino", "clip_i"):
@@ -158,8 +158,8 @@ def test_real_vs_real_pairs(tmp_path, dreambench_root, embedder):
 
 
 def test_msic_text_replaces_tags():
-    sample = bm.MsicSample("k", "put [2] on the left of [1].", (bm.MsicSubject(1, "dog", None),
-                                                               bm.MsicSubject(2, "cat", None)))
+    sample = msic.MsicSample("k", "put [2] on the left of [1].", (msic.MsicSubject(1, "dog", None),
+                                                               msic.MsicSubject(2, "cat", None)))
     assert sample.text == "put cat on the left of dog."
 
 
@@ -168,15 +168,15 @@ def _msic_item(tmp_path):
     for i, category in enumerate(("cat", "teapot"), start=1):
         path = tmp_path / f"ref{i}.png"
         _noise(10 + i, (48, 48)).save(path)
-        refs.append(bm.MsicSubject(i, category, path))
+        refs.append(msic.MsicSubject(i, category, path))
     gen = tmp_path / "gen.png"
     _noise(20, (128, 96)).save(gen)
-    return bm.MsicItem(bm.MsicSample("s0/0", "a [1] next to a [2] on a table", tuple(refs)), gen)
+    return msic.MsicItem(msic.MsicSample("s0/0", "a [1] next to a [2] on a table", tuple(refs)), gen)
 
 
 def test_msic_scores_use_detected_region(tmp_path, embedder, handles):
     item = _msic_item(tmp_path)
-    result = bm.score_msic([item], embedder, handles["detector"], box_threshold=0.0, text_threshold=0.0)
+    result = msic.score_msic([item], embedder, handles["detector"], box_threshold=0.0, text_threshold=0.0)
     (sample,) = result["samples"]
     image = read_image(item.path)
     whole = embedder.images([image])
@@ -195,7 +195,7 @@ def test_msic_scores_use_detected_region(tmp_path, embedder, handles):
 
 def test_msic_whole_image_when_not_found(tmp_path, embedder, handles):
     item = _msic_item(tmp_path)
-    result = bm.score_msic([item], embedder, handles["detector"], box_threshold=1.0, text_threshold=1.0)
+    result = msic.score_msic([item], embedder, handles["detector"], box_threshold=1.0, text_threshold=1.0)
     (sample,) = result["samples"]
     whole = embedder.images([read_image(item.path)])
     for sub, ref in zip(sample["subjects"], item.sample.subjects):
@@ -206,9 +206,9 @@ def test_msic_whole_image_when_not_found(tmp_path, embedder, handles):
 
 def test_msic_unreadable_image_is_a_recorded_failure(tmp_path, embedder, handles):
     good = _msic_item(tmp_path)
-    other = bm.MsicSample("s0/1", good.sample.instruction, good.sample.subjects)
-    missing = bm.MsicItem(other, tmp_path / "missing.png")
-    result = bm.score_msic([missing, good], embedder, handles["detector"], 0.0, 0.0)
+    other = msic.MsicSample("s0/1", good.sample.instruction, good.sample.subjects)
+    missing = msic.MsicItem(other, tmp_path / "missing.png")
+    result = msic.score_msic([missing, good], embedder, handles["detector"], 0.0, 0.0)
     assert [f["key"] for f in result["failures"]] == ["s0/1"]
     assert [s["key"] for s in result["samples"]] == ["s0/0"]
 
@@ -232,9 +232,9 @@ def test_load_msic_round_robin_over_subject_counts(tmp_path):
     _shard(root / "a", [3, 3, 1, 12])
     _shard(root / "b", [2, 2, 2], split="train")  # training shards are never MSIC
     _shard(root / "c", [3, 1])
-    everything = bm.load_msic(root)
+    everything = msic.load_msic(root)
     assert len(everything) == 6 and {len(s.subjects) for s in everything} == {1, 3, 12}
-    picked = bm.load_msic(root, limit=4)
+    picked = msic.load_msic(root, limit=4)
     assert [len(s.subjects) for s in picked] == [1, 3, 12, 1]
     assert [s.key for s in picked] == ["a-2", "a-0", "a-3", "c-1"]
     three = picked[1]
@@ -242,18 +242,18 @@ def test_load_msic_round_robin_over_subject_counts(tmp_path):
 
 
 def test_load_msic_bad_input(tmp_path):
-    with pytest.raises(bm.BenchmarkError, match="no MSIC samples"):
-        bm.load_msic(tmp_path / "training_samples")
+    with pytest.raises(common.BenchmarkError, match="no MSIC samples"):
+        msic.load_msic(tmp_path / "training_samples")
     _shard(tmp_path / "training_samples" / "a", [2], split="train")
-    with pytest.raises(bm.BenchmarkError, match="no MSIC samples"):
-        bm.load_msic(tmp_path / "training_samples")
+    with pytest.raises(common.BenchmarkError, match="no MSIC samples"):
+        msic.load_msic(tmp_path / "training_samples")
     manifest = tmp_path / "training_samples" / "a" / "manifest.jsonl"
     record = json.loads(manifest.read_text())
     record["split"] = "msic"
     record["subjects"][0]["reference"] = "training_samples/a/gone.png"
     manifest.write_text(json.dumps(record) + "\n")
-    with pytest.raises(bm.BenchmarkError, match="subject 1's reference .*gone.png is missing"):
-        bm.load_msic(tmp_path / "training_samples")
+    with pytest.raises(common.BenchmarkError, match="subject 1's reference .*gone.png is missing"):
+        msic.load_msic(tmp_path / "training_samples")
 
 
 # ---------------------------------------------------------------------------------------------------- reports
@@ -267,20 +267,20 @@ def _report():
 
 
 def test_summary_table_and_range_check():
-    report = _report()
-    s = bm.summary(report)
+    rep = _report()
+    s = report.summary(rep)
     assert s["music"]["overall"]["failures"] == 1 and s["music_star"]["by_subject_count"]["2"]["dino"] == 0.5
-    table = bm.table_markdown(report)
+    table = report.table_markdown(rep)
     assert table.splitlines()[0].startswith("| subjects | MUSIC DINO | MUSIC CLIP-I |")
     assert "| 2 | 0.2500 |" in table and table.splitlines()[-1].startswith("| all |")
-    assert bm.out_of_range(report) == []
-    report["methods"]["music"]["by_subject_count"]["2"]["clip_t"] = float("nan")
-    report["methods"]["music_star"]["overall"]["found_rate"] = -0.5
-    assert bm.out_of_range(report) == ["methods.music.by_subject_count.2.clip_t=nan",
-                                       "methods.music_star.overall.found_rate=-0.5"]
+    assert report.out_of_range(rep) == []
+    rep["methods"]["music"]["by_subject_count"]["2"]["clip_t"] = float("nan")
+    rep["methods"]["music_star"]["overall"]["found_rate"] = -0.5
+    assert report.out_of_range(rep) == ["methods.music.by_subject_count.2.clip_t=nan",
+                                        "methods.music_star.overall.found_rate=-0.5"]
 
 
 def test_plot_is_a_deterministic_png():
-    first, again = bm.plot_png(_report()), bm.plot_png(_report())
+    first, again = report.plot_png(_report()), report.plot_png(_report())
     assert first[:8] == b"\x89PNG\r\n\x1a\n" and first == again
     assert Image.open(io.BytesIO(first)).size == (1200, 360)

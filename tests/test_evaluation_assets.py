@@ -136,7 +136,7 @@ def test_missing_dreambench_is_one_line(project, materialize, tmp_path, monkeypa
     monkeypatch.setenv("MUSIC_PARAMS", str(params))
     default_config.cache_clear()
     from music_dagster.assets import evaluation
-    from music_dagster.benchmarks import BenchmarkError
+    from music_dagster.evaluation.common import BenchmarkError
     from music_dagster.resources import ProjectConfig, build_resources
 
     def written():

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from music_dagster import metrics
+from music_dagster.evaluation import metrics
 from music_dagster.config import default_config
 
 torch.set_num_threads(1)

@@ -1,4 +1,4 @@
-"""Evaluation assets: `dreambench_scores` and `msic_scores` for MUSIC and MUSIC* (thin layers over `benchmarks`).
+"""Evaluation assets: `dreambench_scores` and `msic_scores` for MUSIC and MUSIC* (thin layers over `evaluation`).
 
 Each generates its images with the trained checkpoint into `datasets/<asset>/<method>/` (with every record in
 `scores.json`), writes `metrics/<benchmark>.json` (DVC metrics) and a plot of each metric against subject count,
@@ -40,19 +40,20 @@ def _check_outputs(store: DatasetStore, tracking: MlflowTracking) -> None:
 def _check_inputs(store: DatasetStore) -> None:
     """Before evaluating: both benchmarks' inputs read (DreamBench, and the MSIC rows with their references inside
     the datasets root), so a bad one fails before either benchmark logs anything."""
-    from music_dagster import benchmarks as bm
+    from music_dagster.evaluation.dreambench import load_dreambench
+    from music_dagster.evaluation.msic import load_msic
     from music_dagster.config import default_config
 
     cfg = default_config()
-    bm.load_dreambench(cfg.dreambench_dir, cfg.profile.eval.dreambench_live_classes)
-    bm.load_msic(store.asset_dir("training_samples"), cfg.profile.eval.msic_samples)
+    load_dreambench(cfg.dreambench_dir, cfg.profile.eval.dreambench_live_classes)
+    load_msic(store.asset_dir("training_samples"), cfg.profile.eval.msic_samples)
 
 
 def _setup(config: EvaluationConfig, dino: DinoResource, eval_clip: EvalClipResource):
     """The project config, the checkpoint folder, a generate function over it and the score encoders."""
     from music_dagster.config import default_config
     from music_dagster.generate import lora_dir
-    from music_dagster.metrics import Embedder
+    from music_dagster.evaluation.metrics import Embedder
     from music_dagster.music_pipeline import MusicPipeline
 
     cfg = default_config()
@@ -70,18 +71,18 @@ def _setup(config: EvaluationConfig, dino: DinoResource, eval_clip: EvalClipReso
 
 def _finish(context: dg.AssetExecutionContext, cfg, checkpoint: Path, report: dict, folder: Path,
             tracking: MlflowTracking) -> dg.MaterializeResult:
-    from music_dagster import benchmarks as bm
+    from music_dagster.evaluation.report import LABELS, log_mlflow_run, table_markdown, write_outputs
 
     details = folder / "scores.json"
-    files = bm.write_outputs(cfg.paths.resolve("metrics"), report)
-    run = bm.log_mlflow_run(tracking.store, checkpoint, report, [files["summary"], files["plot"], details])
+    files = write_outputs(cfg.paths.resolve("metrics"), report)
+    run = log_mlflow_run(tracking.store, checkpoint, report, [files["summary"], files["plot"], details])
     failures = {m: r["failures"] for m, r in report["methods"].items()}
     for method, items in failures.items():
         for f in items:
-            context.log.warning(f"{bm.LABELS[method]} {f['key']}: {f['error']}")
+            context.log.warning(f"{LABELS[method]} {f['key']}: {f['error']}")
     plot = base64.b64encode(files["plot"].read_bytes()).decode()
     meta = {
-        "scores_by_subject_count": dg.MetadataValue.md(bm.table_markdown(report)),
+        "scores_by_subject_count": dg.MetadataValue.md(table_markdown(report)),
         "plot": dg.MetadataValue.md(f"![{report['benchmark']} scores](data:image/png;base64,{plot})"),
         "metrics_file": dg.MetadataValue.path(str(files["summary"])),
         "plot_file": dg.MetadataValue.path(str(files["plot"])),
@@ -109,22 +110,23 @@ def _finish(context: dg.AssetExecutionContext, cfg, checkpoint: Path, report: di
 def dreambench_scores(context: dg.AssetExecutionContext, config: EvaluationConfig, dino: DinoResource,
                       eval_clip: EvalClipResource, store: DatasetStore, tracking: MlflowTracking
                       ) -> dg.MaterializeResult:
-    from music_dagster import benchmarks as bm
+    from music_dagster.evaluation.dreambench import evaluate_dreambench, load_dreambench
+    from music_dagster.evaluation.report import write_report
     from music_dagster.config import default_config
 
     _check_outputs(store, tracking)
     _check_inputs(store)
     ev = default_config().profile.eval
-    bench = bm.load_dreambench(default_config().dreambench_dir, ev.dreambench_live_classes)
+    bench = load_dreambench(default_config().dreambench_dir, ev.dreambench_live_classes)
     bench = bench.subset(ev.dreambench_subjects, ev.dreambench_prompts)
     cfg, checkpoint, generate, embedder = _setup(config, dino, eval_clip)
     context.log.info(f"DreamBench: {len(bench.subjects)} subjects, {bench.num_prompts} prompts, "
                      f"{ev.dreambench_images_per_prompt} image(s) each, MUSIC and MUSIC* ({ev.branches} branches)")
     final = store.asset_dir("dreambench_scores")
     with staged_dir(final) as folder:
-        report = bm.evaluate_dreambench(bench, generate, embedder, folder, ev.branches,
-                                        ev.dreambench_images_per_prompt, cfg.seed)
-        bm.write_report(folder, report)
+        report = evaluate_dreambench(bench, generate, embedder, folder, ev.branches,
+                                     ev.dreambench_images_per_prompt, cfg.seed)
+        write_report(folder, report)
     return _finish(context, cfg, checkpoint, report, final, tracking)
 
 
@@ -134,27 +136,28 @@ def dreambench_scores(context: dg.AssetExecutionContext, config: EvaluationConfi
 def msic_scores(context: dg.AssetExecutionContext, config: EvaluationConfig, dino: DinoResource,
                 eval_clip: EvalClipResource, detector: DetectorResource, store: DatasetStore,
                 tracking: MlflowTracking) -> dg.MaterializeResult:
-    from music_dagster import benchmarks as bm
+    from music_dagster.evaluation.msic import evaluate_msic, load_msic
+    from music_dagster.evaluation.report import write_report
     from music_dagster.config import default_config
 
     _check_outputs(store, tracking)
     _check_inputs(store)
     ev = default_config().profile.eval
-    samples = bm.load_msic(store.asset_dir("training_samples"), ev.msic_samples)
+    samples = load_msic(store.asset_dir("training_samples"), ev.msic_samples)
     cfg, checkpoint, generate, embedder = _setup(config, dino, eval_clip)
     context.log.info(f"MSIC: {len(samples)} held-out samples, MUSIC and MUSIC* ({ev.branches} branches)")
     final = store.asset_dir("msic_scores")
     with staged_dir(final) as folder:
-        report = bm.evaluate_msic(samples, generate, embedder, detector.load(), folder, ev.branches,
-                                  ev.box_threshold, ev.text_threshold, cfg.seed)
-        bm.write_report(folder, report)
+        report = evaluate_msic(samples, generate, embedder, detector.load(), folder, ev.branches,
+                               ev.box_threshold, ev.text_threshold, cfg.seed)
+        write_report(folder, report)
     return _finish(context, cfg, checkpoint, report, final, tracking)
 
 
 def _check(store: DatasetStore, asset: str) -> dg.AssetCheckResult:
     import json
 
-    from music_dagster.benchmarks import out_of_range
+    from music_dagster.evaluation.report import out_of_range
 
     path = store.asset_dir(asset) / "scores.json"
     if not path.is_file():

@@ -20,7 +20,7 @@ def _workload(config, folder: Path):
     import numpy as np
     from PIL import Image
 
-    from music_dagster.benchmarks import DreamItem, load_dreambench
+    from music_dagster.evaluation.dreambench import DreamItem, load_dreambench
 
     bench = load_dreambench(config.dreambench_dir, config.profile.eval.dreambench_live_classes)
     bench = bench.subset(SUBJECTS, 1)
@@ -35,7 +35,7 @@ def _workload(config, folder: Path):
 
 
 def _rate(bench, items, embedder) -> float:
-    from music_dagster.benchmarks import score_dreambench
+    from music_dagster.evaluation.dreambench import score_dreambench
 
     best = float("inf")
     for _ in range(REPEATS):
@@ -51,7 +51,7 @@ def main() -> None:
 
     from music_dagster.config import default_config
     from music_dagster.loaders import load_role
-    from music_dagster.metrics import Embedder
+    from music_dagster.evaluation.metrics import Embedder
 
     config = default_config()
     torch.set_num_threads(config.profile.torch_threads)
