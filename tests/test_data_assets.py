@@ -1,5 +1,7 @@
-"""The data asset graph in Dagster: definitions, shard registration, bad input, a killed materialization, and the
-whole graph for 2 shards on the tiny profile (byte-identical when re-materialized)."""
+"""The data asset graph in Dagster: definitions (the stage table's rows, dvc.yaml's data stage), shard registration,
+bad input, a killed materialization, and the whole graph for 2 shards on the tiny profile (byte-identical when
+re-materialized)."""
+import ast
 import hashlib
 import os
 import textwrap
@@ -10,22 +12,25 @@ import pytest
 import yaml
 
 from music_dagster.assets import data
-from music_dagster.config import PARAMS_FILE, default_config, load_config
+from music_dagster.config import PROJECT_ROOT
+from music_dagster.resources import ProjectConfig
 from music_dagster.resources.storage import DatasetStore
 from music_dagster.synthesis import SynthesisError
+from music_dagster.synthesis.stages import STAGE_NAMES, STAGES
 from processes import kill_when_ready
 
 MODEL_HEAVY = {"category_combos", "scene_captions", "target_images", "detected_boxes", "verified_boxes",
                "reference_subjects", "subject_masks", "cot_annotations"}
-NAMES = ["category_combos", "scene_captions", "target_images", "detected_boxes", "verified_boxes",
-         "reference_subjects", "subject_masks", "grid_layouts", "cot_annotations", "training_samples"]
+NAMES = list(STAGE_NAMES)
+TINY = ProjectConfig(profile="tiny")
 
 
-def _resources(root: Path, roles=None) -> dict:
+def _resources(root: Path, roles=None, project: ProjectConfig = TINY) -> dict:
     from music_dagster.resources.models import model_resources
 
-    models = model_resources(load_config(profile="tiny"))
-    return {**{r: m for r, m in models.items() if roles is None or r in roles}, "store": DatasetStore(root=str(root))}
+    models = model_resources(project.get())
+    return {**{r: m for r, m in models.items() if roles is None or r in roles}, "project": project,
+            "store": DatasetStore(root=str(root))}
 
 
 def _instance(n: int = 1) -> dg.DagsterInstance:
@@ -35,25 +40,14 @@ def _instance(n: int = 1) -> dg.DagsterInstance:
 
 
 @pytest.fixture
-def params(tmp_path, monkeypatch):
-    """Write a modified copy of params.yaml and make it the process's config (for this test only)."""
-    def write(**data_overrides):
-        raw = yaml.safe_load(PARAMS_FILE.read_text())
-        raw["profile"] = "tiny"
-        raw["paths"]["objects365"] = str(load_config(profile="tiny").paths.resolve("objects365"))
-        for key, value in data_overrides.items():
-            if key == "objects365":
-                raw["paths"]["objects365"] = value
-            else:
-                raw["profiles"]["tiny"]["data"][key] = value
-        path = tmp_path / "params.yaml"
-        path.write_text(yaml.safe_dump(raw))
-        monkeypatch.setenv("MUSIC_PARAMS", str(path))
-        monkeypatch.delenv("MUSIC_PROFILE", raising=False)
-        default_config.cache_clear()
+def params(tmp_path, make_project):
+    """A modified copy of params.yaml (tiny profile; `objects365` replaces its path, the rest its `data`): the
+    `project` resource that reads it."""
+    def write(**data_overrides) -> ProjectConfig:
+        paths = {"objects365": data_overrides.pop("objects365")} if "objects365" in data_overrides else {}
+        return make_project(tmp_path, paths=paths, data=data_overrides)
 
-    yield write
-    default_config.cache_clear()
+    return write
 
 
 def _failure(result) -> str:
@@ -82,6 +76,78 @@ def test_definitions_hold_the_data_graph():
     assert all(parents[child] == {parent} for parent, child in zip(NAMES, NAMES[1:]))
 
 
+def test_the_assets_are_the_rows_of_the_stage_table():
+    """One asset per row, in order: a chain from the first row, with the row's description, checks (blocking),
+    models (as resources; a stage with a model in the `gpu` pool) and the config through `project`."""
+    from music_dagster.synthesis.schemas import RECORDS
+
+    assert [s.parent for s in STAGES] == [None, *NAMES[:-1]] and len(set(NAMES)) == len(NAMES)
+    assert data.DATA_ASSET_NAMES == NAMES and set(RECORDS) == set(NAMES)  # every stage has its record schema
+    for stage, asset in zip(STAGES, data.DATA_ASSETS, strict=True):
+        assert asset.key.to_user_string() == stage.name
+        assert asset.descriptions_by_key[asset.key] == stage.description
+        assert [(c.name, c.description, c.blocking) for c in asset.check_specs] == [
+            (c.name, c.description, True) for c in stage.checks]
+        assert asset.required_resource_keys >= {"project", "store", *stage.roles}
+        assert (asset.op.pool == "gpu") == stage.gpu == bool(stage.roles)
+
+
+def _imported_modules(roots: tuple[str, ...], follow_not: set[str]) -> set[str]:
+    """Every `music_dagster` module that `roots` may import, directly or through the modules it imports (imports
+    inside functions too); a package's `__init__` is followed for its top-level imports only (what importing one of
+    its modules runs). The modules of `follow_not` are left out, with what only they import."""
+    import ast
+
+    def path_of(name: str) -> Path | None:
+        base = PROJECT_ROOT.joinpath(*name.split("."))
+        return next((p for p in (base.with_suffix(".py"), base / "__init__.py") if p.is_file()), None)
+
+    def imports(name: str, top_level_only: bool) -> set[str]:
+        tree = ast.parse(path_of(name).read_text())
+        found = set()
+        for node in (tree.body if top_level_only else ast.walk(tree)):
+            if isinstance(node, ast.Import):
+                found |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                found |= {node.module} | {f"{node.module}.{a.name}" for a in node.names
+                                          if path_of(f"{node.module}.{a.name}")}
+        return {m for m in found if m.split(".")[0] == "music_dagster" and path_of(m)}
+
+    seen: dict[str, bool] = {}  # module -> followed only for its top-level imports
+    todo = [(root, False) for root in roots]
+    while todo:
+        name, top_only = todo.pop()
+        if name in follow_not or (name in seen and (top_only or not seen[name])):
+            continue  # left out, or already followed as far
+        seen[name] = top_only
+        parts = name.split(".")
+        todo += [(".".join(parts[:i]), True) for i in range(1, len(parts))]  # its packages' __init__ run first
+        todo += [(m, False) for m in imports(name, top_only)]
+    return set(seen)
+
+
+def test_dvc_yaml_data_stage_is_the_stage_table():
+    """dvc.yaml's data stage writes one folder per row of the table, and its code deps are exactly the code the stage
+    imports (`assets/data.py`, the model resources its rows load, and all they import; a package `__init__` that is
+    only a docstring does not count), so `dvc repro` re-runs the data stage when that code changes. `dvc.py` only records the stage's outputs (it
+    reaches the rest of the project through `pipeline.py`): not a dependency."""
+    stage = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())["stages"]["data"]
+    assert stage["outs"] == [f"datasets/{name}" for name in NAMES]
+    modules = _imported_modules(("music_dagster.assets.data", "music_dagster.resources.models"),
+                                follow_not={"music_dagster.dvc"})
+    files = {PROJECT_ROOT.joinpath(*m.split(".")).with_suffix(".py") for m in modules}
+    files = {f if f.is_file() else f.with_suffix("") / "__init__.py" for f in files}
+    code = {f.relative_to(PROJECT_ROOT).as_posix() for f in files
+            if f.name != "__init__.py" or any(not isinstance(n, ast.Expr) for n in ast.parse(f.read_text()).body)}
+    listed = set()
+    for dep in (d for d in stage["deps"] if d.startswith("music_dagster/")):
+        path = PROJECT_ROOT / dep
+        assert path.exists(), dep
+        listed |= ({p.relative_to(PROJECT_ROOT).as_posix() for p in path.rglob("*.py")} if path.is_dir() else {dep})
+    assert sorted(code - listed) == [], "imported by the data stage, missing from its dvc.yaml deps"
+    assert sorted(listed - code) == [], "in the data stage's dvc.yaml deps, not imported by it"
+
+
 def test_ensure_shards_adds_missing_keys_only():
     instance = dg.DagsterInstance.ephemeral()
     assert data.ensure_shards(instance, 2) == ["shard-00000", "shard-00001"]
@@ -99,9 +165,9 @@ def test_ensure_shards_adds_missing_keys_only():
     ({"categories": ["Couch", "Unicorn"]}, "unknown Objects365 category 'Unicorn'"),
 ])
 def test_bad_category_input_fails_in_one_line_without_a_shard(tmp_path, params, override, message):
-    params(**override)
-    result = dg.materialize([data.category_combos], partition_key="shard-00000", instance=_instance(),
-                            resources=_resources(tmp_path / "datasets", ["llm"]), raise_on_error=False)
+    resources = _resources(tmp_path / "datasets", ["llm"], params(**override))
+    result = dg.materialize([data.DATA_ASSETS_BY_NAME["category_combos"]], partition_key="shard-00000",
+                            instance=_instance(), resources=resources, raise_on_error=False)
     assert not result.success
     error = _failure(result)
     assert message in error and "\n" not in error
@@ -122,8 +188,9 @@ def test_unreadable_image_in_a_shard_fails_in_one_line(tmp_path, tiny_zoo):
         writer.add_image("shard-00000-00000.png", Image.new("RGB", (64, 64)))
         writer.add_record(record)
     (tmp_path / "datasets" / record["image"]).write_bytes(b"\x89PNG not really")
-    result = dg.materialize([data.detected_boxes], partition_key="shard-00000", instance=_instance(),
-                            resources=_resources(tmp_path / "datasets", ["detector"]), raise_on_error=False)
+    result = dg.materialize([data.DATA_ASSETS_BY_NAME["detected_boxes"]], partition_key="shard-00000",
+                            instance=_instance(), resources=_resources(tmp_path / "datasets", ["detector"]),
+                            raise_on_error=False)
     error = _failure(result)
     assert "shard-00000-00000.png" in error and "\n" not in error
     assert not (tmp_path / "datasets" / "detected_boxes").exists()
@@ -150,8 +217,8 @@ def test_an_image_path_leaving_the_datasets_root_fails_naming_the_manifest_line(
         for record in records:
             writer.add_record(record)
     (root / "target_images" / "shard-00000" / "link.png").symlink_to(outside)
-    result = dg.materialize([data.detected_boxes], partition_key="shard-00000", instance=_instance(),
-                            resources=_resources(root, ["detector"]), raise_on_error=False)
+    result = dg.materialize([data.DATA_ASSETS_BY_NAME["detected_boxes"]], partition_key="shard-00000",
+                            instance=_instance(), resources=_resources(root, ["detector"]), raise_on_error=False)
     error = _failure(result)
     manifest = root / "target_images" / "shard-00000" / "manifest.jsonl"
     assert f"{manifest}: line 2: path {refs[kind]!r}" in error and "\n" not in error
@@ -164,7 +231,7 @@ from pathlib import Path
 import dagster as dg
 from music_dagster import storage
 from music_dagster.assets import data
-from music_dagster.config import load_config
+from music_dagster.resources import ProjectConfig
 from music_dagster.resources.models import LLMResource
 from music_dagster.resources.storage import DatasetStore
 
@@ -179,8 +246,10 @@ def add_and_hang(self, record):  # the shard is half written: signal the parent 
 storage.ShardWriter.add_record = add_and_hang
 instance = dg.DagsterInstance.ephemeral()
 data.ensure_shards(instance, 1)
-dg.materialize([data.category_combos], partition_key="shard-00000", instance=instance,
-               resources={"llm": LLMResource.from_config(load_config(profile="tiny")), "store": DatasetStore(root=root)})
+project = ProjectConfig(profile="tiny")
+dg.materialize([data.DATA_ASSETS_BY_NAME["category_combos"]], partition_key="shard-00000", instance=instance,
+               resources={"llm": LLMResource.from_config(project.get()), "project": project,
+                          "store": DatasetStore(root=root)})
 """
 
 
@@ -196,11 +265,11 @@ def test_killed_materialization_leaves_no_partial_shard(tmp_path, tiny_zoo):
     assert store.complete_shards("category_combos") == []
     assert leftovers and all(name.startswith(".shard-00000.tmp.") for name in leftovers)
 
-    result = dg.materialize([data.category_combos], partition_key="shard-00000", instance=_instance(),
-                            resources=_resources(root, ["llm"]))
+    result = dg.materialize([data.DATA_ASSETS_BY_NAME["category_combos"]], partition_key="shard-00000",
+                            instance=_instance(), resources=_resources(root, ["llm"]))
     assert result.success and store.exists("category_combos", "shard-00000")
     assert [p.name for p in (root / "category_combos").iterdir()] == ["shard-00000"]  # the leftover is gone
-    assert len(store.read("category_combos", "shard-00000").records) == default_config().profile.data.shard_size
+    assert len(store.read("category_combos", "shard-00000").records) == TINY.get().profile.data.shard_size
 
 
 def _file_hashes(root: Path, key: str) -> dict[str, str]:

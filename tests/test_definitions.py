@@ -5,11 +5,7 @@ import sys
 import dagster as dg
 
 from music_dagster.config import PROJECT_ROOT
-
-DATA_ASSETS = [
-    "category_combos", "scene_captions", "target_images", "detected_boxes", "verified_boxes",
-    "reference_subjects", "subject_masks", "grid_layouts", "cot_annotations", "training_samples",
-]
+from music_dagster.synthesis.stages import STAGE_NAMES as DATA_ASSETS
 
 
 def test_loading_definitions_leaves_heavy_libraries_unimported():

@@ -1,4 +1,5 @@
-"""The data-synthesis asset graph (DESIGN "The asset graph"): ten assets partitioned by shard, thin over
+"""The data-synthesis asset graph (DESIGN "The asset graph"): one asset per row of the stage table
+(`synthesis.stages.STAGES`: name, parent, models, compute and check functions), partitioned by shard, thin over
 `music_dagster.synthesis`.
 
 Every asset reads its parent's shard, runs one stage, and writes `datasets/<asset>/<shard>/` atomically through the
@@ -8,6 +9,7 @@ shard re-materialized with the same config is byte-identical. Shards are dynamic
 them with `ensure_shards(instance, n)` (keys `shard-00000`, ...) and run `data_job` over a range of shard keys
 (`partition_range`): each step runs its stage shard after shard, with its models loaded once, and each shard is
 still its own partition with the bytes a one-shard run writes. Model-heavy assets run in the Dagster pool `gpu`.
+The config comes from the `project` resource (`ProjectConfig`), the models from their role's resources.
 """
 
 import base64
@@ -15,16 +17,13 @@ import contextlib
 import hashlib
 import warnings
 from pathlib import Path
-from typing import Callable
 
 import dagster as dg
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
-from music_dagster.config import default_config
-from music_dagster.resources.models import (
-    ClipResource, DetectorResource, I2IResource, LLMResource, SegmenterResource, T2IResource, VLMResource,
-)
 from music_dagster.resources.storage import DatasetStore
+from music_dagster.synthesis.common import shard_key
+from music_dagster.synthesis.stages import STAGE_NAMES, STAGES, ShardInputs, Stage
 
 SHARDS = dg.DynamicPartitionsDefinition(name="shards")
 GROUP = "data"
@@ -33,10 +32,6 @@ GPU_POOL = "gpu"
 GPU_STEP_TAGS = {"dagster-k8s/config": {"container_config": {"resources": {"limits": {"nvidia.com/gpu": 1}}}}}
 DROPPED_FILE = "dropped.json"
 PREVIEW_FILE = "preview.png"
-
-
-def shard_key(index: int) -> str:
-    return f"shard-{index:05d}"
 
 
 def partition_range(first: str, last: str) -> dict[str, str]:
@@ -80,9 +75,7 @@ def _shard_hash(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _stage(context: dg.AssetExecutionContext, store: DatasetStore, asset: str, parent: str | None,
-           compute: Callable, checks: Callable, table: tuple[str, ...] = (),
-           record_dvc_stage: bool = False) -> dg.MaterializeResult:
+def _stage(context: dg.AssetExecutionContext, stage: Stage) -> dg.MaterializeResult:
     """Run one stage on every shard of the step's partition range and publish each shard on its own.
 
     A step covers one shard, or a range of shards when a backfill or `music pipeline` runs many shards in one run
@@ -90,24 +83,29 @@ def _stage(context: dg.AssetExecutionContext, store: DatasetStore, asset: str, p
     shard whose stage fails fails alone: nothing of it is written, its reason goes into its partition's metadata
     and the run's log, and the other shards publish (its children in the same run fail alone in turn, their
     parent shard missing). When every shard of the step fails, the step fails with the first reason, as a
-    one-shard run always has. With `record_dvc_stage` (the graph's last asset), the data stage's outputs as they
-    now are go into dvc.lock and the DVC remote once per step, so `dvc repro` agrees with this run."""
+    one-shard run always has. The graph's last stage (the table's last row) records the data stage's outputs as
+    they now are in dvc.lock and the DVC remote once per step, so `dvc repro` agrees with this run."""
     from music_dagster.errors import UserError
 
+    config = context.resources.project.get()
+    store: DatasetStore = context.resources.store
+    prepared = stage.prepare(config, config.profile.data) if stage.prepare else None
     keys = context.partition_keys
+    if stage.note:
+        for key in keys:
+            context.log.info(stage.note(config, key))
     failures: dict[str, UserError] = {}
     verdicts: dict[str, list] = {}
     versions: dict[str, str] = {}
-    with _step_device(context) as summary:
+    with _step_device(context, config.profile) as summary:
         for key in keys:
-            _publish_or_record(context, store, asset, parent, key, compute, checks, table, failures, verdicts,
-                               versions)
+            _publish_or_record(context, config, store, stage, prepared, key, failures, verdicts, versions)
     if len(failures) == len(keys):
         raise next(iter(failures.values()))
-    if record_dvc_stage:
+    if stage is STAGES[-1]:
         from music_dagster.dvc import record_output
 
-        summary.update(record_output(store.asset_dir(asset)).metadata())
+        summary.update(record_output(store.asset_dir(stage.name)).metadata())
     if failures:
         summary["failed_shards"] = dg.MetadataValue.json({k: str(e) for k, e in failures.items()})
     return dg.MaterializeResult(
@@ -122,16 +120,15 @@ def _stage(context: dg.AssetExecutionContext, store: DatasetStore, asset: str, p
     )
 
 
-def _publish_or_record(context, store, asset, parent, key, compute, checks, table, failures, verdicts, versions):
+def _publish_or_record(context, config, store, stage, prepared, key, failures, verdicts, versions):
     """Publish shard `key`, or record why it failed (its partition's `failed` metadata, the run's log)."""
     from music_dagster.errors import UserError
 
     try:
-        metadata, shard_verdicts, versions[key] = _publish_shard(context, store, asset, parent, key, compute, checks,
-                                                                 table)
+        metadata, shard_verdicts, versions[key] = _publish_shard(context, config, store, stage, prepared, key)
     except UserError as e:
         failures[key] = e
-        context.log.error(f"{asset}[{key}] failed, not published: {e}")
+        context.log.error(f"{stage.name}[{key}] failed, not published: {e}")
         context.add_asset_metadata({"failed": dg.MetadataValue.text(str(e))}, partition_key=key)
         return
     context.add_asset_metadata(metadata, partition_key=key)
@@ -140,7 +137,7 @@ def _publish_or_record(context, store, asset, parent, key, compute, checks, tabl
 
 
 @contextlib.contextmanager
-def _step_device(context: dg.AssetExecutionContext):
+def _step_device(context: dg.AssetExecutionContext, profile):
     """A model-heavy step leases one device of the profile's `devices` for its whole range (`devices.lease`);
     yields the step's metadata so far: the device and its slot."""
     from music_dagster import devices
@@ -148,15 +145,14 @@ def _step_device(context: dg.AssetExecutionContext):
     if context.assets_def.node_def.pool != GPU_POOL:
         yield {}
         return
-    profile = default_config().profile
     with devices.lease(context.instance.root_directory, devices.visible_devices(profile.devices),
                        profile.pool_wait_s) as (slot, device):
         context.log.info(f"{context.op_def.name}: device {device} (slot {slot})")
         yield {"device": dg.MetadataValue.text(device), "device_slot": dg.MetadataValue.int(slot)}
 
 
-def _publish_shard(context: dg.AssetExecutionContext, store: DatasetStore, asset: str, parent: str | None, key: str,
-                   compute: Callable, checks: Callable, table: tuple[str, ...]) -> tuple[dict, dict, str]:
+def _publish_shard(context: dg.AssetExecutionContext, config, store: DatasetStore, stage: Stage, prepared,
+                   key: str) -> tuple[dict, dict, str]:
     """Run one stage on shard `key` and publish it: compute (nothing written yet), then write the whole shard
     atomically, then check what was written. Returns its metadata, its check verdicts and its hash."""
     from music_dagster.images import read_image
@@ -164,10 +160,10 @@ def _publish_shard(context: dg.AssetExecutionContext, store: DatasetStore, asset
     from music_dagster.synthesis import preview, schemas
     from music_dagster.synthesis.common import ShardContext, shard_seed
 
-    config = default_config()
+    asset, parent, table = stage.name, stage.parent, stage.table
     data = config.profile.data
     ctx = ShardContext(asset, key, shard_seed(config.seed, key))
-    for name in DATA_ASSET_NAMES:  # the shard's whole graph: a locked folder fails now, not after models ran
+    for name in STAGE_NAMES:  # the shard's whole graph: a locked folder fails now, not after models ran
         store.check_writable(name, key)
     parents = store.read(parent, key).records if parent else []
     root = Path(store.root)
@@ -180,7 +176,9 @@ def _publish_shard(context: dg.AssetExecutionContext, store: DatasetStore, asset
         return read_image(resolve_stored(root, ref, where))
 
     context.log.info(f"{asset}[{key}]: {len(parents)} input records")
-    result = compute(ctx, data, parents, open_image)
+    inputs = ShardInputs(ctx, config, data, parents, open_image, lambda role: getattr(context.resources, role).load(),
+                         prepared, lambda: store.read(parent, key).records if parent else [])
+    result = stage.compute(inputs)
     own = ctx.ref("")
     sheet = preview.sheet(asset, result.records, lambda ref: (
         result.images[ref[len(own):]] if ref.startswith(own) else open_image(ref)))
@@ -194,7 +192,7 @@ def _publish_shard(context: dg.AssetExecutionContext, store: DatasetStore, asset
         writer.add_json(DROPPED_FILE, result.dropped)
     path = store.shard_path(asset, key)
     records = store.read(asset, key).records
-    verdicts = checks(ctx, records, data, open_image)
+    verdicts = {check.name: check.run(inputs, records) for check in stage.checks}
     reasons = result.reasons()
     metadata = {
         "path": dg.MetadataValue.path(str(path)),
@@ -221,176 +219,31 @@ def _publish_shard(context: dg.AssetExecutionContext, store: DatasetStore, asset
     return metadata, verdicts, version
 
 
-def _specs(asset: str, **descriptions: str) -> list[dg.AssetCheckSpec]:
-    return [dg.AssetCheckSpec(name, asset=asset, description=text, blocking=True)
-            for name, text in descriptions.items()]
+def _stage_asset(stage: Stage) -> dg.AssetsDefinition:
+    """The asset of one row of the stage table: its shard partitions, checks (blocking), pool and resources."""
 
+    def compute(context: dg.AssetExecutionContext):
+        return _stage(context, stage)
 
-def _asset(name: str, description: str, parent: str | None, gpu: bool, checks: dict[str, str]):
     with warnings.catch_warnings():  # backfill_policy is "beta" in Dagster 1.13: known, not news to a user
         warnings.simplefilter("ignore", dg.BetaWarning)
         return dg.asset(
-            name=name, partitions_def=SHARDS, group_name=GROUP, deps=[parent] if parent else None,
-            description=description, pool=GPU_POOL if gpu else None, kinds={"pytorch"} if gpu else {"python"},
-            check_specs=_specs(name, **checks),
-            op_tags=GPU_STEP_TAGS if gpu else None,
+            name=stage.name, partitions_def=SHARDS, group_name=GROUP, deps=[stage.parent] if stage.parent else None,
+            description=stage.description, pool=GPU_POOL if stage.gpu else None,
+            kinds={"pytorch"} if stage.gpu else {"python"},
+            check_specs=[dg.AssetCheckSpec(check.name, asset=stage.name, description=check.description, blocking=True)
+                         for check in stage.checks],
+            op_tags=GPU_STEP_TAGS if stage.gpu else None,
+            required_resource_keys={"project", "store", *stage.roles},
             # A backfill of many shards (the UI's "Materialize" of selected partitions, the regeneration sensor,
             # `music pipeline`) is one run over their key range, so each step loads its models once for all of them.
             backfill_policy=dg.BackfillPolicy.single_run(),
-        )
+        )(compute)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-@_asset("category_combos", "2..12 Objects365 categories per sample; the LLM keeps a compatible subset and names "
-        "the scene", None, True, {"categories_valid": "known candidates in range, >= min_categories distinct kept"})
-def category_combos(context: dg.AssetExecutionContext, llm: LLMResource, store: DatasetStore):
-    from music_dagster.synthesis import checks, combos
-
-    config = default_config()
-    names = combos.load_categories(config.paths.resolve("objects365"), config.profile.data.categories)
-    return _stage(
-        context, store, "category_combos", None,
-        lambda ctx, data, parents, open_image: combos.category_combos(llm.load(), ctx, data, names),
-        lambda ctx, records, data, open_image: {"categories_valid": checks.categories_valid(
-            records, set(names), data.min_categories, data.max_subjects, data.min_categories)},
-        table=("categories", "scene"))
-
-
-@_asset("scene_captions", "the LLM writes one caption naming every kept category", "category_combos", True,
-        {"captions_mention_categories": "every caption contains every kept category"})
-def scene_captions(context: dg.AssetExecutionContext, llm: LLMResource, store: DatasetStore):
-    from music_dagster.synthesis import captions, checks
-
-    return _stage(
-        context, store, "scene_captions", "category_combos",
-        lambda ctx, data, parents, open_image: captions.scene_captions(llm.load(), ctx, data, parents),
-        lambda ctx, records, data, open_image: {
-            "captions_mention_categories": checks.captions_mention_categories(records)},
-        table=("caption",))
-
-
-@_asset("target_images", "the T2I model renders each caption", "scene_captions", True,
-        {"images_have_size": "every target image exists at the profile's resolution"})
-def target_images(context: dg.AssetExecutionContext, t2i: T2IResource, store: DatasetStore):
-    from music_dagster.synthesis import checks, targets
-
-    return _stage(
-        context, store, "target_images", "scene_captions",
-        lambda ctx, data, parents, open_image: targets.target_images(t2i.load(), ctx, data, parents),
-        lambda ctx, records, data, open_image: {
-            "images_have_size": checks.images_have_size(records, data.image_size, open_image)},
-        table=("caption",))
-
-
-@_asset("detected_boxes", "GroundingDINO, best box per category, boxes under 0.01 of the image dropped",
-        "target_images", True, {"box_area_filter": "every box inside the image, area >= min_box_area, one per "
-                                "category, >= min_subjects per sample"})
-def detected_boxes(context: dg.AssetExecutionContext, detector: DetectorResource, store: DatasetStore):
-    from music_dagster.synthesis import checks, detection
-
-    return _stage(
-        context, store, "detected_boxes", "target_images",
-        lambda ctx, data, parents, open_image: detection.detected_boxes(detector.load(), ctx, data, parents,
-                                                                        open_image),
-        lambda ctx, records, data, open_image: {
-            "box_area_filter": checks.box_area_filter(records, data.min_box_area, data.min_subjects)})
-
-
-@_asset("verified_boxes", "the VLM answers yes/no for each box; rejected subjects dropped", "detected_boxes", True,
-        {"verified_above_threshold": "a subject is kept iff the VLM's P(yes) exceeds verify_threshold"})
-def verified_boxes(context: dg.AssetExecutionContext, vlm: VLMResource, store: DatasetStore):
-    from music_dagster.synthesis import checks, verification
-
-    return _stage(
-        context, store, "verified_boxes", "detected_boxes",
-        lambda ctx, data, parents, open_image: verification.verified_boxes(vlm.load(), ctx, data, parents,
-                                                                           open_image),
-        lambda ctx, records, data, open_image: {"verified_above_threshold": checks.verified_above_threshold(
-            records, data.verify_threshold, data.min_subjects)})
-
-
-@_asset("reference_subjects", "each verified box cropped and re-rendered by the I2I model (new viewpoint or "
-        "appearance)", "verified_boxes", True,
-        {"references_not_copies": "every verified subject has a reference, and it is not a copy of its crop"})
-def reference_subjects(context: dg.AssetExecutionContext, i2i: I2IResource, store: DatasetStore):
-    from music_dagster.synthesis import checks, references
-
-    return _stage(
-        context, store, "reference_subjects", "verified_boxes",
-        lambda ctx, data, parents, open_image: references.reference_subjects(i2i.load(), ctx, data, parents,
-                                                                             open_image),
-        lambda ctx, records, data, open_image: {
-            "references_not_copies": checks.references_not_copies(records, open_image)})
-
-
-@_asset("subject_masks", "SAM2 masks from boxes; the mask is the region when CLIP prefers it to the box",
-        "reference_subjects", True,
-        {"regions_valid": "every subject has a region; mask iff Sim_mask > Sim_unmask"})
-def subject_masks(context: dg.AssetExecutionContext, segmenter: SegmenterResource, clip: ClipResource,
-                  store: DatasetStore):
-    from music_dagster.synthesis import checks, masks
-
-    return _stage(
-        context, store, "subject_masks", "reference_subjects",
-        lambda ctx, data, parents, open_image: masks.subject_masks(segmenter.load(), clip.load(), ctx, data,
-                                                                   parents, open_image),
-        lambda ctx, records, data, open_image: {"regions_valid": checks.regions_valid(records, open_image)})
-
-
-@_asset("grid_layouts", "8x8 semantic layout: IoU with each patch above lambda x mean IoU", "subject_masks", False,
-        {"every_subject_owns_a_cell": "every subject owns at least one cell of the grid"})
-def grid_layouts(context: dg.AssetExecutionContext, store: DatasetStore):
-    from music_dagster.synthesis import checks, layouts
-
-    return _stage(
-        context, store, "grid_layouts", "subject_masks",
-        lambda ctx, data, parents, open_image: layouts.grid_layouts(ctx, data, parents, open_image),
-        lambda ctx, records, data, open_image: {
-            "every_subject_owns_a_cell": checks.every_subject_owns_a_cell(records, data.grid)},
-        table=("layout_text",))
-
-
-@_asset("cot_annotations", "the VLM writes the user instruction and the visual CoT, subjects by tag [i]",
-        "grid_layouts", True, {"annotation_tags_valid": "the instruction tags every subject; every tag names one"})
-def cot_annotations(context: dg.AssetExecutionContext, vlm: VLMResource, store: DatasetStore):
-    from music_dagster.synthesis import checks, cot
-
-    return _stage(
-        context, store, "cot_annotations", "grid_layouts",
-        lambda ctx, data, parents, open_image: cot.cot_annotations(vlm.load(), ctx, data, parents, open_image),
-        lambda ctx, records, data, open_image: {"annotation_tags_valid": checks.annotation_tags_valid(records)},
-        table=("instruction", "cot"))
-
-
-@_asset("training_samples", "subject-count decimation down to min_subjects; MSIC hold-out shards down to 1",
-        "cot_annotations", False,
-        {"decimation_consistent": "counts N..floor per source; ids consistent in subjects, texts and layout"})
-def training_samples(context: dg.AssetExecutionContext, store: DatasetStore):
-    from music_dagster.synthesis import checks, samples
-
-    config = default_config()
-    every = config.profile.data.msic_holdout_every
-
-    def held_out(key: str) -> bool:
-        return samples.is_msic_shard(key, config.seed, every)
-
-    def decimation_consistent(ctx, records, data, open_image):
-        floor = samples.MSIC_MIN_SUBJECTS if held_out(ctx.key) else data.min_subjects
-        sources = store.read("cot_annotations", ctx.key).records
-        return {"decimation_consistent": checks.decimation_consistent(records, sources, floor)}
-
-    for key in context.partition_keys:
-        context.log.info(f"shard {key} is {'MSIC (held out)' if held_out(key) else 'training'} data")
-    return _stage(
-        context, store, "training_samples", "cot_annotations",
-        lambda ctx, data, parents, open_image: samples.training_samples(ctx, data, parents, held_out(ctx.key)),
-        decimation_consistent,
-        table=("split", "num_subjects", "instruction", "layout_text"), record_dvc_stage=True)
-
-
-DATA_ASSETS = [category_combos, scene_captions, target_images, detected_boxes, verified_boxes, reference_subjects,
-               subject_masks, grid_layouts, cot_annotations, training_samples]
-DATA_ASSET_NAMES = [a.key.path[-1] for a in DATA_ASSETS]
+DATA_ASSETS = [_stage_asset(stage) for stage in STAGES]
+DATA_ASSET_NAMES = list(STAGE_NAMES)
+DATA_ASSETS_BY_NAME = dict(zip(DATA_ASSET_NAMES, DATA_ASSETS))
 
 
 def build_data_job(executor_def: dg.ExecutorDefinition = dg.in_process_executor):

@@ -3,8 +3,8 @@ profile, with batch size 1 and with the configured `data.batch_size`, printed as
 
 The stages run in this process on the profile's models, the way the assets run them (shards written with the
 atomic shard writer into a temporary folder). A warm-up shard first pays the one-off costs (model loading, first
-calls), so the timed shards measure steady state. Both timed runs use the same shard key, hence the same inputs.
-Asserts nothing.
+calls), so the timed shards measure steady state. Both timed runs use the same shard key, hence the same inputs,
+and time it as a training shard (never an MSIC hold-out). Asserts nothing.
 """
 from __future__ import annotations
 
@@ -12,53 +12,35 @@ import tempfile
 import time
 from pathlib import Path
 
-ROLES = ("llm", "vlm", "t2i", "i2i", "detector", "segmenter", "clip")
 
-
-def _stages(names):
-    from music_dagster.synthesis import (
-        captions, combos, cot, detection, layouts, masks, references, targets, verification,
-    )
-    from music_dagster.synthesis import samples as decimation
-
-    return [
-        ("category_combos", lambda h, c, d, p, o: combos.category_combos(h["llm"], c, d, names)),
-        ("scene_captions", lambda h, c, d, p, o: captions.scene_captions(h["llm"], c, d, p)),
-        ("target_images", lambda h, c, d, p, o: targets.target_images(h["t2i"], c, d, p)),
-        ("detected_boxes", lambda h, c, d, p, o: detection.detected_boxes(h["detector"], c, d, p, o)),
-        ("verified_boxes", lambda h, c, d, p, o: verification.verified_boxes(h["vlm"], c, d, p, o)),
-        ("reference_subjects", lambda h, c, d, p, o: references.reference_subjects(h["i2i"], c, d, p, o)),
-        ("subject_masks", lambda h, c, d, p, o: masks.subject_masks(h["segmenter"], h["clip"], c, d, p, o)),
-        ("grid_layouts", lambda h, c, d, p, o: layouts.grid_layouts(c, d, p, o)),
-        ("cot_annotations", lambda h, c, d, p, o: cot.cot_annotations(h["vlm"], c, d, p, o)),
-        ("training_samples", lambda h, c, d, p, o: decimation.training_samples(c, d, p, held_out=False)),
-    ]
-
-
-def run_shard(handles: dict, data, seed: int, key: str, root: Path, names) -> dict[str, tuple[float, int, int]]:
-    """Every stage on one shard: stage -> (seconds, input samples, output records). Writing is not timed."""
+def run_shard(handles: dict, config, data, key: str, root: Path) -> dict[str, tuple[float, int, int]]:
+    """Every stage of the stage table (`synthesis.stages.STAGES`) on one shard, in order: stage -> (seconds, input
+    samples, output records). Each stage's `prepare` and the writing are not timed."""
     from music_dagster.images import read_image
     from music_dagster.storage import ShardWriter, read_shard
     from music_dagster.synthesis.common import ShardContext, shard_seed
     from music_dagster.synthesis.schemas import RECORDS
+    from music_dagster.synthesis.stages import STAGES, ShardInputs
 
     def open_image(ref: str):
         return read_image(root / ref)
 
-    out, parents = {}, []
-    for name, stage in _stages(names):
-        ctx = ShardContext(name, key, shard_seed(seed, key))
-        inputs = data.shard_size if name == "category_combos" else len(parents)
+    out, written = {}, {}
+    for stage in STAGES:
+        ctx = ShardContext(stage.name, key, shard_seed(config.seed, key))
+        parents = written[stage.parent] if stage.parent else []
+        inputs = ShardInputs(ctx, config, data, parents, open_image, handles.__getitem__,
+                             stage.prepare(config, data) if stage.prepare else None, held_out=False)
         start = time.perf_counter()
-        result = stage(handles, ctx, data, parents, open_image)
+        result = stage.compute(inputs)
         seconds = time.perf_counter() - start
-        with ShardWriter(root / name / key, RECORDS[name]) as writer:
+        with ShardWriter(root / stage.name / key, RECORDS[stage.name]) as writer:
             for image_name, image in result.images.items():
                 writer.add_image(image_name, image)
             for record in result.records:
                 writer.add_record(record)
-        parents = read_shard(root / name / key).records
-        out[name] = (seconds, inputs, len(parents))
+        written[stage.name] = read_shard(root / stage.name / key).records
+        out[stage.name] = (seconds, len(parents) if stage.parent else data.shard_size, len(written[stage.name]))
     return out
 
 
@@ -75,24 +57,23 @@ def main() -> None:
 
     from music_dagster.config import default_config
     from music_dagster.loaders import load_role
-    from music_dagster.synthesis.combos import load_categories
+    from music_dagster.synthesis.stages import STAGE_NAMES, STAGE_ROLES
 
     config = default_config()
     profile = config.profile
     torch.set_num_threads(profile.torch_threads)
-    config.check_models(ROLES)
+    config.check_models(STAGE_ROLES)
     base = profile.data
     data = base.model_copy(update={"shard_size": max(base.shard_size, 2 * base.batch_size)})
-    names = load_categories(config.paths.resolve("objects365"), base.categories)
     start = time.perf_counter()
-    handles = {role: load_role(role, config.models[role], profile.device, profile.dtype) for role in ROLES}
+    handles = {role: load_role(role, config.models[role], profile.device, profile.dtype) for role in STAGE_ROLES}
     load_s = time.perf_counter() - start
     device = next(iter(handles.values())).device
     with tempfile.TemporaryDirectory(prefix="music-bench-data-") as tmp:
         root = Path(tmp)
-        run_shard(handles, data, config.seed, "warmup", root / "warmup", names)
-        runs = {size: run_shard(handles, data.model_copy(update={"batch_size": size}), config.seed, "bench-00000",
-                                root / f"batch-{size}", names)
+        run_shard(handles, config, data, "warmup", root / "warmup")
+        runs = {size: run_shard(handles, config, data.model_copy(update={"batch_size": size}), "bench-00000",
+                                root / f"batch-{size}")
                 for size in dict.fromkeys((1, base.batch_size))}
     sizes = list(runs)
     print(f"data synthesis, profile {config.profile_name} on {device} ({profile.torch_threads} torch threads), "
@@ -104,7 +85,7 @@ def main() -> None:
         header.append("speed-up")
     rows = [header]
     totals = {size: 0.0 for size in sizes}
-    for name, *_ in _stages(names):
+    for name in STAGE_NAMES:
         seconds, n_in, n_out = runs[sizes[-1]][name]
         row = [name, str(n_in), str(n_out)]
         for size in sizes:
@@ -114,7 +95,7 @@ def main() -> None:
         if len(sizes) == 2:
             row.append(f"{runs[1][name][0] / seconds:.2f}x" if seconds > 0 else "-")
         rows.append(row)
-    final = {size: runs[size]["training_samples"][2] for size in sizes}
+    final = {size: runs[size][STAGE_NAMES[-1]][2] for size in sizes}
     total = ["whole graph", str(data.shard_size), str(final[sizes[-1]])]
     for size in sizes:
         total += [_per_sample(totals[size], data.shard_size), _per_hour(totals[size], data.shard_size)]

@@ -6,6 +6,7 @@ Records are JSON dicts. Images are referenced by their path relative to the data
 from __future__ import annotations
 
 import hashlib
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
@@ -40,6 +41,21 @@ def derive_seed(*parts) -> int:
 def shard_seed(config_seed: int, shard_key: str) -> int:
     """The seed of one shard: from the config's seed and the shard key only."""
     return derive_seed("shard", config_seed, shard_key)
+
+
+SHARD_PREFIX = "shard-"
+_INDEXED = re.compile(rf"^{SHARD_PREFIX}(\d+)$")
+
+
+def shard_key(index: int) -> str:
+    """The key of the `index`-th registered shard: `shard-00000`, `shard-00001`, ..."""
+    return f"{SHARD_PREFIX}{index:05d}"
+
+
+def shard_index(key: str) -> int | None:
+    """The index of a `shard-<i>` key (any number of digits), None for any other key."""
+    m = _INDEXED.match(key)
+    return int(m.group(1)) if m else None
 
 
 @dataclass(frozen=True)

@@ -6,23 +6,20 @@ training data; its samples are marked `split: msic` and decimated further, down 
 """
 from __future__ import annotations
 
-import re
-
 from music_dagster.decimation import decimate
 from music_dagster.layout import layout_to_text
-from music_dagster.synthesis.common import ShardContext, StageResult, derive_seed
+from music_dagster.synthesis.common import ShardContext, StageResult, derive_seed, shard_index
 
 STAGE = "training_samples"
 MSIC_MIN_SUBJECTS = 1
-_INDEXED = re.compile(r"^shard-(\d+)$")
 
 
 def is_msic_shard(key: str, seed: int, every: int) -> bool:
     """Whether shard `key` is held out: for `shard-<i>` keys, i % every == seed % every (so any `every`
     consecutive shards hold exactly one MSIC shard); for other keys, a hash of (seed, key) picks one in `every`."""
-    m = _INDEXED.match(key)
-    if m:
-        return int(m.group(1)) % every == seed % every
+    index = shard_index(key)
+    if index is not None:
+        return index % every == seed % every
     return derive_seed("msic", seed, key) % every == 0
 
 
