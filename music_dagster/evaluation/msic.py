@@ -100,27 +100,14 @@ def locate_categories(detector, image, categories: Sequence[str], box_threshold:
                       ) -> list[tuple[float, float, float, float] | None]:
     """For each category, the pixel box (x1, y1, x2, y2) where the detector finds it in `image`, or None.
 
-    The data graph's grounding (`synthesis.detection`): one GroundingDINO pass with every category in the query,
-    a phrase's score per query from its tokens' probabilities, the best query per category, one category per query.
+    The data graph's grounding call (`synthesis.detection.ground`): one GroundingDINO pass with every category in
+    the query, a phrase's score per query from its tokens' probabilities, the best query per category, one category
+    per query; no box is too small here.
     """
-    import torch
-
-    from music_dagster.synthesis.detection import assign_boxes, phrase_scores, query_text
+    from music_dagster.synthesis.detection import assign_boxes, ground
     from music_dagster.synthesis.schemas import phrase
 
-    text, spans = query_text([phrase(c) for c in categories])
-    # Tokenized here, not by the processor, so that the offsets are those of the ids the model sees.
-    text_inputs = detector.processor.tokenizer(text, return_offsets_mapping=True, return_tensors="pt")
-    offsets = text_inputs.pop("offset_mapping")[0].tolist()
-    inputs = {**detector.processor.image_processor(images=image, return_tensors="pt"), **text_inputs}
-    with torch.inference_mode():
-        out = detector.model(**{k: v.to(detector.device, detector.dtype) if v.is_floating_point() else
-                                v.to(detector.device) for k, v in inputs.items()})
-    probs = out.logits[0].float().sigmoid().cpu()
-    scores, token_max = phrase_scores(probs, offsets, spans)
-    boxes = []  # normalised (x1, y1, x2, y2), clipped to the image
-    for cx, cy, w, h in out.pred_boxes[0].float().cpu().tolist():
-        boxes.append([min(1.0, max(0.0, v)) for v in (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2)])
+    ((scores, token_max, boxes),) = ground(detector, [image], [[phrase(c) for c in categories]])
     chosen, _ = assign_boxes(scores, token_max, boxes, box_threshold, text_threshold, min_area=0.0)
     width, height = image.size
     found = []

@@ -63,37 +63,44 @@ def assign_boxes(scores, token_max, boxes: list[list[float]], box_threshold: flo
     return out, too_small - set(out)
 
 
-def _xyxy(cxcywh) -> list[float]:
+def _clipped_xyxy(cxcywh) -> list[float]:
     cx, cy, w, h = (float(v) for v in cxcywh)
-    box = [cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2]
-    return [round(min(1.0, max(0.0, v)), 6) for v in box]
+    return [min(1.0, max(0.0, v)) for v in (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2)]
+
+
+def ground(detector, images: list, phrase_lists: list[list[str]]) -> list[tuple]:
+    """The one GroundingDINO call (the data graph's `detected_boxes` and MSIC's `locate_categories`): one forward
+    pass over `images`, each with its own phrases as the query `"a. b. c."`. Per image, (scores, token_max, boxes):
+    each phrase's score per query (the mean probability of its tokens) and its best token's probability, both
+    [queries, phrases], and each query's box, normalised (x1, y1, x2, y2) clipped to the image, unrounded."""
+    import torch
+
+    processor = detector.processor
+    queries = [query_text(p) for p in phrase_lists]
+    # The processor's two halves, so that the offsets come from the very tokenization the model reads.
+    text_inputs = processor.tokenizer([q[0] for q in queries], padding=True, return_offsets_mapping=True,
+                                      return_tensors="pt")
+    offsets = text_inputs.pop("offset_mapping").tolist()
+    inputs = processor.image_processor(images, return_tensors="pt")
+    inputs.update(text_inputs)
+    with torch.inference_mode():
+        out = detector.model(**inputs.to(detector.device, dtype=detector.dtype))  # dtype: floating inputs only
+    probs = out.logits.float().sigmoid().cpu()
+    pred = out.pred_boxes.float().cpu()
+    found = []
+    for row, (_, spans) in enumerate(queries):
+        scores, token_max = phrase_scores(probs[row, :, :len(offsets[row])], offsets[row], spans)
+        found.append((scores, token_max, [_clipped_xyxy(b) for b in pred[row]]))
+    return found
 
 
 def detected_boxes(detector, ctx: ShardContext, data, records: list[dict], open_image: OpenImage) -> StageResult:
-    import torch
-
-    model, processor = detector.model, detector.processor
     result = StageResult()
     for chunk in batches(records, data.batch_size):
         images = [open_image(r["image"]) for r in chunk]
-        phrase_lists = [[schemas.phrase(c) for c in r["categories"]] for r in chunk]
-        queries = [query_text(p) for p in phrase_lists]
-        texts = [q[0] for q in queries]
-        # The processor's two halves, so that the offsets come from the very tokenization the model reads.
-        text_inputs = processor.tokenizer(texts, padding=True, return_offsets_mapping=True, return_tensors="pt")
-        offsets = text_inputs.pop("offset_mapping").tolist()
-        inputs = processor.image_processor(images, return_tensors="pt")
-        inputs.update(text_inputs)
-        with torch.inference_mode():
-            out = model(**inputs.to(detector.device, dtype=detector.dtype))
-        probs = out.logits.float().sigmoid().cpu()
-        pred = out.pred_boxes.float().cpu()
-        for row, record in enumerate(chunk):
-            seq = len(offsets[row])
-            spans = queries[row][1]
-            row_probs = probs[row, :, :seq]
-            scores, token_max = phrase_scores(row_probs, offsets[row], spans)
-            boxes = [_xyxy(b) for b in pred[row]]
+        grounded = ground(detector, images, [[schemas.phrase(c) for c in r["categories"]] for r in chunk])
+        for record, (scores, token_max, clipped) in zip(chunk, grounded):
+            boxes = [[round(v, 6) for v in box] for box in clipped]
             chosen, too_small = assign_boxes(scores, token_max, boxes, data.box_threshold, data.text_threshold,
                                              data.min_box_area)
             subjects, missing = [], []
@@ -110,4 +117,3 @@ def detected_boxes(detector, ctx: ShardContext, data, records: list[dict], open_
                 continue
             result.records.append(child(record, subjects=subjects, missing=missing))
     return result
-
