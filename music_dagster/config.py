@@ -330,6 +330,7 @@ class Paths(_Section):
     metrics: str = "metrics"
     mlflow_tracking_uri: str = "sqlite:///mlruns.db"
     mlflow_artifacts: str = "mlartifacts"
+    work: str = ".cache"  # resumable training state (`training/`), the procedural experiment's models (`experiment/`)
 
     def resolve(self, name: str) -> Path:
         """A path of this section as an absolute path (relative ones are relative to the project root)."""
@@ -357,6 +358,19 @@ class Config(_Section):
                     f"profiles.{self.profile_name}.models.{role}: folder {spec.id} is missing "
                     f"(make it with `{ZOO_COMMAND}`)"
                 )
+
+    def with_values(self, section: str, **values) -> Config:
+        """A copy of this config with fields of `profile.<section>` replaced (`train`, `detokenizer`, ...), e.g.
+        `config.with_values("train", max_steps=2)`. The values are not validated again: pass values of the
+        field's type."""
+        part = getattr(self.profile, section).model_copy(update=values)
+        return self.model_copy(update={"profile": self.profile.model_copy(update={section: part})})
+
+    def with_models(self, specs: dict[str, ModelSpec]) -> Config:
+        """A copy of this config with the checkpoints of some roles replaced (`{role: ModelSpec}`): what a
+        run's model resources load, so what is keyed and logged by the config names them."""
+        models = {**self.profile.models, **specs}
+        return self.model_copy(update={"profile": self.profile.model_copy(update={"models": models})})
 
     @property
     def dreambench_dir(self) -> Path:

@@ -170,7 +170,7 @@ def check_checkpoints(config: Config, instance: DagsterInstance) -> list[Finding
     not there yet is no finding."""
     from music_dagster import detokenizer, model
     from music_dagster.errors import UserError
-    from music_dagster.generate import detokenizer_dir, lora_dir
+    from music_dagster.runtime import detokenizer_dir, lora_dir
 
     findings = []
     for folder, check, stage in ((lora_dir(config), model.check_checkpoint, "train"),

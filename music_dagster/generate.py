@@ -19,7 +19,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 
@@ -30,10 +30,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
 
     from music_dagster.config import Config
+    from music_dagster.resources.models import ModelResource
 
 MAX_SUBJECTS = 12  # the paper's range, 1..12 subjects
-LORA_DIR = "lora"  # under `paths.models`: what `lora_checkpoint` writes and `music generate` reads by default
-DETOKENIZER_DIR = "detokenizer"
 IMAGE_FILE, PLAN_FILE, OVERLAY_FILE = "image.png", "plan.json", "layout.png"
 
 
@@ -100,14 +99,6 @@ def read_layout(path: str | os.PathLike, subjects: int, grid: int) -> GivenPlan:
     from music_dagster.storage import read_json
 
     return GivenPlan(layout=check_layout(read_json(path, _GRID_SCHEMA, error=PlanError), subjects, grid, str(path)))
-
-
-def lora_dir(config: Config) -> Path:
-    return config.paths.resolve("models") / LORA_DIR
-
-
-def detokenizer_dir(config: Config) -> Path:
-    return config.paths.resolve("models") / DETOKENIZER_DIR
 
 
 @dataclass(frozen=True)
@@ -246,27 +237,31 @@ def clip_text_scores(clip, images: Sequence, text: str) -> list[float]:
 
 
 class Generator:
-    """A loaded MUSIC checkpoint, de-tokenizer and CLIP scorer, reused across `generate` calls."""
+    """A loaded MUSIC checkpoint, de-tokenizer and CLIP scorer, reused across `generate` calls.
+
+    The backbones (`music_llm`, `music_vision`) and the CLIP scorer (`clip`) are fresh copies loaded from their
+    resources: `models` (role -> `ModelResource`, what an asset received), else the config's (`runtime.load_model`).
+    """
 
     def __init__(self, config: Config, checkpoint: str | os.PathLike | None = None,
-                 detokenizer: str | os.PathLike | None = None):
+                 detokenizer: str | os.PathLike | None = None, models: Mapping[str, ModelResource] | None = None):
         from music_dagster.detokenizer import Detokenizer, load_vae
-        from music_dagster.loaders import load_role
         from music_dagster.model import MusicModel
-        from music_dagster.training import device_of, load_backbone
+        from music_dagster.runtime import detokenizer_dir, device_of, load_model, lora_dir
 
+        models = models or {}
         self.config = config
         self.checkpoint = Path(checkpoint) if checkpoint is not None else lora_dir(config)
         detokenizer = Path(detokenizer) if detokenizer is not None else detokenizer_dir(config)
         saved, detok_settings = check_checkpoints(self.checkpoint, detokenizer)
-        config.check_models(["music_llm", "music_vision", "music_unet", "clip"])
+        config.check_models([r for r in ("music_llm", "music_vision", "music_unet", "clip") if r not in models])
         device = device_of(config)
-        self.model = MusicModel.from_pretrained(self.checkpoint, load_backbone(config, "music_llm"),
-                                                load_backbone(config, "music_vision"), saved=saved)
+        self.model = MusicModel.from_pretrained(self.checkpoint, load_model(config, "music_llm", models),
+                                                load_model(config, "music_vision", models), saved=saved)
         detok_cfg = config.profile.detokenizer
         vae = load_vae(detok_cfg.vae, device) if detok_cfg.vae is not None else None
         self.detokenizer = Detokenizer.from_pretrained(detokenizer, vae=vae, device=device, settings=detok_settings)
-        self.clip = load_role("clip", config.models["clip"], device, config.profile.dtype)
+        self.clip = load_model(config, "clip", models)
 
     def forced_plan(self, cot: str, layout: np.ndarray):
         """The plan the image stage reads for a given CoT and layout: the text the model is trained to write for
@@ -299,7 +294,7 @@ class Generator:
         from tqdm.auto import tqdm
 
         from music_dagster.model import Sample
-        from music_dagster.training import flush_denormals
+        from music_dagster.runtime import flush_denormals
 
         prompt = check_request(prompt, branches)
         names = tuple(names or (f"<image {i}>" for i in range(1, len(images) + 1)))
@@ -358,6 +353,7 @@ def cli_generate(args) -> None:
 
     from music_dagster.config import default_config
     from music_dagster.music_pipeline import MusicPipeline
+    from music_dagster.runtime import lora_dir
 
     out = Path(args.out)
     if out.exists():

@@ -15,19 +15,20 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 import PIL.Image
 from diffusers.utils import BaseOutput
 
-from music_dagster.generate import (DETOKENIZER_DIR, GivenPlan, Generator, PlanError, Result, check_layout, check_request,
-                                    detokenizer_dir, read_subjects)
+from music_dagster.generate import GivenPlan, Generator, PlanError, Result, check_layout, check_request, read_subjects
+from music_dagster.runtime import DETOKENIZER_DIR, detokenizer_dir
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
     from music_dagster.config import Config
+    from music_dagster.resources.models import ModelResource
 
 
 @dataclass
@@ -52,11 +53,14 @@ class MusicPipeline:
 
     @classmethod
     def from_pretrained(cls, checkpoint_dir: str | os.PathLike | None = None, config: Config | None = None,
-                        detokenizer_dir_: str | os.PathLike | None = None) -> "MusicPipeline":
+                        detokenizer_dir_: str | os.PathLike | None = None,
+                        models: Mapping[str, ModelResource] | None = None) -> "MusicPipeline":
         """Load the LoRA checkpoint `checkpoint_dir` (default: the project's latest, `models/lora`). The
         de-tokenizer is `detokenizer_dir_`, else the `detokenizer/` folder beside the checkpoint (where the
-        training assets write it), else the project's; the backbones and the CLIP scorer are the project's params
-        (`config`, default `default_config()`), checked against the sizes the checkpoint records."""
+        training assets write it), else the project's; the backbones and the CLIP scorer come from their
+        resources, `models` (role -> `ModelResource`: `music_llm`, `music_vision`, `clip`, what an asset received)
+        else the ones the project's params make (`config`, default `default_config()`), and are checked against
+        the sizes the checkpoint records."""
         from music_dagster.config import default_config
 
         config = config or default_config()
@@ -65,7 +69,7 @@ class MusicPipeline:
         if detok is None:
             beside = checkpoint.parent / DETOKENIZER_DIR if checkpoint is not None else None
             detok = beside if beside is not None and beside.is_dir() else detokenizer_dir(config)
-        return cls(Generator(config, checkpoint, detok))
+        return cls(Generator(config, checkpoint, detok, models))
 
     def to(self, device) -> "MusicPipeline":
         """Move every model (MUSIC, de-tokenizer, CLIP scorer) to `device`; returns the pipeline."""

@@ -1,5 +1,8 @@
 """One process of a multi-process training: `python -m music_dagster.train_entry <lora|detokenizer> <work dir>
-[--procedural] [shard folder ...]`, started `train.num_processes` times by `accelerate launch`.
+[--procedural] [--model ROLE=SPEC ...] [shard folder ...]`, started `train.num_processes` times by
+`accelerate launch`. The config is the process's (`MUSIC_PARAMS`, which the asset sets from its `project`
+resource); `--model` names the checkpoint of each backbone (a `ModelSpec` as JSON: what the asset's model
+resources load), so every rank loads what the asset was given.
 
 The training assets start it through Dagster Pipes (`dg.PipesSubprocessClient`; `dagster_k8s.PipesK8sClient` is
 the same on a cluster). Rank 0 opens the Pipes session: its log lines and per-step losses reach the asset's log as
@@ -10,11 +13,13 @@ in the asset's step after this process ends: nothing here writes outside the wor
 The sources are named on the command line, not read from Pipes, so every machine can run the same command.
 """
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
 
 TRAINERS = {"lora": "train_music", "detokenizer": "train_detokenizer"}
+BACKBONES = {"lora": ("music_llm", "music_vision"), "detokenizer": ("music_vision", "music_unet")}
 
 
 def free_port() -> int:
@@ -45,8 +50,10 @@ def launch_command(config, model: str, work: Path, shards: list[Path], procedura
         launch += ["--num_machines", "1"]
         if section.num_processes > 1:  # torchrun on this machine; on CPUs Accelerator(cpu=True) makes gloo ranks
             launch += ["--multi_gpu", "--main_process_port", str(free_port())]
+    specs = [f"{role}={json.dumps(config.models[role].model_dump(mode='json'), sort_keys=True)}"
+             for role in BACKBONES[model]]
     entry = ["-m", "music_dagster.train_entry", model, str(work), *(["--procedural"] if procedural else []),
-             *map(str, shards)]
+             *(arg for spec in specs for arg in ("--model", spec)), *map(str, shards)]
     return launch + entry
 
 
@@ -57,12 +64,23 @@ def result_metadata(result) -> dict:
             "seconds": float(result.seconds)}
 
 
-def train(model: str, work: Path, sources: list, pipes=None):
+def config_of(specs: list[str]):
+    """The process's config with the `--model ROLE=SPEC` checkpoints."""
+    from music_dagster.config import ModelSpec, default_config
+
+    models = {}
+    for spec in specs:
+        role, _, value = spec.partition("=")
+        models[role] = ModelSpec.model_validate(json.loads(value))
+    return default_config().with_models(models)
+
+
+def train(model: str, work: Path, sources: list, pipes=None, config=None):
     """Run the trainer of `model` in this process (one rank of the launch); `pipes`: rank 0's Pipes context."""
     from music_dagster import training
     from music_dagster.config import default_config
 
-    config = default_config()
+    config = config or default_config()
 
     def on_step(step: int, metrics: dict) -> None:  # only rank 0 calls it (training._run)
         pipes.log.info(f"{model} step {step}: " + ", ".join(f"{k}={v:.6g}" for k, v in sorted(metrics.items())))
@@ -73,31 +91,33 @@ def train(model: str, work: Path, sources: list, pipes=None):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m music_dagster.train_entry")
-    parser.add_argument("model", choices=sorted(TRAINERS))
+    parser.add_argument("model_name", metavar="model", choices=sorted(TRAINERS))
     parser.add_argument("work", type=Path)
     parser.add_argument("--procedural", action="store_true", help="also train on the config's procedural world")
+    parser.add_argument("--model", action="append", default=[], metavar="ROLE=SPEC",
+                        help="a backbone's checkpoint, a ModelSpec as JSON (default: the config's)")
     parser.add_argument("shards", nargs="*", help="training_samples shard folders")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # shard folders after the options (parse_args would refuse them)
 
-    from music_dagster.config import default_config
     from music_dagster.errors import UserError
 
     sources: list = [Path(s) for s in args.shards]
     try:
+        config = config_of(args.model)
         if args.procedural:
             from music_dagster.training import procedural_source
 
-            sources.append(procedural_source(default_config()))
+            sources.append(procedural_source(config))
         if int(os.environ.get("RANK", "0")) != 0:  # torchrun's global rank: only rank 0 talks to Dagster
-            train(args.model, args.work, sources)
+            train(args.model_name, args.work, sources, config=config)
             return 0
         from dagster_pipes import PipesEnvVarParamsLoader, open_dagster_pipes
 
         if not PipesEnvVarParamsLoader().is_dagster_pipes_process():  # rank 0 started by hand, not by an asset
-            train(args.model, args.work, sources)
+            train(args.model_name, args.work, sources, config=config)
             return 0
         with open_dagster_pipes() as pipes:
-            result = train(args.model, args.work, sources, pipes)
+            result = train(args.model_name, args.work, sources, pipes, config=config)
             pipes.report_asset_materialization(metadata=result_metadata(result))
     except UserError as error:
         print(f"music: error: {error}", file=sys.stderr)

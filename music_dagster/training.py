@@ -26,7 +26,6 @@ import os
 import re
 import shutil
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -36,6 +35,7 @@ import torch
 
 from music_dagster.errors import UserError
 from music_dagster.model import IGNORE, MusicModel, MusicSettings, Sample, target_tokens
+from music_dagster.runtime import device_of, flush_denormals, load_model
 
 CHECKPOINTS = "checkpoints"
 MODEL_DIR = "model"
@@ -141,37 +141,6 @@ def procedural_source(config, n: int | None = None, start: int = 0) -> list[Samp
     return procedural_samples(n or config.profile.train.procedural_samples, config.seed,
                               WorldSettings.from_config(config), start=start,
                               decimated=config.profile.train.ablation != "no_decimation")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Backbones
-def device_of(config) -> str:
-    """The configured device (`auto`: cuda when present)."""
-    wanted = config.profile.device
-    if wanted == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return wanted
-
-
-@contextmanager
-def flush_denormals():
-    """Flush float denormals to zero inside the block (they make CPU matmuls many times slower), and turn it off
-    again after: the flag is process-wide processor state, and left on it changes float semantics for the rest of
-    the process (hypothesis, for one, then refuses to generate floats)."""
-    torch.set_flush_denormal(True)
-    try:
-        yield
-    finally:
-        torch.set_flush_denormal(False)
-
-
-def load_backbone(config, role: str):
-    """A fresh handle of a music backbone role (`music_llm`, `music_vision`, `music_unet`) on the configured
-    device and dtype. Fresh, because MusicModel injects LoRA layers into its LLM in place."""
-    from music_dagster.loaders import load_role
-
-    config.check_models([role])
-    return load_role(role, config.models[role], device_of(config), config.profile.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -315,10 +284,11 @@ def _finish(accelerator, out_dir: Path, history: list[dict], save: Callable) -> 
 
 # ---------------------------------------------------------------------------------------------------------------
 # MUSIC
-def build_model(config, llm=None, vision=None) -> MusicModel:
-    """A fresh MusicModel from the config's backbones (or the given handles) and `train` settings."""
-    llm = llm or load_backbone(config, "music_llm")
-    vision = vision or load_backbone(config, "music_vision")
+def build_model(config, llm=None, vision=None, models=None) -> MusicModel:
+    """A fresh MusicModel from the given backbone handles, else fresh ones from their resources (`models`, role
+    -> `ModelResource`, else the config's: `runtime.load_model`), and the `train` settings."""
+    llm = llm or load_model(config, "music_llm", models)
+    vision = vision or load_model(config, "music_vision", models)
     settings = MusicSettings.from_config(config.profile.train, grid=config.profile.data.grid)
     model = MusicModel(llm, vision, settings, base_model_name=config.models["music_llm"].id)
     if config.profile.train.gradient_checkpointing:  # each decoder layer recomputed in backward: memory for time
@@ -327,17 +297,19 @@ def build_model(config, llm=None, vision=None) -> MusicModel:
 
 
 def train_music(config, sample_sources: Iterable, out_dir: str | os.PathLike, resume: bool = True,
-                on_step: Callable[[int, dict], None] | None = None, llm=None, vision=None) -> TrainResult:
+                on_step: Callable[[int, dict], None] | None = None, llm=None, vision=None,
+                models=None) -> TrainResult:
     """Train MUSIC on `sample_sources` (see `collect_samples`) into `out_dir` (see the module doc).
 
     L = w1 L1 + w2 L2 per step; `on_step(step, {"L1", "L2", "loss", "lr"})` after every optimizer step (main
-    process). `llm` / `vision`: backbone handles to use instead of loading fresh ones (the LLM is modified in place).
+    process). `llm` / `vision`: backbone handles to use instead of loading fresh ones (the LLM is modified in place);
+    `models`: the backbones' resources (role -> `ModelResource`) to load them from instead of the config's.
     """
     train = config.profile.train
     out_dir = Path(out_dir)
     items, skipped, accelerator = _start(config, sample_sources, out_dir, train.mixed_precision,
                                          full_only=train.ablation == "no_decimation")
-    model = build_model(config, llm, vision)
+    model = build_model(config, llm, vision, models)
     cache: dict[int, dict] = {}
 
     def encoded(i: int) -> dict:
@@ -380,12 +352,13 @@ def train_music(config, sample_sources: Iterable, out_dir: str | os.PathLike, re
 
 # ---------------------------------------------------------------------------------------------------------------
 # De-tokenizer
-def build_detokenizer(config, unet=None, vision=None):
-    """A fresh Detokenizer from the config's `music_unet` (or the given handle) and `detokenizer` settings."""
+def build_detokenizer(config, unet=None, vision=None, models=None):
+    """A fresh Detokenizer from the given `music_unet` handle, else a fresh one from its resource (`models`, else
+    the config's), and the `detokenizer` settings."""
     from music_dagster.detokenizer import Detokenizer, DetokenizerSettings, load_vae
 
-    unet = unet or load_backbone(config, "music_unet")
-    vision = vision or load_backbone(config, "music_vision")
+    unet = unet or load_model(config, "music_unet", models)
+    vision = vision or load_model(config, "music_vision", models)
     detok = config.profile.detokenizer
     vae = load_vae(detok.vae, device_of(config)) if detok.vae is not None else None
     settings = DetokenizerSettings.from_config(detok, vision.model.config.hidden_size)
@@ -395,16 +368,17 @@ def build_detokenizer(config, unet=None, vision=None):
 
 
 def train_detokenizer(config, sample_sources: Iterable, out_dir: str | os.PathLike, resume: bool = True,
-                      on_step: Callable[[int, dict], None] | None = None, unet=None, vision=None) -> TrainResult:
+                      on_step: Callable[[int, dict], None] | None = None, unet=None, vision=None,
+                      models=None) -> TrainResult:
     """Train the de-tokenizer by reconstruction on the target images of `sample_sources`: DDPM noise prediction
     conditioned on each image's own visual tokens (vision features pooled to `train.image_queries`).
     `on_step(step, {"loss", "lr"})`. Same checkpointing and resuming as `train_music`; the final folder loads
-    with `Detokenizer.from_pretrained`."""
+    with `Detokenizer.from_pretrained`. `unet` / `vision` / `models`: as `train_music`'s backbones."""
     detok_cfg = config.profile.detokenizer
     out_dir = Path(out_dir)
     items, skipped, accelerator = _start(config, sample_sources, out_dir, detok_cfg.mixed_precision)
-    vision = vision or load_backbone(config, "music_vision")
-    detok = build_detokenizer(config, unet, vision)
+    vision = vision or load_model(config, "music_vision", models)
+    detok = build_detokenizer(config, unet, vision, models)
     q = config.profile.train.image_queries
     cache: dict[int, tuple] = {}
 
@@ -444,7 +418,8 @@ def measure_training_speed(config, steps: int = 20, warmup: int = 3, out_dir: st
         for name, fn, section in (("music", train_music, "train"), ("detokenizer", train_detokenizer, "detokenizer")):
             batch = getattr(config.profile, section).batch_size
             extra = {"cache_features": True} if section == "train" else {}
-            cfg = _with(config, section, epochs=10 ** 6, max_steps=warmup + steps, checkpoint_every=10 ** 9, **extra)
+            cfg = config.with_values(section, epochs=10 ** 6, max_steps=warmup + steps, checkpoint_every=10 ** 9,
+                                     **extra)
             stamps = []
             fn(cfg, [procedural_source(config, batch * max(1, warmup))], Path(tmp) / name, resume=False,
                on_step=lambda s, _m, stamps=stamps: stamps.append(time.perf_counter()))
@@ -453,9 +428,3 @@ def measure_training_speed(config, steps: int = 20, warmup: int = 3, out_dir: st
             figures[f"{name}_batch_size"] = batch
     figures.update(device=device_of(config), threads=torch.get_num_threads())
     return figures
-
-
-def _with(config, section: str, **values):
-    """A copy of `config` with `profile.<section>` fields replaced."""
-    part = getattr(config.profile, section).model_copy(update=values)
-    return config.model_copy(update={"profile": config.profile.model_copy(update={section: part})})

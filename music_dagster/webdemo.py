@@ -170,8 +170,8 @@ def cli_demo_web(args) -> None:
     import torch
 
     from music_dagster.config import default_config
-    from music_dagster.generate import lora_dir
     from music_dagster.music_pipeline import MusicPipeline
+    from music_dagster.runtime import lora_dir
 
     config = default_config()
     _gradio()  # checked before the models load

@@ -463,10 +463,15 @@ assert tuple(BUILDERS) == ROLES
 
 
 # ---------------------------------------------------------------------------------------------------------------
+def root_of(config) -> Path:
+    """Where a config's tiny zoo lives: `<paths.models>/tiny`."""
+    return config.paths.resolve("models") / "tiny"
+
+
 def default_root() -> Path:
     from music_dagster.config import default_config
 
-    return default_config().paths.resolve("models") / "tiny"
+    return root_of(default_config())
 
 
 def role_seed(seed: int, role: str) -> int:

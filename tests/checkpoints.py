@@ -26,17 +26,17 @@ def write_params(path: Path, models: Path, **sections) -> Path:
 
 def train_checkpoint(config, work: Path) -> list:
     """Train the de-tokenizer and MUSIC on `config`'s procedural source (work folders under `work`) and publish
-    them where `config` reads them (`generate.detokenizer_dir`, `generate.lora_dir`); the samples trained on."""
+    them where `config` reads them (`runtime.detokenizer_dir`, `runtime.lora_dir`); the samples trained on."""
     import torch
 
-    from music_dagster import generate
+    from music_dagster import runtime
     from music_dagster.training import procedural_source, train_detokenizer, train_music
 
     torch.set_num_threads(1)
     samples = procedural_source(config)
     detok = train_detokenizer(config, [samples], work / "work_detok", resume=False)
     lora = train_music(config, [samples], work / "work_lora", resume=False)
-    generate.lora_dir(config).parent.mkdir(parents=True)
-    detok.model_dir.rename(generate.detokenizer_dir(config))
-    lora.model_dir.rename(generate.lora_dir(config))
+    runtime.lora_dir(config).parent.mkdir(parents=True)
+    detok.model_dir.rename(runtime.detokenizer_dir(config))
+    lora.model_dir.rename(runtime.lora_dir(config))
     return samples

@@ -1,5 +1,6 @@
 """Shared fixtures. Tests run offline on the tiny zoo, with one torch thread (2 cores are shared)."""
 import os
+from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # never a download, whatever the shell says
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -23,3 +24,53 @@ def tiny_zoo():
 
     torch.set_num_threads(1)
     return ensure_zoo(seed=default_config().seed)  # the project's seed, as the zoo asset builds it
+
+
+@pytest.fixture(scope="session")
+def make_project(tmp_path_factory):
+    """A factory of project configs: `make_project(root=None, paths=None, outputs=False, **sections)` writes the
+    project's params.yaml to `root/params.yaml` (default root: a new temporary folder) with the tiny profile, the
+    `paths` entries of `paths` replaced, and each tiny-profile section of `sections` updated
+    (`train={"max_steps": 2}`); `outputs`: every output path (datasets, models, metrics, work, the MLflow store and
+    artifacts) under `root`. Returns its `ProjectConfig` (profile `tiny`, whatever MUSIC_PROFILE says):
+    `project.get()` is the config, `dg.materialize(assets, resources=build_resources(project))` runs assets on
+    it, `project.environment()` is what a child process needs to read it (`projects.project_env`)."""
+    import yaml
+
+    from music_dagster.config import PARAMS_FILE
+    from music_dagster.resources import ProjectConfig
+
+    def make(root=None, paths=None, outputs=False, **sections) -> ProjectConfig:
+        root = Path(root) if root is not None else tmp_path_factory.mktemp("project")
+        root.mkdir(parents=True, exist_ok=True)
+        raw = yaml.safe_load(PARAMS_FILE.read_text())
+        raw["profile"] = "tiny"
+        if outputs:
+            raw["paths"].update(datasets=str(root / "datasets"), models=str(root / "models"),
+                                metrics=str(root / "metrics"), work=str(root / "work"),
+                                mlflow_tracking_uri=f"sqlite:///{root / 'mlruns.db'}",
+                                mlflow_artifacts=str(root / "mlartifacts"))
+        raw["paths"].update({k: str(v) for k, v in (paths or {}).items()})
+        tiny = raw["profiles"]["tiny"]
+        for name, values in sections.items():
+            tiny[name] = {**(tiny.get(name) or {}), **values}
+        path = root / "params.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        return ProjectConfig(params=str(path), profile="tiny")
+
+    return make
+
+
+@pytest.fixture()
+def use_project(monkeypatch):
+    """`use_project(project)`: for one test, the process's own config (`default_config()`, what the `music`
+    commands read when run in-process) is `project`'s."""
+    from music_dagster.config import default_config
+
+    def use(project):
+        for key, value in project.environment().items():
+            monkeypatch.setenv(key, value)
+        default_config.cache_clear()
+
+    yield use
+    default_config.cache_clear()

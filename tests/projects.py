@@ -54,16 +54,27 @@ def copy_zoo(root: Path) -> None:
                     ignore=shutil.ignore_patterns(".lock", ".*.tmp*"))
 
 
+def project_env(project, **extra: str) -> dict[str, str]:
+    """The environment of a child process (a command, a launch, a server) that reads `project`'s config (a
+    `ProjectConfig`, or a params file): this process's, with the config's variables
+    (`ProjectConfig.environment`) and `extra`. The one place a test hands a child its config."""
+    from music_dagster.resources import ProjectConfig
+
+    if not isinstance(project, ProjectConfig):
+        project = ProjectConfig(params=str(project))
+    env = {**os.environ, **extra}
+    env.pop("MUSIC_PROFILE", None)  # the file's `profile`, unless the project names one
+    return {**env, **project.environment()}
+
+
 def clone_env(root: Path, home: Path) -> dict[str, str]:
     # The project's environment first; then dvc's own (after it: it has a `python` of its own).
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"],
                             str(Path(dvc.dvc_executable()).parent)])
-    env = {**os.environ, "PATH": path,
-           "PYTHONPATH": str(root), "DAGSTER_HOME": str(root / ".dagster_home"), "HOME": str(home),
-           "MUSIC_PARAMS": str(root / "params.yaml"), "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1",
-           "MLFLOW_DISABLE_TELEMETRY": "true", "GIT_CONFIG_GLOBAL": os.devnull, "GIT_TERMINAL_PROMPT": "0"}
-    env.pop("MUSIC_PROFILE", None)
-    return env
+    return project_env(root / "params.yaml", PATH=path, PYTHONPATH=str(root),
+                       DAGSTER_HOME=str(root / ".dagster_home"), HOME=str(home), DVC_NO_ANALYTICS="1",
+                       HF_HUB_OFFLINE="1", MLFLOW_DISABLE_TELEMETRY="true", GIT_CONFIG_GLOBAL=os.devnull,
+                       GIT_TERMINAL_PROMPT="0")
 
 
 def run_in(root: Path, home: Path, *cmd: str, timeout: float | None = None) -> subprocess.CompletedProcess:

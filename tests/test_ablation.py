@@ -8,7 +8,7 @@ from music_dagster.config import ABLATIONS, PARAMS_FILE, ConfigError, load_confi
 from music_dagster.layout import layout_to_text
 from music_dagster.model import IGNORE, MusicSettings, plan_text, split_plan
 from music_dagster.procedural import procedural_samples
-from music_dagster.training import _with, collect_samples, procedural_source
+from music_dagster.training import collect_samples, procedural_source
 
 COT = "[1] is a red circle at the left."
 LAYOUT = np.zeros((8, 8), np.int64)
@@ -41,11 +41,11 @@ def test_plan_text_per_ablation_and_what_inference_reads_back():
 
 def test_neither_supervises_only_the_eos(tiny_zoo):
     from music_dagster.model import MusicModel
-    from music_dagster.training import load_backbone
+    from music_dagster.runtime import load_model
 
     torch.set_num_threads(1)
     config = load_config(profile="tiny")
-    model = MusicModel(load_backbone(config, "music_llm"), load_backbone(config, "music_vision"),
+    model = MusicModel(load_model(config, "music_llm"), load_model(config, "music_vision"),
                        MusicSettings(input_queries=4, image_queries=4, lora_rank=4, lora_alpha=8))
     sample = procedural_samples(1, seed=0)[0]
     for ablation in ABLATIONS:
@@ -67,7 +67,7 @@ def test_decimated_world_and_no_decimation_keeps_full_counts():
     kept, _ = collect_samples([both], full_only=True)
     assert [load().id for load in kept] == [s.id for s in full]
     assert len(collect_samples([both])[0]) == len(both)
-    config = _with(load_config(profile="tiny"), "train", procedural_samples=6)
+    config = load_config(profile="tiny").with_values("train", procedural_samples=6)
     assert [s.id for s in procedural_source(config)] == [s.id for s in both]
-    off = _with(config, "train", ablation="no_decimation")
+    off = config.with_values("train", ablation="no_decimation")
     assert [s.id for s in procedural_source(off)] == [s.id for s in full]

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from music_dagster.config import PROJECT_ROOT, default_config
+from music_dagster.config import PROJECT_ROOT
 from music_dagster.evaluation import common, dreambench, msic, report
 from music_dagster.evaluation.metrics import Embedder
 from music_dagster.images import read_image
@@ -22,9 +22,9 @@ SHARED_DREAMBENCH = PROJECT_ROOT.parent / "shared" / "data" / "dreambench"  # 20
 
 
 @pytest.fixture(scope="module")
-def dreambench_root():
+def dreambench_root(make_project):
     """The tiny profile's DreamBench: the subset kept in the repository."""
-    return default_config().dreambench_dir
+    return make_project().get().dreambench_dir
 
 
 @pytest.fixture(scope="module")
@@ -35,11 +35,11 @@ def shared_dreambench():
 
 
 @pytest.fixture(scope="module")
-def handles(tiny_zoo):
+def handles(tiny_zoo, make_project):
     from music_dagster.loaders import load_role
 
     roles = ("dino", "eval_clip", "detector")
-    cfg = default_config()
+    cfg = make_project().get()
     return {r: load_role(r, cfg.models[r], "cpu", "float32") for r in roles}
 
 

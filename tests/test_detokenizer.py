@@ -5,7 +5,7 @@ import torch
 
 from music_dagster.config import load_config
 from music_dagster.detokenizer import Detokenizer, DetokenizerError, DetokenizerSettings
-from music_dagster.training import load_backbone
+from music_dagster.runtime import load_model
 
 
 @pytest.fixture(scope="module")
@@ -16,7 +16,7 @@ def config(tiny_zoo):
 
 def _detok(config, seed=0, **settings):
     torch.manual_seed(seed)
-    unet = load_backbone(config, "music_unet").unet
+    unet = load_model(config, "music_unet").unet
     return Detokenizer(unet, DetokenizerSettings(token_dim=64, resampler_queries=4, **settings))
 
 
@@ -100,15 +100,15 @@ def test_detokenizer_learns_and_reads_its_conditioning(config, tmp_path):
     pairs, with a paired z above 3)."""
     from music_dagster.model import target_tokens
     from music_dagster.procedural import procedural_samples
-    from music_dagster.training import _with, train_detokenizer
+    from music_dagster.training import train_detokenizer
 
-    cfg = _with(config, "detokenizer", max_steps=STEPS, epochs=10 ** 6, checkpoint_every=10 ** 6, batch_size=16)
+    cfg = config.with_values("detokenizer", max_steps=STEPS, epochs=10 ** 6, checkpoint_every=10 ** 6, batch_size=16)
     result = train_detokenizer(cfg, [procedural_samples(256, seed=0)], tmp_path / "run")
     losses = [e["loss"] for e in result.history]
     assert np.mean(losses[-25:]) < 0.2 * np.mean(losses[:25])
 
     detok = Detokenizer.from_pretrained(result.model_dir)
-    vision = load_backbone(cfg, "music_vision")
+    vision = load_model(cfg, "music_vision")
     images = [s.target for s in procedural_samples(48, seed=0, start=10 ** 5)]
     tokens = target_tokens(vision.model, vision.processor, images, cfg.profile.train.image_queries)
     x0 = detok.preprocess(images)

@@ -6,7 +6,7 @@ import torch
 
 from music_dagster.config import load_config
 from music_dagster.detokenizer import Detokenizer, DetokenizerError, DetokenizerSettings
-from music_dagster.training import load_backbone
+from music_dagster.runtime import load_model
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +17,7 @@ def config(tiny_zoo):
 
 def _detok(config, **settings):
     torch.manual_seed(0)
-    return Detokenizer(load_backbone(config, "music_unet").unet,
+    return Detokenizer(load_model(config, "music_unet").unet,
                        DetokenizerSettings(token_dim=64, resampler_queries=4, **settings))
 
 

@@ -1,7 +1,6 @@
 """Training under `accelerate launch` with 2 CPU processes (gloo), as the training assets start it when
 `num_processes` is 2: the same weights as 1 process holding the same global batch, and a launch killed mid-training
 resumes to the weights of an uninterrupted one."""
-import os
 import signal
 import subprocess
 import time
@@ -12,7 +11,8 @@ import yaml
 
 from music_dagster.config import PARAMS_FILE, PROJECT_ROOT, ConfigError, load_config, parse_config
 from music_dagster.train_entry import launch_command
-from music_dagster.training import TrainingError, _with
+from music_dagster.training import TrainingError
+from projects import project_env
 
 STEPS = 6
 # Float sums over 2 processes (gloo all-reduce of gradients, the token-weighted L1) are ordered differently from
@@ -37,7 +37,7 @@ def _params(root: Path, num_processes: int, batch_size: int) -> Path:
 
 
 def _launch(params: Path, work: Path, model: str = "lora", **popen):
-    env = {**os.environ, "MUSIC_PARAMS": str(params), "OMP_NUM_THREADS": "1"}
+    env = project_env(params, OMP_NUM_THREADS="1")
     command = launch_command(load_config(params), model, work, [], procedural=True)
     return subprocess.Popen(command, env=env, cwd=PROJECT_ROOT, **popen)
 
@@ -70,7 +70,7 @@ def test_an_accelerate_config_with_one_process_is_refused(section):
 
 
 def test_a_missing_accelerate_config_is_refused_before_training(tmp_path):
-    config = _with(load_config(profile="tiny"), "detokenizer", num_processes=2, accelerate_config="no/such.yaml")
+    config = load_config(profile="tiny").with_values("detokenizer", num_processes=2, accelerate_config="no/such.yaml")
     with pytest.raises(TrainingError, match=r"^detokenizer\.accelerate_config: .*no/such\.yaml: no such file$"):
         launch_command(config, "detokenizer", tmp_path, [], procedural=True)
     assert list(tmp_path.iterdir()) == []
@@ -137,37 +137,25 @@ def test_the_asset_launches_the_processes_through_pipes(two_processes):
 
     from music_dagster import tracking
     from music_dagster.assets import training as assets
-    from music_dagster.config import default_config
-    from music_dagster.generate import lora_dir
-    from music_dagster.resources.storage import DatasetStore
-    from music_dagster.resources.tracking import MlflowTracking
+    from music_dagster.resources import ProjectConfig, build_resources
+    from music_dagster.runtime import lora_dir
 
     root, two = two_processes
     raw = yaml.safe_load(_params(root, 2, 2).read_text())
-    raw["paths"]["models"] = str(root / "models")
+    raw["paths"].update(models=str(root / "models"), datasets=str(root / "datasets"), work=str(root / "asset-work"),
+                        mlflow_tracking_uri=f"sqlite:///{root / 'mlruns.db'}", mlflow_artifacts=str(root / "artifacts"))
     raw["profiles"]["tiny"]["generate"]["logged_samples"] = 0
     params = root / "asset-params.yaml"
     params.write_text(yaml.safe_dump(raw))
-    mp = pytest.MonkeyPatch()
-    mp.setenv("MUSIC_PARAMS", str(params))
-    mp.delenv("MUSIC_PROFILE", raising=False)
-    mp.setattr(assets, "WORK_ROOT", root / "asset-work")
-    default_config.cache_clear()
-    try:
-        resources = {"store": DatasetStore(root=str(root / "datasets")),
-                     "tracking": MlflowTracking(tracking_uri=f"sqlite:///{root / 'mlruns.db'}",
-                                                artifact_root=(root / "artifacts").as_uri())}
-        instance = dg.DagsterInstance.ephemeral()
-        result = dg.materialize([assets.lora_checkpoint], resources=resources, instance=instance)
-        assert result.success
-        config = default_config()
-        target = lora_dir(config)
-        logged = [e.user_message for e in instance.all_logs(result.run_id)]
-        run_id = tracking.read_run_ref(target)["run_id"]
-        losses = tracking.client(resources["tracking"].store).get_metric_history(run_id, "loss")
-    finally:
-        mp.undo()
-        default_config.cache_clear()
+    project = ProjectConfig(params=str(params), profile="tiny")  # the launched processes read it too
+    resources = build_resources(project)
+    instance = dg.DagsterInstance.ephemeral()
+    result = dg.materialize([assets.lora_checkpoint], resources=resources, instance=instance)
+    assert result.success
+    target = lora_dir(project.get())
+    logged = [e.user_message for e in instance.all_logs(result.run_id)]
+    run_id = tracking.read_run_ref(target)["run_id"]
+    losses = tracking.client(resources["tracking"].store).get_metric_history(run_id, "loss")
     assert _max_difference(_weights(target), two) == 0.0  # the launch's weights, published by the step
     assert sum(f"lora step {s}: " in m for m in logged for s in range(1, STEPS + 1)) == STEPS  # rank 0 only
     meta = result.asset_materializations_for_node("lora_checkpoint")[0].metadata

@@ -154,7 +154,7 @@ def test_dvc_yaml_runs_the_project_entry_points():
     files the evaluation writes, and the artifact is what `lora_checkpoint` publishes."""
     from music_dagster.assets.data import DATA_ASSETS
     from music_dagster.config import default_config
-    from music_dagster.generate import lora_dir
+    from music_dagster.runtime import lora_dir
 
     spec = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())
     stages = spec["stages"]

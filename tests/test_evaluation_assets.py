@@ -1,46 +1,29 @@
 """`dreambench_scores` and `msic_scores` materialize on the tiny profile: metrics files, plots, Dagster metadata and
 checks, MLflow runs nested under the training run, the same bytes on a re-run."""
 import json
-from pathlib import Path
 
+import dagster as dg
 import pytest
 import yaml
 
-from checkpoints import train_checkpoint
-from music_dagster.config import PARAMS_FILE, default_config
+from checkpoints import QUICK_TRAINING, train_checkpoint
+from music_dagster.resources import ProjectConfig, build_resources
 
 pytestmark = pytest.mark.slow
 
 
-def _params(root: Path) -> Path:
-    """params.yaml with every output under `root` and a short plan (a random tiny LLM rambles otherwise)."""
-    raw = yaml.safe_load(PARAMS_FILE.read_text())
-    raw["profile"] = "tiny"
-    raw["paths"].update(datasets=str(root / "datasets"), metrics=str(root / "metrics"), models=str(root / "models"),
-                        mlflow_tracking_uri=f"sqlite:///{root / 'mlruns.db'}",
-                        mlflow_artifacts=str(root / "mlartifacts"))
-    tiny = raw["profiles"]["tiny"]
-    tiny["train"] = {**tiny["train"], "source": "procedural", "procedural_samples": 8, "max_steps": 2,
-                     "batch_size": 4, "max_plan_tokens": 24}
-    tiny["detokenizer"] = {**tiny["detokenizer"], "max_steps": 2, "batch_size": 4, "decode_steps": 2}
-    tiny["generate"] = {**tiny["generate"], "max_plan_tokens": 24}
-    path = root / "params.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
-
-
 @pytest.fixture(scope="module")
-def project(tmp_path_factory, tiny_zoo):
-    """A tiny trained checkpoint with its MLflow training run, and MSIC hold-out shards (plus a training shard)."""
+def project(tmp_path_factory, tiny_zoo, make_project):
+    """A tiny trained checkpoint with its MLflow training run, and MSIC hold-out shards (plus a training shard);
+    every output under the test's folder, a short plan (a random tiny LLM rambles otherwise)."""
     from music_dagster import tracking
-    from music_dagster.config import load_config
-    from music_dagster.generate import lora_dir
     from music_dagster.procedural import WorldSettings, write_procedural_shard
+    from music_dagster.runtime import lora_dir
     from music_dagster.storage import read_shard
 
     root = tmp_path_factory.mktemp("evaluation")
-    params = _params(root)
-    config = load_config(params)
+    project = make_project(root, outputs=True, **QUICK_TRAINING)
+    config = project.get()
     train_checkpoint(config, root)
     store = tracking.store_from_config(config)
     with tracking.start_training_run(store, config, "lora_checkpoint") as run:
@@ -49,26 +32,18 @@ def project(tmp_path_factory, tiny_zoo):
     write_procedural_shard(shards / "s0", 6, seed=1, world=WorldSettings(min_subjects=1, max_subjects=3), split="msic")
     write_procedural_shard(shards / "s1", 2, seed=2, split="train")
     counts = {str(len(r["subjects"])) for r in read_shard(shards / "s0").records}
-    return {"root": root, "params": params, "training_run": run.run_id, "msic_counts": counts}
+    return {"root": root, "project": project, "training_run": run.run_id, "msic_counts": counts}
 
 
 @pytest.fixture()
-def materialize(project, monkeypatch):
-    monkeypatch.setenv("MUSIC_PARAMS", str(project["params"]))
-    monkeypatch.delenv("MUSIC_PROFILE", raising=False)
-    default_config.cache_clear()
-
-    def run():
-        import dagster as dg
-
+def materialize(project):
+    def run(**resources):
         from music_dagster.assets import evaluation
-        from music_dagster.resources import ProjectConfig, build_resources
 
         return dg.materialize([evaluation.dreambench_scores, evaluation.msic_scores,
                                evaluation.dreambench_scores_in_range, evaluation.msic_scores_in_range],
-                              resources=build_resources(ProjectConfig.from_environment()))
-    yield run
-    default_config.cache_clear()
+                              resources={**build_resources(project["project"]), **resources})
+    return run
 
 
 def test_both_score_assets_materialize(project, materialize):
@@ -126,18 +101,13 @@ def test_both_score_assets_materialize(project, materialize):
     assert first == {p: (root / "metrics" / p).read_bytes() for p in first}  # same config + seed -> same bytes
 
 
-def test_missing_dreambench_is_one_line(project, materialize, tmp_path, monkeypatch):
-    import dagster as dg
-
-    raw = yaml.safe_load(project["params"].read_text())
+def test_missing_dreambench_is_one_line(project, tmp_path):
+    raw = yaml.safe_load(open(project["project"].params).read())
     raw["profiles"]["tiny"]["eval"]["dreambench"] = str(tmp_path / "no-dreambench")
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(raw))
-    monkeypatch.setenv("MUSIC_PARAMS", str(params))
-    default_config.cache_clear()
     from music_dagster.assets import evaluation
     from music_dagster.evaluation.common import BenchmarkError
-    from music_dagster.resources import ProjectConfig, build_resources
 
     def written():
         folders = (project["root"] / "metrics", project["root"] / "datasets" / "dreambench_scores")
@@ -145,6 +115,7 @@ def test_missing_dreambench_is_one_line(project, materialize, tmp_path, monkeypa
 
     before = written()
     with pytest.raises(BenchmarkError, match="no-dreambench does not exist") as e:
-        dg.materialize([evaluation.dreambench_scores], resources=build_resources(ProjectConfig.from_environment()))
+        dg.materialize([evaluation.dreambench_scores],
+                       resources=build_resources(ProjectConfig(params=str(params), profile="tiny")))
     assert "\n" not in str(e.value)
     assert written() == before  # nothing written, nothing overwritten

@@ -7,20 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from checkpoints import QUICK_TRAINING, train_checkpoint, write_params
-from music_dagster import cli, generate
-from music_dagster.config import default_config
-
-
-@pytest.fixture()
-def use_params(monkeypatch):
-    """Point `default_config()` at a params file for one test."""
-    def use(path):
-        monkeypatch.setenv("MUSIC_PARAMS", str(path))
-        monkeypatch.delenv("MUSIC_PROFILE", raising=False)
-        default_config.cache_clear()
-    yield use
-    default_config.cache_clear()
+from checkpoints import QUICK_TRAINING, train_checkpoint
+from music_dagster import cli, generate, runtime
 
 
 def _image(tmp_path, name="s.png", size=(40, 30), mode="RGB", **kw):
@@ -94,25 +82,23 @@ def test_odd_but_valid_images_are_accepted(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory, tiny_zoo):
+def tiny_checkpoint(tmp_path_factory, tiny_zoo, make_project):
     """A de-tokenizer and a LoRA checkpoint trained for two steps on the procedural world, and params using them."""
-    from music_dagster.config import load_config
-
     root = tmp_path_factory.mktemp("generate")
-    params = write_params(root / "params.yaml", root / "models", **QUICK_TRAINING)
-    config = load_config(params)
+    project = make_project(root, paths={"models": root / "models"}, **QUICK_TRAINING)
+    config = project.get()
     samples = train_checkpoint(config, root)
     refs = []
     for i, ref in enumerate(samples[0].references):
         refs.append(root / f"ref{i}.png")
         ref.save(refs[-1])
-    return {"params": params, "config": config, "refs": refs, "prompt": samples[0].instruction}
+    return {"project": project, "config": config, "refs": refs, "prompt": samples[0].instruction}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("branches", [1, 4])
-def test_cli_writes_image_plan_and_overlay(branches, tiny_checkpoint, tmp_path, use_params, capsys):
-    use_params(tiny_checkpoint["params"])
+def test_cli_writes_image_plan_and_overlay(branches, tiny_checkpoint, tmp_path, use_project, capsys):
+    use_project(tiny_checkpoint["project"])
     out = tmp_path / "out"
     argv = [a for r in tiny_checkpoint["refs"] for a in ("--subject", r)]
     code, err = _run(capsys, *argv, "--prompt", tiny_checkpoint["prompt"], "--branches", branches,
@@ -127,7 +113,7 @@ def test_cli_writes_image_plan_and_overlay(branches, tiny_checkpoint, tmp_path, 
     assert plan["cot"] == plan["branches"][plan["best"]]["cot"]
     assert plan["seed"] == 3 and plan["subjects"] == [str(r) for r in tiny_checkpoint["refs"]]
     image, overlay = Image.open(out / "image.png"), Image.open(out / "layout.png")
-    unet = json.loads((generate.detokenizer_dir(tiny_checkpoint["config"]) / "unet" / "config.json").read_text())
+    unet = json.loads((runtime.detokenizer_dir(tiny_checkpoint["config"]) / "unet" / "config.json").read_text())
     assert image.size == overlay.size == (unet["sample_size"],) * 2  # the de-tokenizer's resolution
     if plan["layout"] is not None:
         assert np.asarray(plan["layout"]).shape == (8, 8)
@@ -200,8 +186,8 @@ def test_a_given_layout_keeps_the_models_cot(tiny_checkpoint):
 
 
 @pytest.mark.slow
-def test_a_hand_edited_plan_redraws_through_the_cli(tiny_checkpoint, tmp_path, use_params, capsys):
-    use_params(tiny_checkpoint["params"])
+def test_a_hand_edited_plan_redraws_through_the_cli(tiny_checkpoint, tmp_path, use_project, capsys):
+    use_project(tiny_checkpoint["project"])
     argv = [a for r in tiny_checkpoint["refs"] for a in ("--subject", r)]
     argv += ["--prompt", tiny_checkpoint["prompt"], "--branches", 2]
     code, err = _run(capsys, *argv, "--out", tmp_path / "first")
@@ -227,7 +213,7 @@ def test_music_pipeline_in_diffusers_style_gives_the_generators_bytes(tiny_check
     from music_dagster.storage import png_bytes
 
     config = tiny_checkpoint["config"]
-    pipe = MusicPipeline.from_pretrained(generate.lora_dir(config), config).to("cpu")
+    pipe = MusicPipeline.from_pretrained(runtime.lora_dir(config), config).to("cpu")
     pipe.set_progress_bar_config(disable=True)
     subjects = [Image.open(r) for r in tiny_checkpoint["refs"]]
     out = pipe(subjects=subjects, prompt=tiny_checkpoint["prompt"], branches=3,

@@ -6,15 +6,16 @@ import torch
 
 from music_dagster.config import load_config
 from music_dagster.procedural import procedural_samples
-from music_dagster.training import _with, build_detokenizer, build_model, flush_denormals
+from music_dagster.runtime import flush_denormals
+from music_dagster.training import build_detokenizer, build_model
 
 
 @pytest.fixture(scope="module")
 def config(tiny_zoo):
     torch.set_num_threads(1)
-    cfg = _with(load_config(profile="tiny"), "train", input_queries=4, image_queries=4, lora_rank=4, lora_alpha=8,
+    cfg = load_config(profile="tiny").with_values("train", input_queries=4, image_queries=4, lora_rank=4, lora_alpha=8,
                 max_plan_tokens=8)
-    return _with(cfg, "detokenizer", resampler_queries=4)
+    return cfg.with_values("detokenizer", resampler_queries=4)
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,7 @@ def _grads(model) -> dict[str, torch.Tensor]:
 
 
 def _music_step(config, samples, checkpointing: bool):
-    cfg = _with(config, "train", gradient_checkpointing=checkpointing)
+    cfg = config.with_values("train", gradient_checkpointing=checkpointing)
     torch.manual_seed(0)
     model = build_model(cfg).train()
     calls = _calls({f"layers.{i}.mlp": layer.mlp for i, layer in enumerate(model.llm.get_base_model().model.layers)})
@@ -60,10 +61,10 @@ def _detokenizer_step(config, samples, checkpointing: bool):
     from diffusers.models.resnet import ResnetBlock2D
 
     from music_dagster.model import target_tokens
-    from music_dagster.training import load_backbone
+    from music_dagster.runtime import load_model
 
-    cfg = _with(config, "detokenizer", gradient_checkpointing=checkpointing)
-    vision = load_backbone(cfg, "music_vision")
+    cfg = config.with_values("detokenizer", gradient_checkpointing=checkpointing)
+    vision = load_model(cfg, "music_vision")
     torch.manual_seed(0)
     detok = build_detokenizer(cfg, vision=vision).train()
     calls = _calls({n: m.conv1 for n, m in detok.unet.named_modules() if isinstance(m, ResnetBlock2D)})

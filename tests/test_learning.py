@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from music_dagster.config import load_config
 from music_dagster.model import MusicModel, MusicSettings, Sample
 from music_dagster.procedural import procedural_samples, score_plans
-from music_dagster.training import _with, load_backbone, train_music
+from music_dagster.runtime import load_model
+from music_dagster.training import train_music
 
 STEPS = 1000
 TRAIN_SAMPLES = 1200
@@ -48,12 +49,12 @@ def _held_out_l2(model, samples):
 def test_music_learns_on_the_procedural_world(tiny_zoo, tmp_path):
     torch.set_num_threads(1)
     config = load_config(profile="tiny")
-    config = _with(config, "train", max_steps=STEPS, epochs=10 ** 6, checkpoint_every=10 ** 6, max_plan_tokens=160)
+    config = config.with_values("train", max_steps=STEPS, epochs=10 ** 6, checkpoint_every=10 ** 6, max_plan_tokens=160)
     train = procedural_samples(TRAIN_SAMPLES, seed=config.seed)
     test = procedural_samples(TEST_SAMPLES, seed=config.seed, start=10 ** 6)
 
     torch.manual_seed(config.seed)
-    untrained = MusicModel(load_backbone(config, "music_llm"), load_backbone(config, "music_vision"),
+    untrained = MusicModel(load_model(config, "music_llm"), load_model(config, "music_vision"),
                            MusicSettings.from_config(config.profile.train))
     before = score_plans(test, [p[0] for p in untrained.plan(test)])
     del untrained
@@ -63,8 +64,8 @@ def test_music_learns_on_the_procedural_world(tiny_zoo, tmp_path):
     assert len(l1) == STEPS
     assert np.mean(l1[-10:]) < 0.1 * l1[0], (l1[0], np.mean(l1[-10:]))
 
-    model = MusicModel.from_pretrained(result.model_dir, load_backbone(config, "music_llm"),
-                                       load_backbone(config, "music_vision"))
+    model = MusicModel.from_pretrained(result.model_dir, load_model(config, "music_llm"),
+                                       load_model(config, "music_vision"))
     with torch.no_grad():
         seen = torch.stack([model.standardise(model.encode(s)["target"]) for s in train[:256]])
         truth = torch.stack([model.standardise(model.encode(s)["target"]) for s in test])

@@ -9,17 +9,16 @@ import torch.nn.functional as F
 from PIL import Image
 
 from music_dagster.evaluation import metrics
-from music_dagster.config import default_config
 
 torch.set_num_threads(1)
 DOG = "dog/00.jpg"
 
 
 @pytest.fixture(scope="module")
-def handles(tiny_zoo):
+def handles(tiny_zoo, make_project):
     from music_dagster.loaders import load_role
 
-    cfg = default_config()
+    cfg = make_project().get()
     return {r: load_role(r, cfg.models[r], "cpu", "float32") for r in ("dino", "eval_clip")}
 
 
@@ -29,8 +28,8 @@ def embedder(handles):
 
 
 @pytest.fixture(scope="module")
-def photo():
-    path = default_config().dreambench_dir / DOG  # the repository's subset
+def photo(make_project):
+    path = make_project().get().dreambench_dir / DOG  # the repository's subset
     return Image.open(path).convert("RGB").resize((384, 512))  # portrait, so the crop offsets matter
 
 

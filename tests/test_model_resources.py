@@ -6,7 +6,7 @@ import dagster as dg
 import pytest
 
 from music_dagster import loaders
-from music_dagster.config import ROLES, default_config
+from music_dagster.config import ROLES
 from music_dagster.loaders import LoaderError
 from music_dagster.resources.models import RESOURCE_CLASSES, DinoResource, MusicVisionResource, model_resources
 
@@ -28,8 +28,8 @@ def _dino(tiny_zoo, **kw):
     return DinoResource(checkpoint=str(tiny_zoo["dino"]), device="cpu", **kw)
 
 
-def test_one_resource_per_role_from_config():
-    config = default_config()
+def test_one_resource_per_role_from_config(make_project):
+    config = make_project().get()
     resources = model_resources(config)
     assert list(resources) == list(ROLES)
     for role, res in resources.items():
@@ -42,8 +42,8 @@ def test_one_resource_per_role_from_config():
 
 
 def test_importing_resources_does_not_import_torch():
-    code = ("import sys; from music_dagster.config import default_config; "
-            "from music_dagster.resources.models import model_resources; model_resources(default_config()); "
+    code = ("import sys; from music_dagster.config import load_config; "
+            "from music_dagster.resources.models import model_resources; model_resources(load_config()); "
             "print(sorted(x for x in ('torch', 'transformers', 'diffusers', 'open_clip') if x in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

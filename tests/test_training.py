@@ -8,9 +8,8 @@ from music_dagster.config import load_config
 from music_dagster.detokenizer import Detokenizer
 from music_dagster.model import MusicModel
 from music_dagster.procedural import procedural_samples, write_procedural_shard
-from music_dagster.training import (
-    CHECKPOINTS, TrainingError, _with, flush_denormals, load_backbone, train_detokenizer, train_music,
-)
+from music_dagster.runtime import flush_denormals, load_model
+from music_dagster.training import CHECKPOINTS, TrainingError, train_detokenizer, train_music
 
 
 class Stop(Exception):
@@ -21,9 +20,9 @@ class Stop(Exception):
 def config(tiny_zoo):
     torch.set_num_threads(1)
     cfg = load_config(profile="tiny")
-    cfg = _with(cfg, "train", input_queries=4, image_queries=4, lora_rank=4, lora_alpha=8, batch_size=2,
+    cfg = cfg.with_values("train", input_queries=4, image_queries=4, lora_rank=4, lora_alpha=8, batch_size=2,
                 epochs=3, max_steps=6, checkpoint_every=2, checkpoints_kept=2, warmup_steps=2, max_plan_tokens=8)
-    return _with(cfg, "detokenizer", resampler_queries=4, batch_size=2, epochs=3, max_steps=6, checkpoint_every=2,
+    return cfg.with_values("detokenizer", resampler_queries=4, batch_size=2, epochs=3, max_steps=6, checkpoint_every=2,
                  warmup_steps=2)
 
 
@@ -95,8 +94,8 @@ def test_checkpoints_hold_only_trainable_weights_and_the_result_loads(config, sa
         assert (folder / "model" / "adapter_model.safetensors").stat().st_size < llm_bytes
     again = train_music(config, [samples], tmp_path / "run")  # a finished run resumes at its end: no steps
     assert (again.resumed_from, again.steps, again.history) == (6, 6, result.history)
-    model = MusicModel.from_pretrained(result.model_dir, load_backbone(config, "music_llm"),
-                                       load_backbone(config, "music_vision"))
+    model = MusicModel.from_pretrained(result.model_dir, load_model(config, "music_llm"),
+                                       load_model(config, "music_vision"))
     assert model.settings.image_queries == 4
     assert len(model.plan(samples[:1])[0][0].token_ids) <= 8
 
@@ -106,7 +105,7 @@ def test_msic_samples_are_never_trained_on(config, tmp_path):
     train = write_procedural_shard(root / "shard-0", 4, seed=0)
     held = write_procedural_shard(root / "shard-1", 3, seed=0, start=4, split="msic")
     seen = []
-    cfg = _with(config, "train", max_steps=1)
+    cfg = config.with_values("train", max_steps=1)
     orig = MusicModel.encode
 
     def spy(self, sample, with_target=True, **kwargs):

@@ -1,5 +1,6 @@
 """The `detokenizer` and `lora_checkpoint` assets with `dg.materialize` on a tiny budget: what they write, what the
-MLflow run holds, MSIC hold-out never trained on, and a re-run resuming from the last checkpoint."""
+MLflow run holds, MSIC hold-out never trained on, a re-run resuming from the last checkpoint, and a backbone
+resource swapped in one line taking effect."""
 import json
 
 import dagster as dg
@@ -8,48 +9,37 @@ import yaml
 
 from music_dagster import tracking
 from music_dagster.assets import training as assets
-from music_dagster.config import PARAMS_FILE, default_config, load_config
-from music_dagster.generate import detokenizer_dir, lora_dir
-from music_dagster.resources.storage import DatasetStore
+from music_dagster.resources import build_resources
 from music_dagster.resources.tracking import MlflowTracking
+from music_dagster.runtime import detokenizer_dir, lora_dir
 
 TRAIN_SHARD, MSIC_SHARD = "shard-000", "shard-001"
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, tiny_zoo):
-    """Params (source: both, 3 steps, a checkpoint every 2), two shards (one MSIC), a store and an MLflow store."""
+def setup(tmp_path_factory, tiny_zoo, make_project):
+    """Params (source: both, 3 steps, a checkpoint every 2, every output under the test's folder), two shards
+    (one MSIC), and the project's resources (MLflow sampling system metrics every 0.5 s)."""
     import torch
 
     from music_dagster.procedural import WorldSettings, write_procedural_shard
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("training_assets")
-    raw = yaml.safe_load(PARAMS_FILE.read_text())
-    raw["profile"] = "tiny"
-    raw["paths"]["models"] = str(root / "models")
-    tiny = raw["profiles"]["tiny"]
-    tiny["train"].update(source="both", procedural_samples=6, max_steps=3, checkpoint_every=2, batch_size=4,
-                         max_plan_tokens=16)
-    tiny["detokenizer"].update(max_steps=2, batch_size=4, decode_steps=2)
-    tiny["generate"].update(logged_samples=1, logged_branches=2, max_plan_tokens=16)
-    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    project = make_project(
+        root, outputs=True, paths={"mlflow_artifacts": root / "artifacts"},
+        train=dict(source="both", procedural_samples=6, max_steps=3, checkpoint_every=2, batch_size=4,
+                   max_plan_tokens=16),
+        detokenizer=dict(max_steps=2, batch_size=4, decode_steps=2),
+        generate=dict(logged_samples=1, logged_branches=2, max_plan_tokens=16))
     datasets = root / "datasets" / assets.SAMPLES_ASSET
     write_procedural_shard(datasets / TRAIN_SHARD, 4, seed=7, world=WorldSettings(max_subjects=3))
     write_procedural_shard(datasets / MSIC_SHARD, 3, seed=8, split="msic")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("MUSIC_PARAMS", str(root / "params.yaml"))
-    mp.delenv("MUSIC_PROFILE", raising=False)
-    mp.setattr(assets, "WORK_ROOT", root / "work")
-    default_config.cache_clear()
-    resources = {
-        "store": DatasetStore(root=str(root / "datasets")),
-        "tracking": MlflowTracking(tracking_uri=f"sqlite:///{root / 'mlruns.db'}",
-                                   artifact_root=(root / "artifacts").as_uri(), system_metrics_interval_s=0.5),
-    }
-    yield {"root": root, "config": load_config(root / "params.yaml"), "resources": resources}
-    mp.undo()
-    default_config.cache_clear()
+    resources = build_resources(project)
+    resources["tracking"] = MlflowTracking(tracking_uri=resources["tracking"].tracking_uri,
+                                           artifact_root=resources["tracking"].artifact_root,
+                                           system_metrics_interval_s=0.5)
+    return {"root": root, "project": project, "config": project.get(), "resources": resources}
 
 
 def _materialize(setup, selection=None):
@@ -90,9 +80,9 @@ def test_adapter_loads_with_peft(setup, first):
     import torch
     from peft import PeftModel
 
-    from music_dagster.training import load_backbone
+    from music_dagster.runtime import load_model
 
-    base = load_backbone(setup["config"], "music_llm").model
+    base = load_model(setup["config"], "music_llm").model
     ids = torch.tensor([[1, 2, 3]])
     with torch.no_grad():
         plain = base(input_ids=ids).logits
@@ -163,12 +153,10 @@ def test_two_runs_with_different_params_compare_in_one_experiment(setup, first):
     raw = yaml.safe_load(original)
     raw["profiles"]["tiny"]["train"]["lr"] = 3e-3
     params.write_text(yaml.safe_dump(raw))
-    default_config.cache_clear()
     try:
         second = _materialize(setup, selection=[assets.lora_checkpoint])
     finally:
         params.write_text(original)
-        default_config.cache_clear()
     assert second.success
     meta = second.asset_materializations_for_node("lora_checkpoint")[0].metadata
     assert meta["resumed_from"].value == 0 and meta["steps"].value == 3  # another config: trained afresh
@@ -184,3 +172,28 @@ def test_two_runs_with_different_params_compare_in_one_experiment(setup, first):
     listed = {r["run_id"]: r for r in tracking.list_runs(setup["resources"]["tracking"].store, limit=10)}
     assert listed[runs[0].info.run_id]["params"]["lr"] != listed[runs[1].info.run_id]["params"]["lr"]
     assert listed[runs[1].info.run_id]["checkpoint"] != listed[runs[0].info.run_id]["checkpoint"]
+
+
+@pytest.mark.slow
+def test_a_backbone_resource_swapped_in_one_line_is_what_trains(tmp_path, tiny_zoo, make_project):
+    """`music_unet` pointing at another folder (the tiny UNet with another `norm_eps`): the published
+    de-tokenizer's UNet is that one, and the MLflow run and the resumable state name it."""
+    import shutil
+
+    from music_dagster.resources.models import MusicUNetResource
+
+    other = tmp_path / "other_unet"
+    shutil.copytree(tiny_zoo["music_unet"], other)
+    unet_config = json.loads((other / "config.json").read_text())
+    unet_config["norm_eps"] = 2e-5
+    (other / "config.json").write_text(json.dumps(unet_config))
+    project = make_project(tmp_path / "project", outputs=True, train={"source": "procedural", "procedural_samples": 4},
+                           detokenizer={"max_steps": 1, "batch_size": 4})
+    result = dg.materialize([assets.detokenizer], resources={
+        **build_resources(project), "music_unet": MusicUNetResource(checkpoint=str(other))})
+    assert result.success
+    published = json.loads((detokenizer_dir(project.get()) / "unet" / "config.json").read_text())
+    assert published["norm_eps"] == 2e-5  # the zoo's UNet has 1e-5
+    run = tracking.client(tracking.store_from_config(project.get())).get_run(
+        tracking.read_run_ref(detokenizer_dir(project.get()))["run_id"])
+    assert run.data.params["profile.models.music_unet.id"] == str(other)

@@ -2,7 +2,10 @@
 
 Each generates its images with the trained checkpoint into `datasets/<asset>/<method>/` (with every record in
 `scores.json`), writes `metrics/<benchmark>.json` (DVC metrics) and a plot of each metric against subject count,
-and logs an MLflow run nested under the training run that made the checkpoint, naming the encoders used.
+and logs an MLflow run nested under the training run that made the checkpoint, naming the encoders used. The
+config comes from the `project` resource; every model from its role's resource: the score encoders (`dino`,
+`eval_clip`, `detector`), and MUSIC's backbones and test-time CLIP (`music_llm`, `music_vision`, `clip`), which
+`MusicPipeline` loads fresh copies of.
 """
 import base64
 from pathlib import Path
@@ -10,7 +13,9 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
-from music_dagster.resources.models import DetectorResource, DinoResource, EvalClipResource
+from music_dagster.resources.models import (ClipResource, DetectorResource, DinoResource, EvalClipResource,
+                                             MusicLLMResource, MusicVisionResource)
+from music_dagster.resources.project import ProjectConfig
 from music_dagster.resources.storage import DatasetStore
 from music_dagster.resources.tracking import MlflowTracking
 from music_dagster.dvc import record_output
@@ -25,48 +30,44 @@ class EvaluationConfig(dg.Config):
 SCORES = ("dreambench_scores", "msic_scores")  # the evaluate stage's score folders
 
 
-def _check_outputs(store: DatasetStore, tracking: MlflowTracking) -> None:
+def _check_outputs(cfg, store: DatasetStore, tracking: MlflowTracking) -> None:
     """Before evaluating: both score folders (one stage writes them), the metrics folder and the MLflow store take
     what the evaluation writes, so a locked one fails before either benchmark runs."""
-    from music_dagster.config import default_config
     from music_dagster.storage import check_replaceable, check_writable
 
     for asset in SCORES:
         check_replaceable(store.asset_dir(asset), "paths.datasets")
-    check_writable(default_config().paths.resolve("metrics"), "paths.metrics")
+    check_writable(cfg.paths.resolve("metrics"), "paths.metrics")
     tracking.check()
 
 
-def _check_inputs(store: DatasetStore) -> None:
+def _check_inputs(cfg, store: DatasetStore) -> None:
     """Before evaluating: both benchmarks' inputs read (DreamBench, and the MSIC rows with their references inside
     the datasets root), so a bad one fails before either benchmark logs anything."""
     from music_dagster.evaluation.dreambench import load_dreambench
     from music_dagster.evaluation.msic import load_msic
-    from music_dagster.config import default_config
 
-    cfg = default_config()
     load_dreambench(cfg.dreambench_dir, cfg.profile.eval.dreambench_live_classes)
     load_msic(store.asset_dir("training_samples"), cfg.profile.eval.msic_samples)
 
 
-def _setup(config: EvaluationConfig, dino: DinoResource, eval_clip: EvalClipResource):
-    """The project config, the checkpoint folder, a generate function over it and the score encoders."""
-    from music_dagster.config import default_config
-    from music_dagster.generate import lora_dir
+def _setup(cfg, config: EvaluationConfig, music: dict, dino: DinoResource, eval_clip: EvalClipResource):
+    """The checkpoint folder, a generate function over it (MUSIC's backbones and CLIP from `music`, role ->
+    resource) and the score encoders."""
     from music_dagster.evaluation.metrics import Embedder
     from music_dagster.music_pipeline import MusicPipeline
+    from music_dagster.runtime import lora_dir
 
-    cfg = default_config()
     checkpoint = Path(config.checkpoint) if config.checkpoint else lora_dir(cfg)
-    pipe = MusicPipeline.from_pretrained(checkpoint, cfg)
+    pipe = MusicPipeline.from_pretrained(checkpoint, cfg, models=music)
     pipe.set_progress_bar_config(disable=True)
 
     def generate(references, instruction, branches, seed):
         return pipe(list(references), instruction, branches, generator=seed).result.image
 
-    embedder = Embedder(dino.load(), eval_clip.load(), dino_name=cfg.models["dino"].id,
+    embedder = Embedder(dino.load(), eval_clip.load(), dino_name=dino.checkpoint,
                         batch_size=cfg.profile.eval.batch_size)
-    return cfg, checkpoint, generate, embedder
+    return checkpoint, generate, embedder
 
 
 def _finish(context: dg.AssetExecutionContext, cfg, checkpoint: Path, report: dict, folder: Path,
@@ -107,19 +108,22 @@ def _finish(context: dg.AssetExecutionContext, cfg, checkpoint: Path, report: di
 
 @dg.asset(group_name="evaluation", pool="gpu", deps=["lora_checkpoint", "detokenizer"], kinds={"pytorch", "mlflow"},
           description="DreamBench DINO / CLIP-I / CLIP-T for MUSIC and MUSIC*, plus the real-vs-real row")
-def dreambench_scores(context: dg.AssetExecutionContext, config: EvaluationConfig, dino: DinoResource,
-                      eval_clip: EvalClipResource, store: DatasetStore, tracking: MlflowTracking
+def dreambench_scores(context: dg.AssetExecutionContext, config: EvaluationConfig, project: ProjectConfig,
+                      music_llm: MusicLLMResource, music_vision: MusicVisionResource, clip: ClipResource,
+                      dino: DinoResource, eval_clip: EvalClipResource, store: DatasetStore, tracking: MlflowTracking
                       ) -> dg.MaterializeResult:
     from music_dagster.evaluation.dreambench import evaluate_dreambench, load_dreambench
     from music_dagster.evaluation.report import write_report
-    from music_dagster.config import default_config
+    from music_dagster.runtime import with_models
 
-    _check_outputs(store, tracking)
-    _check_inputs(store)
-    ev = default_config().profile.eval
-    bench = load_dreambench(default_config().dreambench_dir, ev.dreambench_live_classes)
+    music = {"music_llm": music_llm, "music_vision": music_vision, "clip": clip}
+    cfg = with_models(project.get(), music)
+    _check_outputs(cfg, store, tracking)
+    _check_inputs(cfg, store)
+    ev = cfg.profile.eval
+    bench = load_dreambench(cfg.dreambench_dir, ev.dreambench_live_classes)
     bench = bench.subset(ev.dreambench_subjects, ev.dreambench_prompts)
-    cfg, checkpoint, generate, embedder = _setup(config, dino, eval_clip)
+    checkpoint, generate, embedder = _setup(cfg, config, music, dino, eval_clip)
     context.log.info(f"DreamBench: {len(bench.subjects)} subjects, {bench.num_prompts} prompts, "
                      f"{ev.dreambench_images_per_prompt} image(s) each, MUSIC and MUSIC* ({ev.branches} branches)")
     final = store.asset_dir("dreambench_scores")
@@ -133,18 +137,21 @@ def dreambench_scores(context: dg.AssetExecutionContext, config: EvaluationConfi
 @dg.asset(group_name="evaluation", pool="gpu", deps=["lora_checkpoint", "detokenizer", "training_samples"],
           kinds={"pytorch", "mlflow"},
           description="MSIC (held-out, 1..12 subjects) DINO / CLIP-I on detected regions and CLIP-T, by subject count")
-def msic_scores(context: dg.AssetExecutionContext, config: EvaluationConfig, dino: DinoResource,
-                eval_clip: EvalClipResource, detector: DetectorResource, store: DatasetStore,
+def msic_scores(context: dg.AssetExecutionContext, config: EvaluationConfig, project: ProjectConfig,
+                music_llm: MusicLLMResource, music_vision: MusicVisionResource, clip: ClipResource,
+                dino: DinoResource, eval_clip: EvalClipResource, detector: DetectorResource, store: DatasetStore,
                 tracking: MlflowTracking) -> dg.MaterializeResult:
     from music_dagster.evaluation.msic import evaluate_msic, load_msic
     from music_dagster.evaluation.report import write_report
-    from music_dagster.config import default_config
+    from music_dagster.runtime import with_models
 
-    _check_outputs(store, tracking)
-    _check_inputs(store)
-    ev = default_config().profile.eval
+    music = {"music_llm": music_llm, "music_vision": music_vision, "clip": clip}
+    cfg = with_models(project.get(), music)
+    _check_outputs(cfg, store, tracking)
+    _check_inputs(cfg, store)
+    ev = cfg.profile.eval
     samples = load_msic(store.asset_dir("training_samples"), ev.msic_samples)
-    cfg, checkpoint, generate, embedder = _setup(config, dino, eval_clip)
+    checkpoint, generate, embedder = _setup(cfg, config, music, dino, eval_clip)
     context.log.info(f"MSIC: {len(samples)} held-out samples, MUSIC and MUSIC* ({ev.branches} branches)")
     final = store.asset_dir("msic_scores")
     with staged_dir(final) as folder:

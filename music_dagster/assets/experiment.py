@@ -2,23 +2,26 @@
 
 `procedural_row` has one static partition per row of the table (the full method, its ablations, test-time
 variants, the untrained model, the ground-truth-token ceiling). Each partition trains what it needs on the
-procedural world (models shared between rows are trained once, under `.cache/experiment/`), generates for the
+procedural world (models shared between rows are trained once, under `<paths.work>/experiment/`), generates for the
 held-out prompts end to end, scores the pixels against ground truth, writes `datasets/procedural_row/<row>/` and
 logs one MLflow run. `procedural_report` reads every row that exists, writes `metrics/procedural.json` (each
 metric's mean, 95% interval and n per row), the table, a plot and the example figure, and logs the parent MLflow
 run that every row run is nested under. The Dagster UI shows the table, the plot and the image grid as metadata.
+The config comes from the `project` resource, with the checkpoints of the `music_llm`, `music_vision`,
+`music_unet` and `clip` resources (the experiment's library loads each role through its resource built from it).
 """
 import base64
 
 import dagster as dg
 from pydantic import Field
 
-from music_dagster.config import PROJECT_ROOT
 from music_dagster.experiment.procedural import ROWS
+from music_dagster.resources.models import ClipResource, MusicLLMResource, MusicUNetResource, MusicVisionResource
+from music_dagster.resources.project import ProjectConfig
 from music_dagster.resources.storage import DatasetStore
 from music_dagster.resources.tracking import MlflowTracking
 
-WORK_ROOT = PROJECT_ROOT / ".cache" / "experiment"
+WORK_FOLDER = "experiment"  # under `paths.work`
 ROW_ASSET = "procedural_row"
 RUN_FILE = "mlflow_run.json"
 rows_partitions = dg.StaticPartitionsDefinition(list(ROWS))
@@ -26,7 +29,8 @@ rows_partitions = dg.StaticPartitionsDefinition(list(ROWS))
 
 class ExperimentConfig(dg.Config):
     held_out: int = Field(default=48, ge=1, description="held-out procedural prompts each row generates for")
-    work_dir: str | None = Field(default=None, description="where trained models are kept (default .cache/experiment)")
+    work_dir: str | None = Field(default=None, description="where trained models are kept (default "
+                                                           "<paths.work>/experiment)")
 
 
 def _png(path, title: str) -> dg.MetadataValue:
@@ -36,17 +40,19 @@ def _png(path, title: str) -> dg.MetadataValue:
 
 @dg.asset(group_name="experiment", pool="gpu", partitions_def=rows_partitions, kinds={"pytorch", "mlflow"},
           description="one row of the procedural experiment: train, generate for held-out prompts, score pixels")
-def procedural_row(context: dg.AssetExecutionContext, config: ExperimentConfig, store: DatasetStore,
-                   tracking: MlflowTracking) -> dg.MaterializeResult:
+def procedural_row(context: dg.AssetExecutionContext, config: ExperimentConfig, project: ProjectConfig,
+                   music_llm: MusicLLMResource, music_vision: MusicVisionResource, music_unet: MusicUNetResource,
+                   clip: ClipResource, store: DatasetStore, tracking: MlflowTracking) -> dg.MaterializeResult:
     import json
 
-    from music_dagster.config import default_config
     from music_dagster.experiment import procedural as ex
+    from music_dagster.runtime import with_models, work_dir
     from music_dagster.storage import atomic_write_text
 
-    cfg = default_config()
+    cfg = with_models(project.get(), {"music_llm": music_llm, "music_vision": music_vision,
+                                      "music_unet": music_unet, "clip": clip})
     name = context.partition_key
-    work = config.work_dir or WORK_ROOT
+    work = config.work_dir or work_dir(cfg, WORK_FOLDER)
     results = ex.run_experiment(cfg, [name], work, config.held_out, log=context.log.info)
     folder = ex.save_row(results[name], store.asset_dir(ROW_ASSET) / name)
     run = ex.log_row_run(tracking.store, cfg, results[name], folder, {"dagster.run_id": context.run_id})
@@ -66,16 +72,15 @@ def procedural_row(context: dg.AssetExecutionContext, config: ExperimentConfig, 
 @dg.asset(group_name="experiment", deps=[ROW_ASSET], kinds={"mlflow"},
           description="the procedural experiment's comparison: metrics/procedural.json, table, plot, image grid, "
                       "and the parent MLflow run of every row run")
-def procedural_report(context: dg.AssetExecutionContext, store: DatasetStore,
-                          tracking: MlflowTracking) -> dg.MaterializeResult:
+def procedural_report(context: dg.AssetExecutionContext, project: ProjectConfig, store: DatasetStore,
+                      tracking: MlflowTracking) -> dg.MaterializeResult:
     import json
 
     from PIL import Image
 
-    from music_dagster.config import default_config
     from music_dagster.experiment import procedural as ex
 
-    cfg = default_config()
+    cfg = project.get()
     root = store.asset_dir(ROW_ASSET)
     present = [n for n in ROWS if (root / n / ex.ROW_FILE).is_file()]
     if not present:

@@ -1,11 +1,14 @@
 """Training assets: the de-tokenizer and the MUSIC LoRA checkpoint, each one MLflow run per materialization.
 
 Both train on what `train.source` selects: every complete `training_samples` shard (MSIC hold-out records are
-skipped by `training.collect_samples`), the procedural world, or both. The resumable training state lives in
-`.cache/training/<asset>-<key>/`, keyed by everything that decides the result (the training config, the backbones,
-the seed and the data version): a re-run after a crash resumes, a changed config or new shards start afresh. The
-final weights are published atomically to `models/detokenizer/` and `models/lora/` (what `music generate` reads);
-`models/lora/mlflow_run.json` names the training run so evaluation can nest its runs under it.
+skipped by `training.collect_samples`), the procedural world, or both. The config comes from the `project`
+resource and the backbones from their resources (`music_llm`, `music_vision`, `music_unet`; `clip` for the logged
+sample generations): a launchpad or test that swaps one trains on it. The resumable training state lives in
+`<paths.work>/training/<asset>-<key>/` (`.cache/` by default), keyed by everything that decides the result (the
+training config, the backbones' checkpoints, the seed and the data version): a re-run after a crash resumes, a
+changed config, backbone or new shards start afresh. The final weights are published atomically to
+`models/detokenizer/` and `models/lora/` (`runtime.detokenizer_dir` / `runtime.lora_dir`: what `music generate`
+reads); `models/lora/mlflow_run.json` names the training run so evaluation can nest its runs under it.
 
 `select_sources`, `work_dir` and `publish` are plain Python; `train_and_publish` is the run both assets share.
 """
@@ -21,9 +24,12 @@ from typing import TYPE_CHECKING, Callable
 
 import dagster as dg
 
+from music_dagster import runtime
 from music_dagster import tracking as runs
-from music_dagster.config import PROJECT_ROOT, Config, default_config
+from music_dagster.config import PROJECT_ROOT, Config
 from music_dagster.dvc import DvcRecord, record_output
+from music_dagster.resources.models import ClipResource, MusicLLMResource, MusicUNetResource, MusicVisionResource
+from music_dagster.resources.project import ProjectConfig
 from music_dagster.resources.storage import DatasetStore
 from music_dagster.resources.tracking import MlflowTracking
 
@@ -31,7 +37,7 @@ if TYPE_CHECKING:
     from music_dagster.training import TrainResult
 
 SAMPLES_ASSET = "training_samples"
-WORK_ROOT = PROJECT_ROOT / ".cache" / "training"
+WORK_FOLDER = "training"  # under `paths.work`
 STAGES = {"lora": "train", "detokenizer": "detokenizer"}  # the dvc.yaml stage (`music stage <name>`) of each model
 HISTORY_FILE = "history.json"
 
@@ -75,7 +81,8 @@ def select_sources(config: Config, shard_root: Path) -> tuple[list, list[str], s
 
 
 def work_dir(config: Config, name: str, data_version: str) -> Path:
-    """Where the resumable state of a training lives: one folder per (config, backbones, seed, data)."""
+    """Where the resumable state of a training lives (under `<paths.work>/training/`): one folder per (config,
+    backbones, seed, data)."""
     section = "train" if name == "lora" else "detokenizer"
     roles = ("music_llm", "music_vision") if name == "lora" else ("music_vision", "music_unet")
     key = json.dumps({
@@ -84,7 +91,7 @@ def work_dir(config: Config, name: str, data_version: str) -> Path:
         "models": {r: config.models[r].model_dump(mode="json") for r in roles},
         "seed": config.seed, "data": data_version, "device": config.profile.device, "dtype": config.profile.dtype,
     }, sort_keys=True)
-    return WORK_ROOT / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    return runtime.work_dir(config, WORK_FOLDER) / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
 def drop_stale_work(work: Path) -> None:
@@ -115,9 +122,10 @@ def log_steps(run: runs.ActiveRun, entries: list[dict]) -> None:
 
 
 def log_sample_generations(config: Config, run: runs.ActiveRun, sources: list, checkpoint: Path,
-                           detokenizer: Path) -> int:
+                           detokenizer: Path, models: dict | None = None) -> int:
     """Generate the first `generate.logged_samples` training samples with the new checkpoint and log each
-    generation (image, plan.json, layout overlay) and the ground-truth layout overlay under `samples/<i>/`."""
+    generation (image, plan.json, layout overlay) and the ground-truth layout overlay under `samples/<i>/`.
+    `models`: the backbones' and CLIP's resources (role -> `ModelResource`; default: the config's)."""
     from music_dagster.generate import Generator
     from music_dagster.layout import render_overlay
     from music_dagster.training import collect_samples
@@ -126,7 +134,7 @@ def log_sample_generations(config: Config, run: runs.ActiveRun, sources: list, c
     loaders, _ = collect_samples(sources)
     if gen.logged_samples == 0 or not loaders:
         return 0
-    generator = Generator(config, checkpoint, detokenizer)
+    generator = Generator(config, checkpoint, detokenizer, models)
     with tempfile.TemporaryDirectory() as tmp:
         for i, load in enumerate(loaders[:gen.logged_samples]):
             sample = load()
@@ -151,19 +159,20 @@ def weights_finite(folder: Path) -> dict[str, int]:
     return {"tensors": tensors, "non_finite": bad}
 
 
-def train_in_processes(context: dg.AssetExecutionContext, model: str, command: list[str],
-                       work: Path) -> "TrainResult":
+def train_in_processes(context: dg.AssetExecutionContext, model: str, command: list[str], work: Path,
+                       env: dict[str, str] | None = None) -> "TrainResult":
     """Run the training loop as `command` (`train_entry.launch_command`: `accelerate launch` of
     `music_dagster.train_entry` over the section's `num_processes`) through Dagster Pipes: rank 0's log lines and
     per-step losses stream into this step's log, and the result comes back as its reported materialization (the
-    history is read from `work`). A cluster runs the same command in a pod with `dagster_k8s.PipesK8sClient`."""
+    history is read from `work`). `env`: what the processes need to read the step's config
+    (`ProjectConfig.environment`). A cluster runs the same command in a pod with `dagster_k8s.PipesK8sClient`."""
     from dagster._core.errors import DagsterPipesExecutionError  # not exported at dagster's top level
 
     from music_dagster.training import HISTORY, MODEL_DIR, TrainingError, TrainResult
 
     context.log.info("launching: " + shlex.join(command))  # other machines run it too (README: 2 nodes)
     try:
-        invocation = dg.PipesSubprocessClient(cwd=str(PROJECT_ROOT)).run(context=context, command=command)
+        invocation = dg.PipesSubprocessClient(cwd=str(PROJECT_ROOT), env=env).run(context=context, command=command)
     except DagsterPipesExecutionError as error:
         raise TrainingError(f"{model} training under accelerate launch failed ({error}): its log is above") from None
     reported = {k: v.value for k, v in invocation.get_materialize_result().metadata.items()}
@@ -200,15 +209,19 @@ class Trained:
         }
 
 
-def train_and_publish(context: dg.AssetExecutionContext, config: Config, store: DatasetStore,
-                      tracking: MlflowTracking, model: str, train_fn: Callable, target: Path, artifact_path: str,
-                      then: Callable[[Trained], None] | None = None) -> Trained:
+def train_and_publish(context: dg.AssetExecutionContext, project: ProjectConfig, models: dict,
+                      store: DatasetStore, tracking: MlflowTracking, model: str, train_fn: Callable, target: Path,
+                      artifact_path: str, then: Callable[[Trained], None] | None = None) -> Trained:
     """Train `model` ("lora" or "detokenizer") with `train_fn` in its own MLflow run, resuming from its work
     folder; publish the weights to `target`, record them with DVC, log them under `artifact_path`, and call
-    `then` while the run is still open. A read-only `target` or a damaged or read-only MLflow store is refused
-    before training; a store failing after `target` is published names it and the command that logs it again."""
+    `then` while the run is still open. The config is `project`'s with the checkpoints of `models` (the
+    backbones' resources, role -> `ModelResource`), which the training loads its backbones from (in this process,
+    or, with `num_processes` above 1, in every launched one). A read-only `target` or a damaged or read-only
+    MLflow store is refused before training; a store failing after `target` is published names it and the
+    command that logs it again."""
     from music_dagster.storage import check_replaceable
 
+    config = runtime.with_models(project.get(), models)
     sources, keys, version = select_sources(config, store.asset_dir(SAMPLES_ASSET))
     work = work_dir(config, model, version)
     check_replaceable(target, "paths.models")
@@ -221,10 +234,10 @@ def train_and_publish(context: dg.AssetExecutionContext, config: Config, store: 
     with tracking.training_run(config, context, keys, version) as run:  # probes the store first
         run.set_tags({runs.TAG_MODEL: model})
         if launch is None:  # one process: this one (docs/design.md says why)
-            result = train_fn(config, sources, work, resume=True, on_step=run.log_step)
+            result = train_fn(config, sources, work, resume=True, on_step=run.log_step, models=models)
             log_steps(run, result.history[:result.resumed_from])
         else:  # rank 0 of the launch streams its steps to the step's log; MLflow gets them all from here
-            result = train_in_processes(context, model, launch, work)
+            result = train_in_processes(context, model, launch, work, env=project.environment())
             log_steps(run, result.history)
         digest = publish(result.model_dir, target, result.history, run)
         run.keep(target, f"music stage {STAGES[model]}")
@@ -243,14 +256,13 @@ def train_and_publish(context: dg.AssetExecutionContext, config: Config, store: 
 # Assets
 @dg.asset(group_name="training", pool="gpu", kinds={"pytorch", "mlflow"}, deps=[dg.AssetKey(SAMPLES_ASSET)],
           description="The de-tokenizer (visual tokens -> image), trained by reconstruction on the target images")
-def detokenizer(context: dg.AssetExecutionContext, store: DatasetStore,
-                tracking: MlflowTracking) -> dg.MaterializeResult:
-    from music_dagster.generate import detokenizer_dir
+def detokenizer(context: dg.AssetExecutionContext, project: ProjectConfig, music_vision: MusicVisionResource,
+                music_unet: MusicUNetResource, store: DatasetStore, tracking: MlflowTracking) -> dg.MaterializeResult:
     from music_dagster.training import train_detokenizer
 
-    config = default_config()
-    trained = train_and_publish(context, config, store, tracking, "detokenizer", train_detokenizer,
-                                detokenizer_dir(config), "detokenizer")
+    models = {"music_vision": music_vision, "music_unet": music_unet}
+    trained = train_and_publish(context, project, models, store, tracking, "detokenizer", train_detokenizer,
+                                runtime.detokenizer_dir(project.get()), "detokenizer")
     result = trained.result
     context.log.info(f"de-tokenizer: {result.steps} steps on {result.samples} samples -> {trained.target}")
     return dg.MaterializeResult(metadata=trained.metadata(("loss",)), data_version=dg.DataVersion(trained.digest))
@@ -259,23 +271,26 @@ def detokenizer(context: dg.AssetExecutionContext, store: DatasetStore,
 @dg.asset(group_name="training", pool="gpu", kinds={"pytorch", "mlflow"},
           deps=[dg.AssetKey(SAMPLES_ASSET), detokenizer],
           description="MUSIC's LoRA adapter and resamplers, trained on every training shard (never MSIC)")
-def lora_checkpoint(context: dg.AssetExecutionContext, store: DatasetStore,
+def lora_checkpoint(context: dg.AssetExecutionContext, project: ProjectConfig, music_llm: MusicLLMResource,
+                    music_vision: MusicVisionResource, clip: ClipResource, store: DatasetStore,
                     tracking: MlflowTracking) -> dg.MaterializeResult:
-    from music_dagster.generate import check_detokenizer, detokenizer_dir, lora_dir
+    from music_dagster.generate import check_detokenizer
     from music_dagster.training import train_music
 
-    config = default_config()
-    detok = detokenizer_dir(config)
+    models = {"music_llm": music_llm, "music_vision": music_vision}
+    config = runtime.with_models(project.get(), models)
+    detok = runtime.detokenizer_dir(config)
     logging_samples = config.profile.generate.logged_samples > 0
     if logging_samples:  # sample generations need it: fail before training, not after
         check_detokenizer(detok)
 
     def log_generations(trained: Trained) -> None:
-        logged = log_sample_generations(config, trained.run, trained.sources, trained.target, detok)
+        logged = log_sample_generations(config, trained.run, trained.sources, trained.target, detok,
+                                        {**models, "clip": clip})
         context.log.info(f"logged {logged} sample generations to MLflow run {trained.run.run_id}")
 
-    trained = train_and_publish(context, config, store, tracking, "lora", train_music, lora_dir(config), "adapter",
-                                then=log_generations if logging_samples else None)
+    trained = train_and_publish(context, project, models, store, tracking, "lora", train_music,
+                                runtime.lora_dir(config), "adapter", then=log_generations if logging_samples else None)
     result = trained.result
     context.log.info(f"LoRA: {result.steps} steps on {result.samples} samples "
                      f"({result.skipped_msic} MSIC skipped) -> {trained.target}")
@@ -291,17 +306,13 @@ def _finite_check(target: Path) -> dg.AssetCheckResult:
 
 
 @dg.asset_check(asset=lora_checkpoint, description="every LoRA adapter and resampler weight is finite")
-def lora_weights_finite() -> dg.AssetCheckResult:
-    from music_dagster.generate import lora_dir
-
-    return _finite_check(lora_dir(default_config()))
+def lora_weights_finite(project: ProjectConfig) -> dg.AssetCheckResult:
+    return _finite_check(runtime.lora_dir(project.get()))
 
 
 @dg.asset_check(asset=detokenizer, description="every de-tokenizer weight is finite")
-def detokenizer_weights_finite() -> dg.AssetCheckResult:
-    from music_dagster.generate import detokenizer_dir
-
-    return _finite_check(detokenizer_dir(default_config()))
+def detokenizer_weights_finite(project: ProjectConfig) -> dg.AssetCheckResult:
+    return _finite_check(runtime.detokenizer_dir(project.get()))
 
 
 training_job = dg.define_asset_job("training_job", selection=dg.AssetSelection.groups("training"))

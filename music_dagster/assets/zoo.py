@@ -5,6 +5,7 @@ from pydantic import Field
 
 from music_dagster import zoo
 from music_dagster.dvc import record_output
+from music_dagster.resources.project import ProjectConfig
 
 
 class ZooConfig(dg.Config):
@@ -29,11 +30,13 @@ def _metadata(manifest: dict, roles) -> dict:
 
 
 @dg.asset(group_name="models", kinds={"pytorch"}, description=zoo.__doc__.splitlines()[0])
-def tiny_model_zoo(context: dg.AssetExecutionContext, config: ZooConfig) -> dg.MaterializeResult:
-    from music_dagster.config import ROLES, default_config
+def tiny_model_zoo(context: dg.AssetExecutionContext, config: ZooConfig,
+                   project: ProjectConfig) -> dg.MaterializeResult:
+    from music_dagster.config import ROLES
 
-    seed = default_config().seed if config.seed is None else config.seed
-    folders = zoo.build_zoo(seed=seed, progress=lambda role, e: context.log.info(
+    cfg = project.get()
+    seed = cfg.seed if config.seed is None else config.seed
+    folders = zoo.build_zoo(seed=seed, root=zoo.root_of(cfg), progress=lambda role, e: context.log.info(
         f"{role}: {e['class']}, {e['parameters']:,} parameters"))
     root = next(iter(folders.values())).parent
     manifest = zoo.read_manifest(root)
@@ -47,10 +50,10 @@ def tiny_model_zoo(context: dg.AssetExecutionContext, config: ZooConfig) -> dg.M
 
 
 @dg.asset_check(asset=tiny_model_zoo, description="every role's files still match the hashes in zoo.json")
-def zoo_files_match_manifest() -> dg.AssetCheckResult:
+def zoo_files_match_manifest(project: ProjectConfig) -> dg.AssetCheckResult:
     from music_dagster.config import ROLES
 
-    root = zoo.default_root()
+    root = zoo.root_of(project.get())
     manifest = zoo.read_manifest(root)
     changed = [r for r in ROLES if r not in manifest["roles"] or
                zoo.file_hashes(root / r) != manifest["roles"][r]["files"]]

@@ -68,10 +68,10 @@ def peak_memory(device: str):
 
 
 def _throwaway_checkpoint(config, folder: Path) -> tuple[Path, Path]:
-    from music_dagster.training import _with, procedural_source, train_detokenizer, train_music
+    from music_dagster.training import procedural_source, train_detokenizer, train_music
 
-    cfg = _with(config, "train", max_steps=2, checkpoint_every=10**9)
-    cfg = _with(cfg, "detokenizer", max_steps=2, checkpoint_every=10**9)
+    cfg = config.with_values("train", max_steps=2, checkpoint_every=10**9)
+    cfg = cfg.with_values("detokenizer", max_steps=2, checkpoint_every=10**9)
     samples = procedural_source(cfg, max(cfg.profile.train.batch_size, cfg.profile.detokenizer.batch_size) * 2)
     detok = train_detokenizer(cfg, [samples], folder / "detok", resume=False)
     lora = train_music(cfg, [samples], folder / "lora", resume=False)
@@ -94,8 +94,9 @@ def main() -> None:
     import torch
 
     from music_dagster.config import default_config
-    from music_dagster.generate import Generator, detokenizer_dir, lora_dir
-    from music_dagster.training import device_of, procedural_source
+    from music_dagster.generate import Generator
+    from music_dagster.runtime import detokenizer_dir, device_of, lora_dir
+    from music_dagster.training import procedural_source
 
     config = default_config()
     torch.set_num_threads(config.profile.torch_threads)

@@ -127,9 +127,9 @@ def train_detokenizer_once(config, root: Path, log: Callable[[str], None] = prin
 
 def train_music_once(config, ablation: str, root: Path, log: Callable[[str], None] = print) -> Path:
     """MUSIC trained on the world with `train.ablation = ablation`, once under `root`."""
-    from music_dagster.training import _with, procedural_source, train_music
+    from music_dagster.training import procedural_source, train_music
 
-    cfg = _with(config, "train", ablation=ablation)
+    cfg = config.with_values("train", ablation=ablation)
     work = root / f"music-{ablation}-{_key(cfg, cfg.profile.train)}"
     log(f"MUSIC ({ablation}): training into {work}")
     t0 = time.perf_counter()
@@ -218,7 +218,7 @@ def run_rows(config, names: Sequence[str], models: Models, prompts: Sequence, ex
     """Generate and score every row in `names` on `prompts` with loaded `models` (see `load_models`)."""
     from music_dagster.generate import clip_text_scores
     from music_dagster.model import target_tokens
-    from music_dagster.training import flush_denormals
+    from music_dagster.runtime import flush_denormals
 
     gen_cfg = config.profile.generate
     results, star = {}, None
@@ -272,7 +272,8 @@ def load_models(config, names: Sequence[str], root: Path, log: Callable[[str], N
 
     from music_dagster.detokenizer import Detokenizer, load_vae
     from music_dagster.model import MusicModel, MusicSettings, target_tokens
-    from music_dagster.training import _with, device_of, load_backbone, procedural_source
+    from music_dagster.runtime import device_of, load_model
+    from music_dagster.training import procedural_source
 
     names = check_rows(names)
     torch.set_num_threads(config.profile.torch_threads)
@@ -283,12 +284,12 @@ def load_models(config, names: Sequence[str], root: Path, log: Callable[[str], N
     music = {}
     for ablation in dict.fromkeys(ROWS[n].ablation for n in names if ROWS[n].trained and ROWS[n].ablation):
         folder = train_music_once(config, ablation, root, log)
-        music[ablation] = MusicModel.from_pretrained(folder, load_backbone(config, "music_llm"),
-                                                     load_backbone(config, "music_vision"))
+        music[ablation] = MusicModel.from_pretrained(folder, load_model(config, "music_llm"),
+                                                     load_model(config, "music_vision"))
     if "untrained" in names:
         torch.manual_seed(config.seed)
-        cfg = _with(config, "train", ablation="none")
-        untrained = MusicModel(load_backbone(cfg, "music_llm"), load_backbone(cfg, "music_vision"),
+        cfg = config.with_values("train", ablation="none")
+        untrained = MusicModel(load_model(cfg, "music_llm"), load_model(cfg, "music_vision"),
                                MusicSettings.from_config(cfg.profile.train, grid=cfg.profile.data.grid))
         targets = [s.target for s in procedural_source(cfg)[:cfg.profile.train.feature_stats_samples]]
         with torch.no_grad():
@@ -297,11 +298,8 @@ def load_models(config, names: Sequence[str], root: Path, log: Callable[[str], N
         music["untrained"] = untrained.eval()
     clip = None
     if any(ROWS[n].select == "clip" for n in names):
-        from music_dagster.loaders import load_role
-
-        config.check_models(["clip"])
-        clip = load_role("clip", config.models["clip"], device, config.profile.dtype)
-    return Models(detok, music, load_backbone(config, "music_vision"), clip)
+        clip = load_model(config, "clip")
+    return Models(detok, music, load_model(config, "music_vision"), clip)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -4,6 +4,10 @@
 device and dtype), in eval mode on the device the step leased (`devices.lease`, one per `gpu` pool slot), else the
 configured one; `teardown_after_execution` drops it when the resource's execution ends: the step's under the
 multiprocess executor, the whole run's under the in-process one (`data_job`'s), so a run loads each model once.
+`resource.load_fresh()` loads a copy of its own for a caller that changes the model (MUSIC's backbones under
+training and generation, the test-time CLIP that `MusicPipeline.to` moves). Outside Dagster (`music generate`,
+the library's defaults) the role's resource is built from the config (`RESOURCE_CLASSES[role].from_config`,
+through `runtime.load_model`), so every model loads through one path.
 This module imports neither torch nor the model libraries: `loaders` does, when a model is first loaded.
 """
 from __future__ import annotations
@@ -71,6 +75,17 @@ class ModelResource(dg.ConfigurableResource):
                 torch.set_num_threads(self.torch_threads)
                 _CACHE[key] = load_role(self.role, self.spec, self._device(), self.dtype)
             return _CACHE[key]
+
+    def load_fresh(self):
+        """A new `ModelHandle`, never cached nor shared: for a caller that changes the model (peft injects LoRA
+        layers into the MUSIC LLM in place, training trains the de-tokenizer's UNet and moves what it prepares,
+        `MusicPipeline.to` moves its models). The caller owns it; it is freed when the caller drops it."""
+        import torch
+
+        from music_dagster.loaders import load_role
+
+        torch.set_num_threads(self.torch_threads)
+        return load_role(self.role, self.spec, self._device(), self.dtype)
 
     @property
     def is_loaded(self) -> bool:

@@ -34,6 +34,14 @@ class ProjectConfig(dg.ConfigurableResource):
         """The config of this process: MUSIC_PARAMS, else the project's params.yaml."""
         return cls(params=os.environ.get("MUSIC_PARAMS") or str(PARAMS_FILE))
 
+    def environment(self) -> dict[str, str]:
+        """What a child process needs to read this config with `default_config()` (a training launch, a command):
+        MUSIC_PARAMS (absolute), and MUSIC_PROFILE when a profile is set."""
+        env = {"MUSIC_PARAMS": str(Path(self.params).resolve())}
+        if self.profile is not None:
+            env["MUSIC_PROFILE"] = self.profile
+        return env
+
     def get(self) -> Config:
         """The validated config, read again only when the file changed (a one-line `ConfigError` when invalid)."""
         path = Path(self.params)

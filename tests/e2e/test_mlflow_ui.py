@@ -3,13 +3,12 @@ data) shows in the experiment's runs table with its params, losses and checkpoin
 import re
 
 import pytest
-import yaml
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture
-def training_run(tmp_path, mlflow_server, monkeypatch, tiny_zoo):
+def training_run(tmp_path, mlflow_server, tiny_zoo, make_project):
     """Materialize `lora_checkpoint` for 3 steps on the procedural world, tracked in the server's store; returns
     (experiment id, MLflow run)."""
     import dagster as dg
@@ -17,37 +16,23 @@ def training_run(tmp_path, mlflow_server, monkeypatch, tiny_zoo):
 
     from music_dagster import tracking
     from music_dagster.assets import training
-    from music_dagster.config import PARAMS_FILE, default_config
-    from music_dagster.resources.storage import DatasetStore
-    from music_dagster.resources.tracking import MlflowTracking
+    from music_dagster.resources import build_resources
 
     torch.set_num_threads(1)
-    raw = yaml.safe_load(PARAMS_FILE.read_text())
-    raw["profile"] = "tiny"
-    raw["paths"].update(models=str(tmp_path / "models"), datasets=str(tmp_path / "datasets"),
-                        mlflow_tracking_uri=f"sqlite:///{mlflow_server.store / 'mlruns.db'}",
-                        mlflow_artifacts=str(mlflow_server.store / "artifacts"))
-    tiny = raw["profiles"]["tiny"]
-    tiny["train"].update(source="procedural", procedural_samples=4, max_steps=3, batch_size=2, max_plan_tokens=16)
-    tiny["generate"].update(logged_samples=0)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
-    monkeypatch.setenv("MUSIC_PARAMS", str(tmp_path / "params.yaml"))
-    monkeypatch.delenv("MUSIC_PROFILE", raising=False)
-    monkeypatch.setattr(training, "WORK_ROOT", tmp_path / "work")
-    default_config.cache_clear()
-    try:
-        config = default_config()
-        result = dg.materialize(
-            [training.detokenizer, training.lora_checkpoint], selection=[training.lora_checkpoint],
-            resources={"store": DatasetStore(root=str(tmp_path / "datasets")),
-                       "tracking": MlflowTracking.from_config(config)})
-        assert result.success
-        run_id = result.asset_materializations_for_node("lora_checkpoint")[0].metadata["mlflow_run_id"].value
-        store = tracking.store_from_config(config)
-        yield tracking.client(store).get_experiment_by_name(store.experiment).experiment_id, \
-            tracking.client(store).get_run(run_id)
-    finally:
-        default_config.cache_clear()
+    project = make_project(
+        tmp_path, paths={"models": tmp_path / "models", "datasets": tmp_path / "datasets", "work": tmp_path / "work",
+                         "mlflow_tracking_uri": f"sqlite:///{mlflow_server.store / 'mlruns.db'}",
+                         "mlflow_artifacts": mlflow_server.store / "artifacts"},
+        train=dict(source="procedural", procedural_samples=4, max_steps=3, batch_size=2, max_plan_tokens=16),
+        generate=dict(logged_samples=0))
+    config = project.get()
+    result = dg.materialize([training.detokenizer, training.lora_checkpoint], selection=[training.lora_checkpoint],
+                            resources=build_resources(project))
+    assert result.success
+    run_id = result.asset_materializations_for_node("lora_checkpoint")[0].metadata["mlflow_run_id"].value
+    store = tracking.store_from_config(config)
+    return tracking.client(store).get_experiment_by_name(store.experiment).experiment_id, \
+        tracking.client(store).get_run(run_id)
 
 
 def test_mlflow_ui_shows_the_training_run(page, mlflow_server, training_run, output_dir):

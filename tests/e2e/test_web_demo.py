@@ -1,13 +1,13 @@
 """`music demo web` in a real browser, on a tiny checkpoint trained here: two DreamBench subjects generate a plan
 and an image; a layout typed into the page, then one cell of it changed, redraws with that plan; a text file, 13
 subjects and an empty prompt each show their one-line error in the page."""
-import os
 import sys
 
 import pytest
 
-from checkpoints import QUICK_TRAINING, train_checkpoint, write_params
+from checkpoints import QUICK_TRAINING, train_checkpoint
 from music_dagster.config import PROJECT_ROOT
+from projects import project_env
 from ui_helpers import Server, free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -18,17 +18,16 @@ GENERATE_TIMEOUT_MS = 300_000  # a generation on a shared 2-core machine
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, tiny_zoo):
+def checkpoint(tmp_path_factory, tiny_zoo, make_project):
     """A de-tokenizer and a LoRA checkpoint trained for two steps on the procedural world (as `music generate`'s
-    tests train one), and the params file that points at them."""
-    from music_dagster import generate
-    from music_dagster.config import load_config
+    tests train one), and the project config that points at them."""
+    from music_dagster.runtime import lora_dir
 
     root = tmp_path_factory.mktemp("webdemo")
-    params = write_params(root / "params.yaml", root / "models", **QUICK_TRAINING)
-    config = load_config(params)
+    project = make_project(root, paths={"models": root / "models"}, **QUICK_TRAINING)
+    config = project.get()
     train_checkpoint(config, root)
-    return {"params": params, "lora": generate.lora_dir(config), "grid": config.profile.data.grid}
+    return {"project": project, "lora": lora_dir(config), "grid": config.profile.data.grid}
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +36,7 @@ def web_demo(checkpoint, gradio_installed, tmp_path_factory, output_dir):
     module's tests; each opens a fresh page), with gradio's uploads in a temporary folder."""
     tmp_path = tmp_path_factory.mktemp("webdemo_server")
     port = free_port()
-    env = {**os.environ, "MUSIC_PARAMS": str(checkpoint["params"]), "GRADIO_TEMP_DIR": str(tmp_path / "gradio"),
-           "GRADIO_ANALYTICS_ENABLED": "False"}
-    env.pop("MUSIC_PROFILE", None)
+    env = project_env(checkpoint["project"], GRADIO_TEMP_DIR=str(tmp_path / "gradio"), GRADIO_ANALYTICS_ENABLED="False")
     cmd = [sys.executable, "-m", "music_dagster.cli", "demo", "web", "--port", str(port),
            "--checkpoint", str(checkpoint["lora"])]
     server = Server("music demo web", cmd, f"http://127.0.0.1:{port}", output_dir / "web_demo.log", env, tmp_path)

@@ -16,6 +16,7 @@ import pytest
 from helpers import (
     assert_one_line_error, copy_project, music_as_user, read_only, snapshot, writable,
 )
+from projects import project_env
 
 pytestmark = pytest.mark.slow
 
@@ -162,7 +163,7 @@ def test_the_write_probe_leaves_a_healthy_store_as_it_was(project):
     before = db.read_bytes()
     code = ("from music_dagster import tracking; from music_dagster.config import default_config\n"
             "tracking.check_store(tracking.store_from_config(default_config()))")
-    env = {**os.environ, "PYTHONPATH": str(root), "MUSIC_PARAMS": str(root / "params.yaml")}
+    env = project_env(root / "params.yaml", PYTHONPATH=str(root))
     subprocess.run([sys.executable, "-c", code], cwd=root, env=env, check=True)
     assert db.read_bytes() == before
     with contextlib.closing(sqlite3.connect(db)) as con:
