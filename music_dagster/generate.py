@@ -224,18 +224,6 @@ def check_checkpoints(checkpoint: Path, detokenizer: Path):
     return check_checkpoint(checkpoint), check_detokenizer(detokenizer)
 
 
-def clip_text_scores(clip, images: Sequence, text: str) -> list[float]:
-    """Cosine similarity of each image's CLIP embedding with the text's (one batched forward per tower)."""
-    import torch
-
-    pixels = torch.stack([clip.preprocess(im) for im in images]).to(clip.device, clip.dtype)
-    tokens = clip.tokenizer([text]).to(clip.device)
-    with torch.inference_mode():
-        img = torch.nn.functional.normalize(clip.model.encode_image(pixels).float(), dim=-1)
-        txt = torch.nn.functional.normalize(clip.model.encode_text(tokens).float(), dim=-1)
-    return (img @ txt.T)[:, 0].tolist()
-
-
 class Generator:
     """A loaded MUSIC checkpoint, de-tokenizer and CLIP scorer, reused across `generate` calls.
 
@@ -291,8 +279,10 @@ class Generator:
         plans (default: when there are several branches; one branch decodes greedily). `given`: draw this plan
         or layout (checked with `check_layout`) instead of the model's (see `GivenPlan`). `progress_bar`: tqdm
         options for the bar over the four stages (`MusicPipeline.set_progress_bar_config`)."""
+        import torch
         from tqdm.auto import tqdm
 
+        from music_dagster.clip_similarity import image_text_scores
         from music_dagster.model import Sample
         from music_dagster.runtime import flush_denormals
 
@@ -321,7 +311,7 @@ class Generator:
             pictures = self.detokenizer.decode(tokens, seed=seed, steps=gen.decode_steps)
             bar.update()
             bar.set_postfix_str("CLIP scoring")
-            scores = clip_text_scores(self.clip, pictures, prompt)
+            scores = image_text_scores(self.clip, pictures, prompt, dtype=torch.float32)
             bar.update()
         best = int(np.argmax(scores))  # first maximum: ties go to the lower branch
         return Result(

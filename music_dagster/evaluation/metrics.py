@@ -3,7 +3,8 @@
 Every score is the cosine of L2-normalised embeddings on the raw 0..1 scale (no CLIPScore 2.5 or 100 factor).
 DINO is the CLS token of a ViT-S/16 on the DreamBooth protocol (shorter side to 256 bicubic, centre crop 224,
 ImageNet normalisation), done here whatever the checkpoint's own processor says; CLIP uses open_clip's eval
-transform of the variant in use, and the variant's name goes into every score record.
+transform of the variant in use (embedded by `clip_similarity`, normalised in float64), and the variant's name goes
+into every score record.
 Reference images are embedded once per file (cache keyed by path and content hash) and reused for every
 generated image compared to them. torch is imported inside functions.
 """
@@ -117,26 +118,22 @@ class Embedder:
         # The CLS token of the last layer; positions interpolated when a checkpoint was trained at another size.
         return model(pixel_values=batch, interpolate_pos_encoding=True).last_hidden_state[:, 0].float()
 
-    def _clip_encode(self, batch: torch.Tensor) -> torch.Tensor:
-        batch = batch.to(device=self.clip.device, dtype=self.clip.dtype)
-        return self.clip.model.encode_image(batch).float()
-
     def dino_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
         return self._batched(images, dino_preprocess, self._dino_encode)
 
     def clip_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        return self._batched(images, lambda im: self.clip.preprocess(im.convert("RGB")), self._clip_encode)
+        import torch
+
+        from music_dagster.clip_similarity import embed_images
+
+        return embed_images(self.clip, images, self.batch_size, torch.float64).cpu()
 
     def clip_texts(self, texts: Sequence[str]) -> torch.Tensor:
         import torch
 
-        out = []
-        for start in range(0, len(texts), self.batch_size):
-            tokens = self.clip.tokenizer(list(texts[start:start + self.batch_size])).to(self.clip.device)
-            with torch.inference_mode():
-                emb = self.clip.model.encode_text(tokens).float()
-            out.append(torch.nn.functional.normalize(emb.double(), dim=-1).cpu())
-        return torch.cat(out) if out else torch.empty(0, 0, dtype=torch.float64)
+        from music_dagster.clip_similarity import embed_texts
+
+        return embed_texts(self.clip, texts, self.batch_size, torch.float64).cpu()
 
     def images(self, images: Sequence[Image.Image]) -> Embeddings:
         """Both image embeddings of generated images (or crops of them): never cached."""

@@ -216,7 +216,9 @@ def generate_branches(model, detok, prompts: Sequence, branches: int, seed: int,
 def run_rows(config, names: Sequence[str], models: Models, prompts: Sequence, examples: int = 4,
              log: Callable[[str], None] = print) -> dict[str, RowResult]:
     """Generate and score every row in `names` on `prompts` with loaded `models` (see `load_models`)."""
-    from music_dagster.generate import clip_text_scores
+    import torch
+
+    from music_dagster.clip_similarity import image_text_scores
     from music_dagster.model import target_tokens
     from music_dagster.runtime import flush_denormals
 
@@ -247,7 +249,8 @@ def run_rows(config, names: Sequence[str], models: Models, prompts: Sequence, ex
                 picks = []
                 for prompt, options in zip(prompts, branches):
                     if row.select == "clip":
-                        scores = clip_text_scores(models.clip, [im for _, im in options], prompt.instruction)
+                        scores = image_text_scores(models.clip, [im for _, im in options], prompt.instruction,
+                                                   dtype=torch.float32)
                         best = int(np.argmax(scores))
                     elif row.select == "oracle":
                         values = [_oracle_value(_score(prompt, im, plan, row.ablation)) for plan, im in options]

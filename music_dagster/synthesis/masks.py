@@ -2,6 +2,7 @@
 against the category text; the subject's region is its mask when Sim_mask > Sim_unmask, else its box."""
 from __future__ import annotations
 
+from music_dagster.clip_similarity import image_text_scores
 from music_dagster.synthesis import schemas
 from music_dagster.synthesis.common import OpenImage, ShardContext, StageResult, batches, child, pixel_box
 
@@ -47,22 +48,6 @@ def masked_crop(image, mask, box):
     return Image.fromarray(pixels[y1:y2, x1:x2])
 
 
-def clip_similarities(clip, images: list, texts: list[str], batch_size: int) -> list[float]:
-    """Cosine similarity of each image with its text under the CLIP handle (`.model`, `.preprocess`,
-    `.tokenizer`)."""
-    import torch
-
-    sims = []
-    for chunk in batches(list(range(len(images))), batch_size):
-        pixels = torch.stack([clip.preprocess(images[i]) for i in chunk]).to(clip.device, dtype=clip.dtype)
-        tokens = clip.tokenizer([texts[i] for i in chunk]).to(clip.device)
-        with torch.inference_mode():
-            a = clip.model.encode_image(pixels, normalize=True).float()
-            b = clip.model.encode_text(tokens, normalize=True).float()
-        sims += (a * b).sum(dim=-1).cpu().tolist()
-    return sims
-
-
 def clip_text(category: str) -> str:
     return f"a photo of a {schemas.phrase(category)}"
 
@@ -79,7 +64,8 @@ def subject_masks(segmenter, clip, ctx: ShardContext, data, records: list[dict],
                 pixel_box(subject["box"], *images[r].size))]
             texts += [clip_text(subject["category"])] * 2
             where.append((r, s))
-    sims = clip_similarities(clip, crops, texts, data.batch_size)
+    # normalised in the CLIP model's own dtype, as open_clip's `normalize=True` does (`clip_similarity`)
+    sims = image_text_scores(clip, crops, texts, data.batch_size)
     result = StageResult()
     subjects = [[dict(s) for s in record["subjects"]] for record in records]
     for k, (r, s) in enumerate(where):
