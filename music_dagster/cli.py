@@ -77,6 +77,8 @@ def _bench(args):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from music_dagster.config import MAX_SUBJECTS
+
     parser = argparse.ArgumentParser(prog="music", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="MLflow's INFO lines on the console too")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -93,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.set_defaults(func=_pipeline)
 
     gen = sub.add_parser("generate", help="generate one image from reference subjects and an instruction")
-    gen.add_argument("--subject", action="append", default=[], metavar="IMG", help="a reference image (repeat, 1..12)")
+    gen.add_argument("--subject", action="append", default=[], metavar="IMG", help=f"a reference image (repeat, 1..{MAX_SUBJECTS})")
     gen.add_argument("--prompt", required=True, help="the instruction; refer to subjects by id tag, e.g. 'put [1] next to [2]'")
     gen.add_argument("--branches", type=int, default=1, help="test-time scaling: N plans, best CLIP-T kept (MUSIC*)")
     gen.add_argument("--seed", type=int, default=0)

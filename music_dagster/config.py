@@ -27,6 +27,7 @@ ROLES = (
     "music_llm", "music_vision", "music_unet",
 )
 ZOO_COMMAND = "music zoo build"
+MAX_SUBJECTS = 12  # the paper's bound on subjects per sample (1..12): configs, records, the model, generation, MSIC
 _HUB_ID = re.compile(r"^(hf-hub:)?[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -123,8 +124,8 @@ class ModelSpec(_Section):
 class DataConfig(_Spelled):
     shard_size: int = Field(gt=0)
     num_shards: int = Field(gt=0)
-    min_categories: int = Field(ge=1, le=12)
-    max_subjects: int = Field(ge=1, le=12)
+    min_categories: int = Field(ge=1, le=MAX_SUBJECTS)
+    max_subjects: int = Field(ge=1, le=MAX_SUBJECTS)
     image_size: int = Field(ge=16)
     t2i_steps: int = Field(gt=0)
     i2i_steps: int = Field(gt=0)
@@ -138,7 +139,8 @@ class DataConfig(_Spelled):
     grid: int = Field(gt=0)
     lam: float = Field(ge=0, lt=1)  # a patch is in a subject's layout when its IoU > lam x mean IoU
     msic_holdout_every: int = Field(gt=1)
-    min_subjects: int = Field(ge=1, le=12)  # fewest subjects a sample keeps; decimation stops there (paper: 2)
+    # fewest subjects a sample keeps; decimation stops there (paper: 2)
+    min_subjects: int = Field(ge=1, le=MAX_SUBJECTS)
     temperature: float = Field(ge=0)  # LLM/VLM sampling temperature for free-text answers (retries resample)
     verify_threshold: float = Field(ge=0, lt=1)  # keep a box when the VLM's P(yes) exceeds this
     reference_size: int = Field(ge=16)  # I2I reference images are reference_size x reference_size

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 
+from music_dagster.config import MAX_SUBJECTS
 from music_dagster.errors import UserError
 from music_dagster.layout import TEXT_PREFIX
 
@@ -32,7 +33,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from music_dagster.config import Config
     from music_dagster.resources.models import ModelResource
 
-MAX_SUBJECTS = 12  # the paper's range, 1..12 subjects
 IMAGE_FILE, PLAN_FILE, OVERLAY_FILE = "image.png", "plan.json", "layout.png"
 
 

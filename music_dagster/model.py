@@ -36,6 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from music_dagster.config import MAX_SUBJECTS
 from music_dagster.decimation import tag
 from music_dagster.errors import UserError
 from music_dagster.layout import TEXT_PREFIX, LayoutError, layout_from_text, layout_to_text
@@ -47,7 +48,6 @@ if TYPE_CHECKING:  # pragma: no cover
 MODEL_CONFIG = "music_config.json"
 MODULES_FILE = "music_modules.safetensors"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-MAX_SUBJECTS = 12
 # Position kinds in a sequence (see `MusicModel.collate`).
 TEXT, IMG_START, IMG, IMG_END, QUERY = 0, 1, 2, 3, 4
 IGNORE = -100

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from music_dagster.config import MAX_SUBJECTS
 from music_dagster.errors import UserError
 from music_dagster.generate import PlanError, check_layout
 
@@ -139,7 +140,7 @@ def build_app(pipe: MusicPipeline):
                     "(one line per row, 0 = background) and redraw.")
         with gr.Row():
             with gr.Column():
-                files = gr.File(label="Subjects (1-12 images)", file_count="multiple", type="filepath",
+                files = gr.File(label=f"Subjects (1-{MAX_SUBJECTS} images)", file_count="multiple", type="filepath",
                                 elem_id="subjects")
                 prompt = gr.Textbox(label="Instruction", placeholder="put the hat [2] on the dog [1]",
                                     elem_id="prompt")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from music_dagster.config import MAX_SUBJECTS
 from music_dagster.decimation import TAG
 from music_dagster.evaluation.common import (BenchmarkError, GenerateFn, Job, generate_images, method_branches,
                                              read_generated, summarize)
@@ -82,8 +83,8 @@ def load_msic(shards_dir: str | Path, limit: int | None = None) -> tuple[MsicSam
                 if not s.reference.is_file():
                     raise BenchmarkError(f"{shard.path}: record {n}: subject {s.id}'s reference {s.reference} "
                                          "is missing")
-            if not 1 <= len(subjects) <= 12:
-                raise BenchmarkError(f"{shard.path}: record {n}: {len(subjects)} subjects, MSIC has 1..12")
+            if not 1 <= len(subjects) <= MAX_SUBJECTS:
+                raise BenchmarkError(f"{shard.path}: record {n}: {len(subjects)} subjects, MSIC has 1..{MAX_SUBJECTS}")
             by_count[len(subjects)].append(sample)
     if not by_count:
         raise BenchmarkError(f"{shards_dir}: no MSIC samples (materialize training_samples with hold-out shards)")

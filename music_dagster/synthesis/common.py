@@ -11,9 +11,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
+from music_dagster.config import MAX_SUBJECTS
 from music_dagster.synthesis import SynthesisError
 
-MAX_SUBJECTS = 12  # the paper's upper bound on subjects per sample
 
 OpenImage = Callable[[str], "object"]  # datasets-relative ref -> PIL RGB image (raises a UserError when unreadable)
 
@@ -108,7 +108,7 @@ def batches(items: Sequence, size: int) -> Iterator[list]:
 
 
 def check_subject_range(lo: int, hi: int) -> None:
-    """The number of subjects a sample may have: 1 <= lo <= hi <= 12 (the paper's bound)."""
+    """The number of subjects a sample may have: 1 <= lo <= hi <= MAX_SUBJECTS (the paper's bound)."""
     if not (isinstance(lo, int) and isinstance(hi, int)) or not 1 <= lo <= hi <= MAX_SUBJECTS:
         raise SynthesisError(f"subject range {lo}..{hi} is outside 1..{MAX_SUBJECTS} (or empty)")
 

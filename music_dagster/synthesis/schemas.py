@@ -7,6 +7,7 @@ would otherwise write forever. Free text is a bounded number of bounded words; w
 """
 from __future__ import annotations
 
+from music_dagster.config import MAX_SUBJECTS
 from music_dagster.decimation import tag
 from music_dagster.storage import record_schema
 
@@ -109,17 +110,18 @@ _VERIFIED = {**_DETECTED, "subjects": _subjects(_S_VERIFIED),
              "rejected": {"type": "array", "items": _object({**_S_VERIFIED})}}
 _REFERENCED = {**_VERIFIED, "subjects": _subjects(_S_REFERENCE)}
 _MASKED = {**_REFERENCED, "subjects": _subjects(_S_MASKED)}
-_GRID = {"type": "array", "items": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 12}}}
+_CELL = {"type": "integer", "minimum": 0, "maximum": MAX_SUBJECTS}  # 0: background, else a subject id
+_GRID = {"type": "array", "items": {"type": "array", "items": _CELL}}
 _LAYOUT = {**_MASKED, "layout": _GRID, "layout_text": _STR, "overlay": _STR,
            "tau": {"type": "array", "items": {"type": "number"}}}
 _ANNOTATED = {**_LAYOUT, "instruction": _STR, "cot": _STR, "annotated": _STR, "annotation_attempts": _INT}
 
-_S_SAMPLE = {"id": {"type": "integer", "minimum": 1, "maximum": 12}, "category": _STR, "box": _BOX,
+_S_SAMPLE = {"id": {"type": "integer", "minimum": 1, "maximum": MAX_SUBJECTS}, "category": _STR, "box": _BOX,
              "reference": _STR, "region": {"enum": ["mask", "box"]}, "mask": _STR}
 _SAMPLE = {
     "shard": _STR, "split": {"enum": ["train", "msic"]}, "num_subjects": {"type": "integer", "minimum": 1,
-                                                                          "maximum": 12},
-    "source_subjects": {"type": "integer", "minimum": 1, "maximum": 12}, "image": _STR, "caption": _STR,
+                                                                          "maximum": MAX_SUBJECTS},
+    "source_subjects": {"type": "integer", "minimum": 1, "maximum": MAX_SUBJECTS}, "image": _STR, "caption": _STR,
     "scene": _STR, "instruction": _STR, "cot": _STR, "layout": _GRID, "layout_text": _STR,
     "subjects": _subjects(_S_SAMPLE),
 }
