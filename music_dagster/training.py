@@ -35,6 +35,7 @@ import torch
 
 from music_dagster.errors import UserError
 from music_dagster.model import IGNORE, MusicModel, MusicSettings, Sample, target_tokens
+from music_dagster.records import StoredRecord, shard_records
 from music_dagster.runtime import device_of, flush_denormals, load_model
 
 CHECKPOINTS = "checkpoints"
@@ -67,16 +68,12 @@ class TrainResult:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Samples
-def _record_sample(shard, record: dict, line: int) -> Callable[[], Sample]:
-    """The loader of the sample in manifest line `line`; its image paths are resolved now, so a path outside the
+def _record_sample(stored: StoredRecord) -> Callable[[], Sample]:
+    """The loader of the sample of a stored record; its image paths are resolved now, so a path outside the
     datasets root is refused before anything trains."""
-    from music_dagster.storage import MANIFEST, resolve_stored
-
-    root = shard.path.parent.parent  # image references are datasets-relative: <asset>/<key>/<file>
-    where = f"{shard.path / MANIFEST}: line {line}"
-    subjects = sorted(record["subjects"], key=lambda s: s["id"])
-    references = [resolve_stored(root, s["reference"], where) for s in subjects]
-    target = resolve_stored(root, record["image"], where)
+    record, subjects = stored.fields, stored.subjects()
+    references = [stored.resolve(s["reference"]) for s in subjects]
+    target = stored.resolve(record["image"])
 
     def load() -> Sample:
         from music_dagster.images import read_image
@@ -84,7 +81,7 @@ def _record_sample(shard, record: dict, line: int) -> Callable[[], Sample]:
         return Sample(
             instruction=record["instruction"], references=[read_image(p) for p in references],
             cot=record["cot"], layout=np.asarray(record["layout"], np.int64), target=read_image(target),
-            id=record["sample_id"], meta={"split": record["split"], "shard": str(shard.path),
+            id=record["sample_id"], meta={"split": record["split"], "shard": str(stored.shard),
                                           "subjects": [{k: s[k] for k in ("id", "category", "box")} for s in subjects]},
         )
     return load
@@ -112,11 +109,12 @@ def collect_samples(sources: Iterable, full_only: bool = False) -> tuple[list[Ca
     for source in sources:
         if isinstance(source, (str, os.PathLike)):
             shard = read_shard(source)
-            for n, record in enumerate(shard.records):
+            for stored in shard_records(shard):
+                record = stored.fields
                 problem = schema_problem(validator, record)
                 if problem is not None:
-                    raise TrainingError(f"{shard.path}: record {n}: {problem}")
-                load = _record_sample(shard, record, line=n + 1)  # every row's paths checked, MSIC ones too
+                    raise TrainingError(f"{shard.path}: record {stored.line - 1}: {problem}")
+                load = _record_sample(stored)  # every row's paths checked, MSIC ones too
                 if record["split"] == "msic":
                     skipped += 1
                 elif full_only and record["num_subjects"] < record["source_subjects"]:

@@ -60,24 +60,23 @@ def load_msic(shards_dir: str | Path, limit: int | None = None) -> tuple[MsicSam
     With `limit`, samples are taken round-robin over subject counts (in shard and manifest order), so that every
     count present is represented before any count gets a second sample.
     """
-    from music_dagster.storage import MANIFEST, complete_shards, read_shard, resolve_stored
+    from music_dagster.records import shard_records
+    from music_dagster.storage import complete_shards, read_shard
 
     shards_dir = Path(shards_dir)
-    root = shards_dir.parent  # image references are datasets-relative: <asset>/<key>/<file>
     by_count: dict[int, list[MsicSample]] = defaultdict(list)
     for key in complete_shards(shards_dir):
         shard = read_shard(shards_dir / key)
-        for n, record in enumerate(shard.records):
-            if record.get("split") != "msic":
+        for record in shard_records(shard):
+            n = record.line - 1
+            if record.fields.get("split") != "msic":
                 continue
             try:
-                fields = [(int(s["id"]), str(s["category"]), s["reference"])
-                          for s in sorted(record["subjects"], key=lambda s: s["id"])]
-                sample_id, instruction = str(record["sample_id"]), str(record["instruction"])
+                fields = [(int(s["id"]), str(s["category"]), s["reference"]) for s in record.subjects()]
+                sample_id, instruction = str(record.fields["sample_id"]), str(record.fields["instruction"])
             except (KeyError, TypeError, ValueError) as e:
                 raise BenchmarkError(f"{shard.path}: record {n}: not an MSIC sample (missing or bad {e})") from None
-            where = f"{shard.path / MANIFEST}: line {n + 1}"
-            subjects = tuple(MsicSubject(i, category, resolve_stored(root, ref, where)) for i, category, ref in fields)
+            subjects = tuple(MsicSubject(i, category, record.resolve(ref)) for i, category, ref in fields)
             sample = MsicSample(sample_id, instruction, subjects)
             for s in subjects:
                 if not s.reference.is_file():
