@@ -58,6 +58,56 @@ def test_recorded_output_is_dvcs_hash_and_a_second_clone_pulls_the_same_bytes(tm
     assert dvc.dvc_md5(b / "models" / "lora", root=b) == record.md5
 
 
+def _tree(root: Path) -> dict[str, bytes]:
+    """Every file of a repository but git's own, DVC's cache and DVC's lock files (`.dvc/tmp`, git-ignored)."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+            and not p.relative_to(root).as_posix().startswith((".git/", ".dvc/cache/", ".dvc/tmp/"))}
+
+
+def _objects(folder: Path) -> set[str]:
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("push", [True, False])
+def test_recording_changes_its_stage_in_dvc_lock_the_gitignore_and_the_caches_only(tmp_path, push):
+    """What an asset's materialization changes in the repository (design: Versioning): the dvc.lock entry of the
+    output's stage, the `.gitignore` beside the output (DVC's line for it), the DVC cache and, with `push`, the
+    default remote. No other stage's lock entry, no tracked file, nothing staged or committed in git, not the
+    output itself."""
+    remote = tmp_path / "remote"
+    a = dvc_repo(tmp_path / "a", remote)
+    spec = yaml.safe_load((a / "dvc.yaml").read_text())
+    spec["stages"]["prepare"] = {"cmd": "true", "deps": ["data.txt"], "outs": ["prepared.txt"]}
+    (a / "dvc.yaml").write_text(yaml.safe_dump(spec))
+    (a / "prepared.txt").write_text("prepared\n")
+    assert dvc.record_output("prepared.txt", root=a).pushed  # another stage, recorded earlier
+    git(a, "add", "dvc.yaml", "dvc.lock", "data.txt", ".gitignore", ".dvcignore", ".dvc/config", ".dvc/.gitignore")
+    git(a, "commit", "-q", "-m", "before")
+    head, before, lock_before = git(a, "rev-parse", "HEAD"), _tree(a), yaml.safe_load((a / "dvc.lock").read_text())
+    remote_before = _objects(remote)
+
+    record = dvc.record_output("models/lora", push=push, root=a)
+    assert (record.committed, record.pushed) == (True, push)
+
+    after = _tree(a)
+    assert sorted(k for k in after if k in before and after[k] != before[k]) == ["dvc.lock"]
+    assert sorted(k for k in after if k not in before) == ["models/.gitignore"]
+    assert (a / "models" / ".gitignore").read_text() == "/lora\n" and set(before) <= set(after)
+    lock = yaml.safe_load((a / "dvc.lock").read_text())
+    assert lock["stages"]["prepare"] == lock_before["stages"]["prepare"] and set(lock["stages"]) == {"prepare", "train"}
+    entry = lock["stages"]["train"]
+    assert entry["cmd"] == "true" and [d["path"] for d in entry["deps"]] == ["data.txt"]
+    assert [(o["path"], o["md5"], o["nfiles"]) for o in entry["outs"]] == [("models/lora", record.md5, 3)]
+    # git: nothing staged or committed; the new lock entry and the .gitignore are there for a person to commit
+    assert git(a, "rev-parse", "HEAD") == head and git(a, "diff", "--cached", "--name-only") == ""
+    # the cache holds the folder's listing and each of its files (not the .dvcignore'd run reference)
+    listing = f"files/md5/{record.md5[:2]}/{record.md5[2:]}"
+    files_md5 = {f"files/md5/{dvc.dvc_md5(p, root=a)[:2]}/{dvc.dvc_md5(p, root=a)[2:]}"
+                 for p in (a / "models" / "lora").rglob("*") if p.is_file() and p.name != "mlflow_run.json"}
+    assert {listing, *files_md5} <= _objects(a / ".dvc" / "cache")
+    assert _objects(remote) == (remote_before | {listing, *files_md5} if push else remote_before)
+
+
 def test_the_hash_ignores_run_references_but_sees_every_weight(tmp_path):
     a = dvc_repo(tmp_path / "a", tmp_path / "remote")
     lora = a / "models" / "lora"
