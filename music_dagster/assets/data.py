@@ -21,6 +21,7 @@ from pathlib import Path
 import dagster as dg
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
+from music_dagster.resources.project import ProjectConfig
 from music_dagster.resources.storage import DatasetStore
 from music_dagster.synthesis.common import shard_key
 from music_dagster.synthesis.stages import STAGE_NAMES, STAGES, ShardInputs, Stage
@@ -87,8 +88,9 @@ def _stage(context: dg.AssetExecutionContext, stage: Stage) -> dg.MaterializeRes
     they now are in dvc.lock and the DVC remote once per step, so `dvc repro` agrees with this run."""
     from music_dagster.errors import UserError
 
-    config = context.resources.project.get()
+    project: ProjectConfig = context.resources.project
     store: DatasetStore = context.resources.store
+    config = project.get()
     prepared = stage.prepare(config, config.profile.data) if stage.prepare else None
     keys = context.partition_keys
     if stage.note:
