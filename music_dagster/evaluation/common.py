@@ -4,6 +4,7 @@ group of scored records."""
 from __future__ import annotations
 
 import re
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -72,3 +73,12 @@ def read_generated(items: Sequence, failures: list[dict]):
 def summarize(records: Sequence[dict]) -> dict:
     """Each metric's mean over `records`, and their number."""
     return {**{m: mean([r[m] for r in records]) for m in METRICS}, "n": len(records)}
+
+
+def group_summaries(records: Sequence[dict], key: str, summary: Callable[[Sequence[dict]], dict],
+                    name: Callable = str) -> dict:
+    """`summary` of each group of `records` sharing `record[key]`, by `name(value)`, in sorted value order."""
+    groups = defaultdict(list)
+    for r in records:
+        groups[r[key]].append(r)
+    return {name(value): summary(rs) for value, rs in sorted(groups.items())}

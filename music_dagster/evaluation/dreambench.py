@@ -9,13 +9,12 @@ ceiling). A generated image that cannot be read is a recorded failure, never the
 from __future__ import annotations
 
 import re
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from music_dagster.evaluation.common import (BenchmarkError, GenerateFn, Job, generate_images, method_branches,
-                                             read_generated, summarize)
+from music_dagster.evaluation.common import (BenchmarkError, GenerateFn, Job, generate_images, group_summaries,
+                                             method_branches, read_generated, summarize)
 from music_dagster.evaluation.metrics import Embedder, Embeddings, cosine, image_scores, mean, text_scores
 
 PROMPTS_FILE = "prompts_and_classes.txt"
@@ -162,13 +161,10 @@ def score_dreambench(bench: DreamBench, items: Sequence[DreamItem], embedder: Em
             records.append({"key": item.key, "subject": item.subject, "prompt": item.prompt,
                             "dino": scores["dino"][0], "clip_i": scores["clip_i"][0], "clip_t": clip_t[i],
                             **embedder.encoders})
-    by_subject = defaultdict(list)
-    for r in records:
-        by_subject[r["subject"]].append(r)
     return {
         "encoders": embedder.encoders,
         "overall": summarize(records),
-        "per_subject": {name: summarize(rs) for name, rs in sorted(by_subject.items())},
+        "per_subject": group_summaries(records, "subject", summarize),
         "images": records,
         "failures": failures,
     }

@@ -15,8 +15,8 @@ from typing import Sequence
 
 from music_dagster.config import MAX_SUBJECTS
 from music_dagster.decimation import TAG
-from music_dagster.evaluation.common import (BenchmarkError, GenerateFn, Job, generate_images, method_branches,
-                                             read_generated, summarize)
+from music_dagster.evaluation.common import (BenchmarkError, GenerateFn, Job, generate_images, group_summaries,
+                                             method_branches, read_generated, summarize)
 from music_dagster.evaluation.metrics import Embedder, mean, text_scores
 
 
@@ -170,13 +170,10 @@ def score_msic(items: Sequence[MsicItem], embedder: Embedder, detector, box_thre
                 "clip_t": clip_t[i], "found_rate": mean([float(s["found"]) for s in subjects]),
                 "subjects": subjects, **embedder.encoders,
             })
-    by_count = defaultdict(list)
-    for s in samples:
-        by_count[s["num_subjects"]].append(s)
     return {
         "encoders": embedder.encoders,
         "overall": _msic_summary(samples),
-        "by_subject_count": {str(n): _msic_summary(rs) for n, rs in sorted(by_count.items())},
+        "by_subject_count": group_summaries(samples, "num_subjects", _msic_summary),
         "samples": samples,
         "failures": failures,
     }
