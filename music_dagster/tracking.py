@@ -29,7 +29,6 @@ TAG_DAGSTER_RUN = "dagster.run_id"
 TAG_PARTITIONS = "dagster.partitions"
 TAG_GIT_COMMIT = "git.commit"
 TAG_DATA_VERSION = "data.version"
-TAG_CHECKPOINT_HASH = "checkpoint.sha256"
 TAG_DVC_HASH = "dvc.md5"
 TAG_KIND = "music.kind"  # "training" or "evaluation"
 TAG_MODEL = "music.model"  # what a training run trains: "lora" or "detokenizer"
@@ -181,19 +180,6 @@ def data_version(manifests: Iterable[str | os.PathLike], root: Path | None = Non
         name = path.relative_to(root) if root is not None else path.name
         digest.update(f"{name.as_posix() if root is not None else name}\0".encode())
         digest.update(hashlib.sha256(path.read_bytes()).digest())
-    return digest.hexdigest()
-
-
-def folder_hash(folder: str | os.PathLike, exclude: tuple[str, ...] = (RUN_REF,)) -> str:
-    """A sha256 over every file of a folder (relative names and each file's `storage.file_sha256`, the hash a
-    checkpoint's config records of its weights): the checkpoint's identity."""
-    from music_dagster.storage import file_sha256
-
-    folder = Path(folder)
-    digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in exclude):
-        digest.update(f"{path.relative_to(folder).as_posix()}\0".encode())
-        digest.update(bytes.fromhex(file_sha256(path)))
     return digest.hexdigest()
 
 
@@ -390,7 +376,7 @@ def list_runs(store: Store, limit: int = 10) -> list[dict]:
             "params": {k.removeprefix("profile.train."): run.data.params[k] for k in KEY_PARAMS if k in run.data.params},
             "losses": {k: run.data.metrics[k] for k in LOSSES if k in run.data.metrics},
             "scores": scores,
-            "checkpoint": run.data.tags.get(TAG_DVC_HASH) or run.data.tags.get(TAG_CHECKPOINT_HASH),
+            "checkpoint": run.data.tags.get(TAG_DVC_HASH),
         })
     return rows
 

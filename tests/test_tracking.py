@@ -1,6 +1,5 @@
 """MLflow helpers on a throwaway SQLite store: params, per-step metrics, tags, artifacts, nesting, `music runs`."""
 import dataclasses
-import json
 import re
 import time
 
@@ -40,7 +39,7 @@ def test_training_run_holds_config_metrics_tags_artifacts(store, config, tmp_pat
         for step in range(3):
             run.log_step(step, {"L1": 3.0 - step, "L2": 1.0, "loss": 2.0, "lr": 1e-4})
         run.log_artifacts(tmp_path / "adapter", "adapter")
-        run.set_tags({tracking.TAG_CHECKPOINT_HASH: "abc"})
+        run.set_tags({tracking.TAG_DVC_HASH: "abc"})
         time.sleep(0.7)  # a few system-metric samples
     mlf = tracking.client(store)
     got = mlf.get_run(run.run_id)
@@ -97,15 +96,6 @@ def test_data_version_is_order_free_and_content_sensitive(tmp_path):
     assert tracking.data_version([a, b], root=tmp_path) != v
 
 
-def test_folder_hash_ignores_run_ref(tmp_path):
-    (tmp_path / "w.safetensors").write_bytes(b"1")
-    h = tracking.folder_hash(tmp_path)
-    (tmp_path / tracking.RUN_REF).write_text(json.dumps({"run_id": "r"}))
-    assert tracking.folder_hash(tmp_path) == h
-    (tmp_path / "w.safetensors").write_bytes(b"2")
-    assert tracking.folder_hash(tmp_path) != h
-
-
 def test_print_runs_lists_params_losses_scores_checkpoint(store, capsys):
     store = dataclasses.replace(store, experiment="runs-listing")  # same database, a fresh experiment
     tracking.print_runs(5, store=store)
@@ -116,7 +106,7 @@ def test_print_runs_lists_params_losses_scores_checkpoint(store, capsys):
             run.log_params({"profile.train.lr": lr, "seed": 0, "unrelated": 1})
             run.log_step(0, {"loss": 2.0, "L1": 3.0, "L2": 1.0})
             run.log_step(1, {"loss": 1.5, "L1": 2.0, "L2": 1.0})
-            run.set_tags({tracking.TAG_CHECKPOINT_HASH: f"{lr}-hash-long-enough"})
+            run.set_tags({tracking.TAG_DVC_HASH: f"{lr}-hash-long-enough"})
         ids.append(run.run_id)
     with tracking.start_nested_run(store, ids[0], "msic") as child:
         child.log_metrics({"music/clip_t": 0.3, "music/failures": 0})
@@ -223,7 +213,7 @@ def test_a_store_failing_after_the_checkpoint_is_published_says_where_it_is_kept
         with tracking.start_run(store, "train") as run:
             run.keep(tmp_path / "models" / "lora", "music stage train")
             _damage(tmp_path / "mlruns.db")
-            run.set_tags({tracking.TAG_CHECKPOINT_HASH: "abc"})
+            run.set_tags({tracking.TAG_DVC_HASH: "abc"})
     message = str(info.value)
     assert "\n" not in message
     assert message.startswith(f"{tmp_path / 'models' / 'lora'}: trained and kept, but logging it to MLflow failed (")

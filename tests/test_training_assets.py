@@ -9,6 +9,7 @@ import yaml
 
 from music_dagster import tracking
 from music_dagster.assets import training as assets
+from music_dagster.dvc import dvc_md5
 from music_dagster.resources import build_resources
 from music_dagster.resources.tracking import MlflowTracking
 from music_dagster.runtime import detokenizer_dir, lora_dir
@@ -69,7 +70,7 @@ def test_assets_write_checkpoints_and_pass_checks(setup, first):
     # 4 training-shard samples + 6 procedural world samples with their decimations down to 2 subjects (15);
     # the 3 MSIC samples are counted and skipped
     assert meta["samples"].value == 19 and meta["skipped_msic"].value == 3
-    assert meta["checkpoint_sha256"].value == tracking.folder_hash(lora)
+    assert meta["dvc_md5"].value == dvc_md5(lora)  # the checkpoint's one content hash
     assert meta["mlflow_run_id"].value == tracking.read_run_ref(lora)["run_id"]
     assert meta["mlflow_url"].value.endswith(f"/runs/{meta['mlflow_run_id'].value}")
     assert all(meta[k].value > 0 for k in ("final_L1", "final_L2", "final_loss"))
@@ -109,7 +110,7 @@ def test_mlflow_run_holds_params_metrics_artifacts_tags(setup, first):
     assert tags[tracking.TAG_PARTITIONS] == f"{TRAIN_SHARD},{MSIC_SHARD}"  # every shard read (MSIC records skipped)
     sources, _, version = assets.select_sources(config, setup["root"] / "datasets" / assets.SAMPLES_ASSET)
     assert tags[tracking.TAG_DATA_VERSION] == version
-    assert tags[tracking.TAG_CHECKPOINT_HASH] == tracking.folder_hash(lora_dir(config))
+    assert tags[tracking.TAG_DVC_HASH] == dvc_md5(lora_dir(config))
     assert tags[tracking.TAG_MODEL] == "lora" and tracking.TAG_GIT_COMMIT in tags
 
     def listing(path):
@@ -136,7 +137,7 @@ def test_rerun_resumes_from_last_checkpoint_with_same_result(setup, first):
     meta = again.asset_materializations_for_node("lora_checkpoint")[0].metadata
     assert meta["resumed_from"].value == 3 and meta["steps"].value == 3
     assert json.loads((lora_dir(config) / assets.HISTORY_FILE).read_text()) == history
-    assert meta["checkpoint_sha256"].value == before["checkpoint_sha256"].value
+    assert meta["dvc_md5"].value == before["dvc_md5"].value
     mlf = tracking.client(setup["resources"]["tracking"].store)
     run_id = meta["mlflow_run_id"].value
     assert run_id != before["mlflow_run_id"].value

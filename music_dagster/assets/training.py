@@ -102,17 +102,15 @@ def drop_stale_work(work: Path) -> None:
             shutil.rmtree(other, ignore_errors=True)
 
 
-def publish(model_dir: Path, target: Path, history: list[dict], run: runs.ActiveRun) -> str:
-    """Copy the final weights to `target` with the run reference and loss history, atomically; returns the
-    checkpoint hash (over every file but the run reference)."""
+def publish(model_dir: Path, target: Path, history: list[dict], run: runs.ActiveRun) -> None:
+    """Copy the final weights to `target` with the run reference and loss history, atomically. The checkpoint's
+    one content hash is DVC's (`dvc.record_output`, over every file but the .dvcignore'd run reference)."""
     from music_dagster.storage import atomic_write_text, staged_dir
 
     with staged_dir(target) as tmp:
         shutil.copytree(model_dir, tmp, dirs_exist_ok=True)
         atomic_write_text(tmp / HISTORY_FILE, json.dumps(history, sort_keys=True) + "\n")
         runs.write_run_ref(tmp, run)
-        digest = runs.folder_hash(tmp)
-    return digest
 
 
 def log_steps(run: runs.ActiveRun, entries: list[dict]) -> None:
@@ -190,9 +188,8 @@ class Trained:
     version: str
     target: Path
     result: "TrainResult"
-    digest: str
     run: runs.ActiveRun
-    dvc_record: DvcRecord
+    dvc_record: DvcRecord  # its md5 is the checkpoint's content hash (metadata, MLflow tag, Dagster data version)
 
     def metadata(self, names) -> dict:
         result, history = self.result, self.result.history
@@ -202,7 +199,7 @@ class Trained:
             "steps": result.steps, "resumed_from": result.resumed_from, "epochs": float(result.epochs),
             "samples": result.samples, "skipped_msic": result.skipped_msic,
             "steps_per_second": float(result.steps_per_second), **final,
-            "checkpoint_sha256": self.digest, "data_version": self.version,
+            "data_version": self.version,
             "partitions": ", ".join(self.keys) or "none",
             "mlflow_run_id": self.run.run_id, "mlflow_url": dg.MetadataValue.url(self.run.url),
             **self.dvc_record.metadata(),
@@ -239,14 +236,14 @@ def train_and_publish(context: dg.AssetExecutionContext, project: ProjectConfig,
         else:  # rank 0 of the launch streams its steps to the step's log; MLflow gets them all from here
             result = train_in_processes(context, model, launch, work, env=project.environment())
             log_steps(run, result.history)
-        digest = publish(result.model_dir, target, result.history, run)
+        publish(result.model_dir, target, result.history, run)
         run.keep(target, f"music stage {STAGES[model]}")
         drop_stale_work(work)
-        run.set_tags({runs.TAG_CHECKPOINT_HASH: digest, "resumed_from": result.resumed_from})
+        run.set_tags({"resumed_from": result.resumed_from})
         dvc_record = record_output(target)  # dvc.lock + push, so another clone can `dvc pull` it
         run.set_tags(dvc_record.tags())
         run.log_artifacts(target, artifact_path)
-        trained = Trained(sources, keys, version, target, result, digest, run, dvc_record)
+        trained = Trained(sources, keys, version, target, result, run, dvc_record)
         if then is not None:
             then(trained)
     return trained
@@ -265,7 +262,8 @@ def detokenizer(context: dg.AssetExecutionContext, project: ProjectConfig, music
                                 runtime.detokenizer_dir(project.get()), "detokenizer")
     result = trained.result
     context.log.info(f"de-tokenizer: {result.steps} steps on {result.samples} samples -> {trained.target}")
-    return dg.MaterializeResult(metadata=trained.metadata(("loss",)), data_version=dg.DataVersion(trained.digest))
+    return dg.MaterializeResult(metadata=trained.metadata(("loss",)),
+                                data_version=dg.DataVersion(trained.dvc_record.md5))
 
 
 @dg.asset(group_name="training", pool="gpu", kinds={"pytorch", "mlflow"},
@@ -295,7 +293,7 @@ def lora_checkpoint(context: dg.AssetExecutionContext, project: ProjectConfig, m
     context.log.info(f"LoRA: {result.steps} steps on {result.samples} samples "
                      f"({result.skipped_msic} MSIC skipped) -> {trained.target}")
     return dg.MaterializeResult(metadata=trained.metadata(("L1", "L2", "loss")),
-                                data_version=dg.DataVersion(trained.digest))
+                                data_version=dg.DataVersion(trained.dvc_record.md5))
 
 
 def _finite_check(target: Path) -> dg.AssetCheckResult:
