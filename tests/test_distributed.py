@@ -1,6 +1,7 @@
 """Training under `accelerate launch` with 2 CPU processes (gloo), as the training assets start it when
 `num_processes` is 2: the same weights as 1 process holding the same global batch, and a launch killed mid-training
 resumes to the weights of an uninterrupted one."""
+import os
 import signal
 import subprocess
 import time
