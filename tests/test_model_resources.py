@@ -118,3 +118,25 @@ def test_a_step_loads_on_its_leased_device_and_teardown_frees_it(tiny_zoo, count
     res.unload()  # teardown runs outside the step's lease: it still frees what the step loaded
     with devices.lease(tmp_path, ["cpu"], wait_s=1):
         assert not res.is_loaded
+
+
+def test_load_fresh_is_a_copy_of_its_own_never_cached(tiny_zoo, count_loads):
+    """What MUSIC's backbones load with (peft changes the LLM in place): a new handle per call, outside the cache."""
+    res = MusicVisionResource(checkpoint=str(tiny_zoo["music_vision"]), device="cpu")
+    res.unload()
+    first, second = res.load_fresh(), res.load_fresh()
+    assert first is not second and first.model is not second.model
+    assert not res.is_loaded and count_loads == ["music_vision", "music_vision"]
+
+
+def test_outside_dagster_a_role_loads_through_its_resource_built_from_the_config(make_project, tiny_zoo):
+    from music_dagster import runtime
+
+    config = make_project().get()
+    built = runtime.model_resource(config, "clip")
+    assert type(built) is RESOURCE_CLASSES["clip"] and built == RESOURCE_CLASSES["clip"].from_config(config)
+    given = MusicVisionResource(checkpoint=str(tiny_zoo["music_vision"]), device="cpu")
+    assert runtime.model_resource(config, "music_vision", {"music_vision": given}) is given
+    swapped = runtime.with_models(config, {"music_vision": given})
+    assert swapped.models["music_vision"].id == str(tiny_zoo["music_vision"])
+    assert swapped.models["music_llm"] == config.models["music_llm"]
