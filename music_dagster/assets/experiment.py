@@ -7,8 +7,9 @@ held-out prompts end to end, scores the pixels against ground truth, writes `dat
 logs one MLflow run. `procedural_report` reads every row that exists, writes `metrics/procedural.json` (each
 metric's mean, 95% interval and n per row), the table, a plot and the example figure, and logs the parent MLflow
 run that every row run is nested under. The Dagster UI shows the table, the plot and the image grid as metadata.
-The config comes from the `project` resource, with the checkpoints of the `music_llm`, `music_vision`,
-`music_unet` and `clip` resources (the experiment's library loads each role through its resource built from it).
+The config comes from the `project` resource; the backbones and CLIP from the `music_llm`, `music_vision`,
+`music_unet` and `clip` resources (`experiment.procedural` loads fresh copies from them; their checkpoints key the
+trained models).
 """
 import base64
 
@@ -49,11 +50,11 @@ def procedural_row(context: dg.AssetExecutionContext, config: ExperimentConfig, 
     from music_dagster.runtime import with_models, work_dir
     from music_dagster.storage import atomic_write_text
 
-    cfg = with_models(project.get(), {"music_llm": music_llm, "music_vision": music_vision,
-                                      "music_unet": music_unet, "clip": clip})
+    resources = {"music_llm": music_llm, "music_vision": music_vision, "music_unet": music_unet, "clip": clip}
+    cfg = with_models(project.get(), resources)
     name = context.partition_key
     work = config.work_dir or work_dir(cfg, WORK_FOLDER)
-    results = ex.run_experiment(cfg, [name], work, config.held_out, log=context.log.info)
+    results = ex.run_experiment(cfg, [name], work, config.held_out, log=context.log.info, resources=resources)
     folder = ex.save_row(results[name], store.asset_dir(ROW_ASSET) / name)
     run = ex.log_row_run(tracking.store, cfg, results[name], folder, {"dagster.run_id": context.run_id})
     atomic_write_text(folder / RUN_FILE, json.dumps(run, sort_keys=True) + "\n")

@@ -108,8 +108,9 @@ def _key(config, *parts) -> str:
     return hashlib.sha256(json.dumps(decided, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def train_detokenizer_once(config, root: Path, log: Callable[[str], None] = print) -> Path:
-    """The experiment's de-tokenizer (reconstruction on the world's targets), trained once under `root`."""
+def train_detokenizer_once(config, root: Path, log: Callable[[str], None] = print, resources=None) -> Path:
+    """The experiment's de-tokenizer (reconstruction on the world's targets), trained once under `root`.
+    `resources`: the backbones' resources (role -> `ModelResource`; default: the config's)."""
     from music_dagster.procedural import WorldSettings, procedural_samples
     from music_dagster.training import train_detokenizer
 
@@ -119,21 +120,24 @@ def train_detokenizer_once(config, root: Path, log: Callable[[str], None] = prin
     work = root / f"detokenizer-{_key(config, *decided)}"
     log(f"de-tokenizer: training into {work}")
     t0 = time.perf_counter()
-    result = train_detokenizer(config, [procedural_samples(train.procedural_samples, config.seed, world)], work)
+    result = train_detokenizer(config, [procedural_samples(train.procedural_samples, config.seed, world)], work,
+                               models=resources)
     log(f"de-tokenizer: {result.steps} steps, final loss {result.history[-1]['loss']:.4f} "
         f"({time.perf_counter() - t0:.0f} s)")
     return result.model_dir
 
 
-def train_music_once(config, ablation: str, root: Path, log: Callable[[str], None] = print) -> Path:
-    """MUSIC trained on the world with `train.ablation = ablation`, once under `root`."""
+def train_music_once(config, ablation: str, root: Path, log: Callable[[str], None] = print,
+                     resources=None) -> Path:
+    """MUSIC trained on the world with `train.ablation = ablation`, once under `root` (`resources`: as
+    `train_detokenizer_once`'s)."""
     from music_dagster.training import procedural_source, train_music
 
     cfg = config.with_values("train", ablation=ablation)
     work = root / f"music-{ablation}-{_key(cfg, cfg.profile.train)}"
     log(f"MUSIC ({ablation}): training into {work}")
     t0 = time.perf_counter()
-    result = train_music(cfg, [procedural_source(cfg)], work)
+    result = train_music(cfg, [procedural_source(cfg)], work, models=resources)
     log(f"MUSIC ({ablation}): {result.steps} steps on {result.samples} samples, final L1 "
         f"{result.history[-1]['L1']:.4f} L2 {result.history[-1]['L2']:.4f} ({time.perf_counter() - t0:.0f} s)")
     return result.model_dir
@@ -269,8 +273,10 @@ def run_rows(config, names: Sequence[str], models: Models, prompts: Sequence, ex
     return results
 
 
-def load_models(config, names: Sequence[str], root: Path, log: Callable[[str], None] = print) -> Models:
-    """Train (or find) and load every model the rows `names` need."""
+def load_models(config, names: Sequence[str], root: Path, log: Callable[[str], None] = print,
+                resources=None) -> Models:
+    """Train (or find) and load every model the rows `names` need; `resources`: the backbones' and CLIP's
+    resources (role -> `ModelResource`, what an asset received; default: the config's, `runtime.load_model`)."""
     import torch
 
     from music_dagster.detokenizer import Detokenizer, load_vae
@@ -283,16 +289,17 @@ def load_models(config, names: Sequence[str], root: Path, log: Callable[[str], N
     device = device_of(config)
     detok_cfg = config.profile.detokenizer
     vae = load_vae(detok_cfg.vae, device) if detok_cfg.vae is not None else None
-    detok = Detokenizer.from_pretrained(train_detokenizer_once(config, root, log), vae=vae, device=device)
+    detok = Detokenizer.from_pretrained(train_detokenizer_once(config, root, log, resources), vae=vae,
+                                        device=device)
     music = {}
     for ablation in dict.fromkeys(ROWS[n].ablation for n in names if ROWS[n].trained and ROWS[n].ablation):
-        folder = train_music_once(config, ablation, root, log)
-        music[ablation] = MusicModel.from_pretrained(folder, load_model(config, "music_llm"),
-                                                     load_model(config, "music_vision"))
+        folder = train_music_once(config, ablation, root, log, resources)
+        music[ablation] = MusicModel.from_pretrained(folder, load_model(config, "music_llm", resources),
+                                                     load_model(config, "music_vision", resources))
     if "untrained" in names:
         torch.manual_seed(config.seed)
         cfg = config.with_values("train", ablation="none")
-        untrained = MusicModel(load_model(cfg, "music_llm"), load_model(cfg, "music_vision"),
+        untrained = MusicModel(load_model(cfg, "music_llm", resources), load_model(cfg, "music_vision", resources),
                                MusicSettings.from_config(cfg.profile.train, grid=cfg.profile.data.grid))
         targets = [s.target for s in procedural_source(cfg)[:cfg.profile.train.feature_stats_samples]]
         with torch.no_grad():
@@ -301,8 +308,8 @@ def load_models(config, names: Sequence[str], root: Path, log: Callable[[str], N
         music["untrained"] = untrained.eval()
     clip = None
     if any(ROWS[n].select == "clip" for n in names):
-        clip = load_model(config, "clip")
-    return Models(detok, music, load_model(config, "music_vision"), clip)
+        clip = load_model(config, "clip", resources)
+    return Models(detok, music, load_model(config, "music_vision", resources), clip)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -516,11 +523,12 @@ def log_parent_run(store, config, results: dict[str, RowResult], files: dict[str
 
 
 def run_experiment(config, names: Sequence[str], root: str | os.PathLike, held_out: int,
-                   log: Callable[[str], None] = print) -> dict[str, RowResult]:
-    """Train what the rows need (once, under `root`), then generate and score each row on `held_out` prompts."""
+                   log: Callable[[str], None] = print, resources=None) -> dict[str, RowResult]:
+    """Train what the rows need (once, under `root`), then generate and score each row on `held_out` prompts
+    (`resources`: see `load_models`)."""
     names = check_rows(names)
     prompts = held_out_prompts(config, held_out)
-    models = load_models(config, names, Path(root), log)
+    models = load_models(config, names, Path(root), log, resources)
     return run_rows(config, names, models, prompts, log=log)
 
 
