@@ -10,14 +10,14 @@ import sys
 
 
 def _zoo(args):
-    from music_dagster.zoo import build_zoo
+    from music_dagster.zoo.tiny import build_zoo
 
     build_zoo(seed=args.seed, roles=args.role or None,
               progress=lambda r, e: print(f"{r}: {e['class']}, {e['parameters']:,} parameters", flush=True))
 
 
 def _generate(args):
-    from music_dagster.generate import cli_generate
+    from music_dagster.model.generate import cli_generate
 
     cli_generate(args)
 
@@ -35,7 +35,7 @@ def _stage(args):
 
 
 def _data_dreambench(args):
-    from music_dagster.dvc import DREAMBENCH_REV, import_dreambench
+    from music_dagster.tracking.dvc import DREAMBENCH_REV, import_dreambench
 
     print(f"DreamBench imported into {import_dreambench(args.out, args.rev or DREAMBENCH_REV)}")
 
@@ -53,7 +53,7 @@ def _demo_web(args):
 
 
 def _runs(args):
-    from music_dagster.tracking import print_runs
+    from music_dagster.tracking.runs import print_runs
 
     print_runs(limit=args.limit)
 
@@ -65,7 +65,7 @@ def _doctor(args):
 
 
 def _check(args):
-    from music_dagster.dryrun import run_check
+    from music_dagster.zoo.dryrun import run_check
 
     return run_check(args.profile)
 

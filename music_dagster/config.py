@@ -167,7 +167,7 @@ def _square(name: str, value: int) -> None:
 
 
 class TrainConfig(_Spelled):
-    """MUSIC training (`music_dagster.training.train_music`); defaults are the paper's where it gives them."""
+    """MUSIC training (`music_dagster.training.train.train_music`); defaults are the paper's where it gives them."""
 
     source: Literal["synthesized", "procedural", "both"] = "synthesized"  # what `lora_checkpoint` trains on
     # the paper's missing ablations (docs/design.md, the procedural experiment): the plan without its CoT, its
@@ -223,7 +223,7 @@ class TrainConfig(_Spelled):
 
 
 class DetokenizerConfig(_Spelled):
-    """The de-tokenizer (`music_dagster.detokenizer`) and its reconstruction training."""
+    """The de-tokenizer (`music_dagster.model.detokenizer`) and its reconstruction training."""
 
     resampler_queries: int = Field(default=64, gt=0)  # conditioning tokens fed to the UNet's cross-attention
     resampler_depth: int = Field(default=1, gt=0)
@@ -270,7 +270,8 @@ class EvalConfig(_Spelled):
 
 
 class GenerateConfig(_Spelled):
-    """Inference (`music_dagster.generate`): how plans are sampled, and the sample generations logged in training."""
+    """Inference (`music_dagster.model.generate`): how plans are sampled, and the sample generations logged in
+    training."""
 
     temperature: float = Field(default=1.0, gt=0)  # plan sampling when N > 1 branches (one branch decodes greedily)
     top_k: int = Field(default=0, ge=0)  # 0: the whole vocabulary

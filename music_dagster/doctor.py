@@ -124,7 +124,7 @@ def check_runs(config: Config, instance: DagsterInstance) -> list[Finding]:
 def check_mlflow(config: Config, instance: DagsterInstance) -> list[Finding]:
     """The tracking store opens and its schema is the one this MLflow writes. Read-only: a SQLite store is opened
     with sqlite3 in read-only mode (MLflow's own client would create or migrate it)."""
-    from music_dagster.tracking import store_from_config
+    from music_dagster.tracking.runs import store_from_config
 
     uri = store_from_config(config).tracking_uri
     if not uri.startswith("sqlite:///"):
@@ -168,9 +168,10 @@ def check_checkpoints(config: Config, instance: DagsterInstance) -> list[Finding
     """The published MUSIC checkpoint and de-tokenizer pass the checks loading makes first (every file there,
     configs of their schema, complete safetensors files with the sha256 their config records). A folder that is
     not there yet is no finding."""
-    from music_dagster import detokenizer, model
     from music_dagster.errors import UserError
-    from music_dagster.runtime import detokenizer_dir, lora_dir
+    from music_dagster.model import detokenizer
+    from music_dagster.model import music as model
+    from music_dagster.model.runtime import detokenizer_dir, lora_dir
 
     findings = []
     for folder, check, stage in ((lora_dir(config), model.check_checkpoint, "train"),

@@ -32,9 +32,9 @@ from dagster._core.execution.plan.execute_plan import inner_plan_execution_itera
 from dagster._core.execution.plan.instance_concurrency_context import InstanceConcurrencyContext
 from dagster._utils.interrupts import check_captured_interrupt, pop_captured_interrupt
 
-from music_dagster import devices
 from music_dagster.config import PROJECT_ROOT, ConfigError, default_config
 from music_dagster.errors import UserError
+from music_dagster.zoo import devices
 
 # The console shows what a person follows (stage progress, kept/dropped counts); the UI keeps every event.
 _RUN_CONFIG = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
@@ -249,7 +249,7 @@ STAGES = ("data", *STAGE_ASSETS)
 
 def run_stage(name: str) -> None:
     """Materialize the assets of the DVC stage `name`: `data` runs `data_job` for each of the profile's shards."""
-    from music_dagster.dvc import DvcError
+    from music_dagster.tracking.dvc import DvcError
 
     if name not in STAGES:
         raise DvcError(f"unknown stage {name!r} (stages: {', '.join(STAGES)})")
@@ -282,7 +282,7 @@ def check_outputs(config) -> None:
     """Before `music pipeline` starts: the folders and the MLflow store it writes accept writes, so a locked one is
     one line now, not after the data and the training have run (each asset checks its own outputs again)."""
     from music_dagster.storage import check_writable
-    from music_dagster.tracking import check_store, store_from_config
+    from music_dagster.tracking.runs import check_store, store_from_config
 
     for name in ("datasets", "models", "metrics"):
         check_writable(config.paths.resolve(name), f"paths.{name}")

@@ -19,10 +19,10 @@ import numpy as np
 
 from music_dagster.config import MAX_SUBJECTS
 from music_dagster.errors import UserError
-from music_dagster.generate import PlanError, check_layout
+from music_dagster.model.generate import PlanError, check_layout
 
 if TYPE_CHECKING:  # pragma: no cover
-    from music_dagster.music_pipeline import MusicPipeline, MusicPipelineOutput
+    from music_dagster.model.pipeline import MusicPipeline, MusicPipelineOutput
 
 # One colour per subject id (0 = background), readable under black text; 12 subjects at most.
 PALETTE = ["#e6e6e6", "#ff9f9f", "#9fd0ff", "#a8e6a1", "#ffd27f", "#d5a6ff", "#7fe0d8",
@@ -171,8 +171,8 @@ def cli_demo_web(args) -> None:
     import torch
 
     from music_dagster.config import default_config
-    from music_dagster.music_pipeline import MusicPipeline
-    from music_dagster.runtime import lora_dir
+    from music_dagster.model.pipeline import MusicPipeline
+    from music_dagster.model.runtime import lora_dir
 
     config = default_config()
     _gradio()  # checked before the models load

@@ -29,8 +29,8 @@ def train_checkpoint(config, work: Path) -> list:
     them where `config` reads them (`runtime.detokenizer_dir`, `runtime.lora_dir`); the samples trained on."""
     import torch
 
-    from music_dagster import runtime
-    from music_dagster.training import procedural_source, train_detokenizer, train_music
+    from music_dagster.model import runtime
+    from music_dagster.training.train import procedural_source, train_detokenizer, train_music
 
     torch.set_num_threads(1)
     samples = procedural_source(config)

@@ -20,7 +20,7 @@ def tiny_zoo():
     import torch
 
     from music_dagster.config import default_config
-    from music_dagster.zoo import ensure_zoo
+    from music_dagster.zoo.tiny import ensure_zoo
 
     torch.set_num_threads(1)
     return ensure_zoo(seed=default_config().seed)  # the project's seed, as the zoo asset builds it

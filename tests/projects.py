@@ -13,8 +13,8 @@ from pathlib import Path
 
 import yaml
 
-from music_dagster import dvc
 from music_dagster.config import PROJECT_ROOT
+from music_dagster.tracking import dvc
 
 
 def git(root: Path, *args: str) -> str:

@@ -5,10 +5,10 @@ import torch
 import yaml
 
 from music_dagster.config import ABLATIONS, PARAMS_FILE, ConfigError, load_config, parse_config
-from music_dagster.layout import layout_to_text
-from music_dagster.model import IGNORE, MusicSettings, plan_text, split_plan
-from music_dagster.procedural import procedural_samples
-from music_dagster.training import collect_samples, procedural_source
+from music_dagster.model.layout import layout_to_text
+from music_dagster.model.music import IGNORE, MusicSettings, plan_text, split_plan
+from music_dagster.model.procedural import procedural_samples
+from music_dagster.training.train import collect_samples, procedural_source
 
 COT = "[1] is a red circle at the left."
 LAYOUT = np.zeros((8, 8), np.int64)
@@ -40,8 +40,8 @@ def test_plan_text_per_ablation_and_what_inference_reads_back():
 
 
 def test_neither_supervises_only_the_eos(tiny_zoo):
-    from music_dagster.model import MusicModel
-    from music_dagster.runtime import load_model
+    from music_dagster.model.music import MusicModel
+    from music_dagster.model.runtime import load_model
 
     torch.set_num_threads(1)
     config = load_config(profile="tiny")

@@ -36,7 +36,7 @@ def shared_dreambench():
 
 @pytest.fixture(scope="module")
 def handles(tiny_zoo, make_project):
-    from music_dagster.loaders import load_role
+    from music_dagster.zoo.loaders import load_role
 
     roles = ("dino", "eval_clip", "detector")
     cfg = make_project().get()

@@ -135,7 +135,7 @@ def test_dvc_yaml_data_stage_is_the_stage_table():
     stage = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())["stages"]["data"]
     assert stage["outs"] == [f"datasets/{name}" for name in NAMES]
     modules = _imported_modules(("music_dagster.assets.data", "music_dagster.resources.models"),
-                                follow_not={"music_dagster.dvc"})
+                                follow_not={"music_dagster.tracking.dvc"})
     files = {PROJECT_ROOT.joinpath(*m.split(".")).with_suffix(".py") for m in modules}
     files = {f if f.is_file() else f.with_suffix("") / "__init__.py" for f in files}
     code = {f.relative_to(PROJECT_ROOT).as_posix() for f in files
@@ -320,8 +320,7 @@ def _range_run(job, instance, keys: list[str]):
 @pytest.mark.slow
 def test_a_range_run_writes_the_bytes_of_one_shard_runs_and_loads_each_model_once(tmp_path, tiny_zoo,
                                                                                     monkeypatch):
-    from music_dagster import loaders
-
+    from music_dagster.zoo import loaders
     loads = []
     real = loaders.load_role
     monkeypatch.setattr(loaders, "load_role", lambda role, *a: loads.append(role) or real(role, *a))

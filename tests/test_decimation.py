@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from music_dagster.decimation import DecimationError, TAG, decimate, tags_in
 from music_dagster.errors import UserError
-from music_dagster.layout import grid_layout
+from music_dagster.model.layout import grid_layout
+from music_dagster.synthesis.decimation import DecimationError, TAG, decimate, tags_in
 
 
 def _sample():

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from music_dagster.config import load_config
-from music_dagster.detokenizer import Detokenizer, DetokenizerError, DetokenizerSettings
-from music_dagster.runtime import load_model
+from music_dagster.model.detokenizer import Detokenizer, DetokenizerError, DetokenizerSettings
+from music_dagster.model.runtime import load_model
 
 
 @pytest.fixture(scope="module")
@@ -98,9 +98,9 @@ def test_detokenizer_learns_and_reads_its_conditioning(config, tmp_path):
     noise is predicted better with each image's own visual tokens than with another image's (paired: same
     images, noise and timesteps: lower on average at each of three timesteps, for over 65% of the image-timestep
     pairs, with a paired z above 3)."""
-    from music_dagster.model import target_tokens
-    from music_dagster.procedural import procedural_samples
-    from music_dagster.training import train_detokenizer
+    from music_dagster.model.music import target_tokens
+    from music_dagster.model.procedural import procedural_samples
+    from music_dagster.training.train import train_detokenizer
 
     cfg = config.with_values("detokenizer", max_steps=STEPS, epochs=10 ** 6, checkpoint_every=10 ** 6, batch_size=16)
     result = train_detokenizer(cfg, [procedural_samples(256, seed=0)], tmp_path / "run")

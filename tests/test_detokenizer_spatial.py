@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from music_dagster.config import load_config
-from music_dagster.detokenizer import Detokenizer, DetokenizerError, DetokenizerSettings
-from music_dagster.runtime import load_model
+from music_dagster.model.detokenizer import Detokenizer, DetokenizerError, DetokenizerSettings
+from music_dagster.model.runtime import load_model
 
 
 @pytest.fixture(scope="module")

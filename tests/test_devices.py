@@ -6,8 +6,7 @@ import time
 import dagster as dg
 import pytest
 
-from music_dagster import devices
-
+from music_dagster.zoo import devices
 CPUS = ["cpu", "cpu"]
 
 

@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from music_dagster.config import PARAMS_FILE, PROJECT_ROOT, ConfigError, load_config, parse_config
-from music_dagster.train_entry import launch_command
-from music_dagster.training import TrainingError
+from music_dagster.training.entry import launch_command
+from music_dagster.training.train import TrainingError
 from projects import project_env
 
 STEPS = 6
@@ -136,10 +136,10 @@ def test_the_asset_launches_the_processes_through_pipes(two_processes):
     materialization; the step publishes the launch's weights and logs every step to MLflow."""
     import dagster as dg
 
-    from music_dagster import tracking
     from music_dagster.assets import training as assets
+    from music_dagster.model.runtime import lora_dir
     from music_dagster.resources import ProjectConfig, build_resources
-    from music_dagster.runtime import lora_dir
+    from music_dagster.tracking import runs as tracking
 
     root, two = two_processes
     raw = yaml.safe_load(_params(root, 2, 2).read_text())

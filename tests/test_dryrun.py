@@ -9,8 +9,10 @@ import sys
 import pytest
 
 from music_dagster.config import ROLES, load_config
-from music_dagster.dryrun import CONFIGS, DryRunError, build_role, check_full, check_sizes, format_report, read_sources
-from music_dagster.loaders import HF_MODEL_CLASSES, PIPELINE_CLASSES
+from music_dagster.zoo.dryrun import (
+    CONFIGS, DryRunError, build_role, check_full, check_sizes, format_report, read_sources,
+)
+from music_dagster.zoo.loaders import HF_MODEL_CLASSES, PIPELINE_CLASSES
 
 # Published sizes, from the model cards and reports (independent of configs/full/sources.json).
 PUBLISHED = {

@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from music_dagster import dvc, pipeline
+from music_dagster import pipeline
+
 from music_dagster.config import PROJECT_ROOT
+from music_dagster.tracking import dvc
 from projects import git, in_clone, project_copy, run_in
 
 
@@ -178,7 +180,6 @@ def test_bad_paths_and_stages_are_one_line_errors(tmp_path):
 
 def test_an_unknown_stage_exits_2_with_one_line(capsys):
     from music_dagster import cli
-
     assert cli.main(["stage", "nope"]) == 2
     err = capsys.readouterr().err
     assert err == "music: error: unknown stage 'nope' (stages: data, detokenizer, train, evaluate)\n"
@@ -204,7 +205,7 @@ def test_dvc_yaml_runs_the_project_entry_points():
     files the evaluation writes, and the artifact is what `lora_checkpoint` publishes."""
     from music_dagster.assets.data import DATA_ASSETS
     from music_dagster.config import default_config
-    from music_dagster.runtime import lora_dir
+    from music_dagster.model.runtime import lora_dir
 
     spec = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())
     stages = spec["stages"]
@@ -242,8 +243,7 @@ def repro(root: Path, home: Path) -> list[str]:
 def test_a_bare_clone_runs_the_main_job_and_dvc_agrees_with_dagster(tmp_path):
     import dagster as dg
 
-    from music_dagster import tracking
-
+    from music_dagster.tracking import runs as tracking
     home = tmp_path / "home"
     home.mkdir()
     dvc_cmd = dvc.dvc_executable()

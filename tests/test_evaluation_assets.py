@@ -16,10 +16,10 @@ pytestmark = pytest.mark.slow
 def project(tmp_path_factory, tiny_zoo, make_project):
     """A tiny trained checkpoint with its MLflow training run, and MSIC hold-out shards (plus a training shard);
     every output under the test's folder, a short plan (a random tiny LLM rambles otherwise)."""
-    from music_dagster import tracking
-    from music_dagster.procedural import WorldSettings, write_procedural_shard
-    from music_dagster.runtime import lora_dir
+    from music_dagster.model.procedural import WorldSettings, write_procedural_shard
+    from music_dagster.model.runtime import lora_dir
     from music_dagster.storage import read_shard
+    from music_dagster.tracking import runs as tracking
 
     root = tmp_path_factory.mktemp("evaluation")
     project = make_project(root, outputs=True, **QUICK_TRAINING)

@@ -60,9 +60,9 @@ def test_assets_write_the_table_and_nest_the_row_runs(tiny_zoo, tmp_path, make_p
     import dagster as dg
     from mlflow.tracking import MlflowClient
 
-    from music_dagster import tracking
     from music_dagster.assets import experiment
     from music_dagster.resources import build_resources
+    from music_dagster.tracking import runs as tracking
 
     project = make_project(tmp_path, outputs=True, train=dict(max_steps=3, procedural_samples=12, max_plan_tokens=24),
                            detokenizer=dict(max_steps=3, decode_steps=2))

@@ -6,7 +6,7 @@ from PIL import Image
 from music_dagster.experiment.metrics import (
     interval, paired_gap, score_image, score_plan, summarise,
 )
-from music_dagster.procedural import BACKGROUND, COLOURS, procedural_samples
+from music_dagster.model.procedural import BACKGROUND, COLOURS, procedural_samples
 
 # Three subjects on an 8x8 grid: ids 1..3 own a 2x2, a 3x3 and a 2x2 box.
 LAYOUT = np.zeros((8, 8), np.int64)

@@ -8,9 +8,9 @@ import torch
 from PIL import Image
 
 from checkpoints import QUICK_TRAINING, train_checkpoint
-from music_dagster import cli, generate, runtime
-
-
+from music_dagster import cli
+from music_dagster.model import generate
+from music_dagster.model import runtime
 def _image(tmp_path, name="s.png", size=(40, 30), mode="RGB", **kw):
     arr = np.random.default_rng(0).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
     path = tmp_path / name
@@ -149,7 +149,7 @@ def _corner_layout(subjects: int, corner: tuple[int, int]) -> np.ndarray:
 
 @pytest.mark.slow
 def test_moving_a_subjects_cells_moves_what_the_image_stage_reads(tiny_checkpoint, monkeypatch):
-    from music_dagster.layout import layout_to_text
+    from music_dagster.model.layout import layout_to_text
 
     generator = generate.Generator(tiny_checkpoint["config"])
     seen = []
@@ -209,7 +209,7 @@ def test_a_hand_edited_plan_redraws_through_the_cli(tiny_checkpoint, tmp_path, u
 def test_music_pipeline_in_diffusers_style_gives_the_generators_bytes(tiny_checkpoint):
     from diffusers.utils import BaseOutput
 
-    from music_dagster.music_pipeline import MusicPipeline
+    from music_dagster.model.pipeline import MusicPipeline
     from music_dagster.storage import png_bytes
 
     config = tiny_checkpoint["config"]

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from music_dagster.config import load_config
-from music_dagster.procedural import procedural_samples
-from music_dagster.runtime import flush_denormals
-from music_dagster.training import build_detokenizer, build_model
+from music_dagster.model.procedural import procedural_samples
+from music_dagster.model.runtime import flush_denormals
+from music_dagster.training.train import build_detokenizer, build_model
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +60,8 @@ def test_music_checkpointing_recomputes_layers_with_the_same_loss_and_gradients(
 def _detokenizer_step(config, samples, checkpointing: bool):
     from diffusers.models.resnet import ResnetBlock2D
 
-    from music_dagster.model import target_tokens
-    from music_dagster.runtime import load_model
+    from music_dagster.model.music import target_tokens
+    from music_dagster.model.runtime import load_model
 
     cfg = config.with_values("detokenizer", gradient_checkpointing=checkpointing)
     vision = load_model(cfg, "music_vision")

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from music_dagster.errors import UserError
-from music_dagster.layout import (
+from music_dagster.model.layout import (
     LayoutError, compute_layout, grid_layout, layout_from_text, layout_to_text, render_overlay,
 )
 

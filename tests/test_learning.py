@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 
 from music_dagster.config import load_config
-from music_dagster.model import MusicModel, MusicSettings, Sample
-from music_dagster.procedural import procedural_samples, score_plans
-from music_dagster.runtime import load_model
-from music_dagster.training import train_music
+from music_dagster.model.music import MusicModel, MusicSettings, Sample
+from music_dagster.model.procedural import procedural_samples, score_plans
+from music_dagster.model.runtime import load_model
+from music_dagster.training.train import train_music
 
 STEPS = 1000
 TRAIN_SAMPLES = 1200

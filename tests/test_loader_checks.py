@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from music_dagster.config import ModelSpec, load_config
-from music_dagster.loaders import FLOAT32_ROLES, LoaderError, load_role, role_dtype
+from music_dagster.zoo.loaders import FLOAT32_ROLES, LoaderError, load_role, role_dtype
 
 
 def test_evaluation_encoders_are_float32_on_a_bf16_gpu_profile():

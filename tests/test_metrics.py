@@ -16,7 +16,7 @@ DOG = "dog/00.jpg"
 
 @pytest.fixture(scope="module")
 def handles(tiny_zoo, make_project):
-    from music_dagster.loaders import load_role
+    from music_dagster.zoo.loaders import load_role
 
     cfg = make_project().get()
     return {r: load_role(r, cfg.models[r], "cpu", "float32") for r in ("dino", "eval_clip")}

@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from music_dagster.config import load_config
-from music_dagster.loaders import load_role
-from music_dagster.model import (
+from music_dagster.zoo.loaders import load_role
+from music_dagster.model.music import (
     IGNORE, QUERY, CheckpointError, ModelInputError, MusicModel, MusicSettings, Sample, plan_text, split_plan,
 )
-from music_dagster.procedural import procedural_samples
+from music_dagster.model.procedural import procedural_samples
 
 SETTINGS = MusicSettings(input_queries=4, image_queries=4, lora_rank=4, lora_alpha=8, max_plan_tokens=12)
 

@@ -5,10 +5,10 @@ import sys
 import dagster as dg
 import pytest
 
-from music_dagster import loaders
 from music_dagster.config import ROLES
-from music_dagster.loaders import LoaderError
 from music_dagster.resources.models import RESOURCE_CLASSES, DinoResource, MusicVisionResource, model_resources
+from music_dagster.zoo import loaders
+from music_dagster.zoo.loaders import LoaderError
 
 
 @pytest.fixture
@@ -108,8 +108,7 @@ def test_bad_checkpoint_is_one_line_error(tmp_path):
 
 
 def test_a_step_loads_on_its_leased_device_and_teardown_frees_it(tiny_zoo, count_loads, tmp_path):
-    from music_dagster import devices
-
+    from music_dagster.zoo import devices
     res = DinoResource(checkpoint=str(tiny_zoo["dino"]), device="auto")
     with devices.lease(tmp_path, ["cpu"], wait_s=1):
         handle = res.load()
@@ -130,8 +129,7 @@ def test_load_fresh_is_a_copy_of_its_own_never_cached(tiny_zoo, count_loads):
 
 
 def test_outside_dagster_a_role_loads_through_its_resource_built_from_the_config(make_project, tiny_zoo):
-    from music_dagster import runtime
-
+    from music_dagster.model import runtime
     config = make_project().get()
     built = runtime.model_resource(config, "clip")
     assert type(built) is RESOURCE_CLASSES["clip"] and built == RESOURCE_CLASSES["clip"].from_config(config)

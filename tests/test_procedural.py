@@ -4,8 +4,8 @@ import hashlib
 import numpy as np
 import pytest
 
-from music_dagster.model import Plan, plan_text, split_plan
-from music_dagster.procedural import (
+from music_dagster.model.music import Plan, plan_text, split_plan
+from music_dagster.model.procedural import (
     COLOURS, REGIONS, ProceduralError, WorldSettings, make_sample, procedural_samples, score_plans, stated_looks,
     write_procedural_shard,
 )
@@ -73,7 +73,7 @@ def test_references_are_transformed_not_copies():
 
 
 def test_shard_round_trip_is_byte_identical_and_reads_back(tmp_path):
-    from music_dagster.training import collect_samples
+    from music_dagster.training.train import collect_samples
 
     def digest(folder):
         h = hashlib.sha256()

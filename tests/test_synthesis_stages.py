@@ -20,7 +20,7 @@ DATA = CONFIG.profile.data.model_copy(update={"shard_size": 2})
 
 @pytest.fixture(scope="module")
 def handles(tiny_zoo):
-    from music_dagster.loaders import load_role
+    from music_dagster.zoo.loaders import load_role
 
     return {role: load_role(role, CONFIG.models[role], "cpu", "float32")
             for role in ("llm", "vlm", "t2i", "i2i", "detector", "segmenter", "clip")}

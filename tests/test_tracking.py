@@ -5,8 +5,8 @@ import time
 
 import pytest
 
-from music_dagster import tracking
 from music_dagster.config import load_config
+from music_dagster.tracking import runs as tracking
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +172,8 @@ def test_a_read_only_store_is_refused_for_writing_but_still_read(tmp_path):
         pass
     db = tmp_path / "mlruns.db"
     read_only(db)
-    code = ("import sys; from music_dagster import tracking; from music_dagster.errors import UserError\n"
+    code = ("import sys\nfrom music_dagster.tracking import runs as tracking\n"
+            "from music_dagster.errors import UserError\n"
             f"store = tracking.Store({store.tracking_uri!r}, {store.artifact_root!r})\n"
             "print(len(tracking.list_runs(store)))\n"
             "try:\n    tracking.start_run(store, 'r').__enter__()\nexcept UserError as e:\n    print(e)")
@@ -196,7 +197,7 @@ def test_a_read_only_artifact_folder_is_refused_before_a_run_opens(tmp_path):
     tracking.client(store)
     (tmp_path / "art" / "music").mkdir(parents=True)
     read_only(tmp_path / "art")
-    code = ("from music_dagster import tracking\n"
+    code = ("from music_dagster.tracking import runs as tracking\n"
             f"tracking.check_store(tracking.Store({store.tracking_uri!r}, {store.artifact_root!r}))")
     try:
         proc = subprocess.run(as_user(sys.executable, "-c", code), capture_output=True, text=True)

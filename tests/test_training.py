@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from music_dagster.config import load_config
-from music_dagster.detokenizer import Detokenizer
-from music_dagster.model import MusicModel
-from music_dagster.procedural import procedural_samples, write_procedural_shard
-from music_dagster.runtime import flush_denormals, load_model
-from music_dagster.training import CHECKPOINTS, TrainingError, train_detokenizer, train_music
+from music_dagster.model.detokenizer import Detokenizer
+from music_dagster.model.music import MusicModel
+from music_dagster.model.procedural import procedural_samples, write_procedural_shard
+from music_dagster.model.runtime import flush_denormals, load_model
+from music_dagster.training.train import CHECKPOINTS, TrainingError, train_detokenizer, train_music
 
 
 class Stop(Exception):

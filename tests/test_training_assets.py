@@ -7,12 +7,12 @@ import dagster as dg
 import pytest
 import yaml
 
-from music_dagster import tracking
 from music_dagster.assets import training as assets
-from music_dagster.dvc import dvc_md5
+from music_dagster.model.runtime import detokenizer_dir, lora_dir
 from music_dagster.resources import build_resources
 from music_dagster.resources.tracking import MlflowTracking
-from music_dagster.runtime import detokenizer_dir, lora_dir
+from music_dagster.tracking import runs as tracking
+from music_dagster.tracking.dvc import dvc_md5
 
 TRAIN_SHARD, MSIC_SHARD = "shard-000", "shard-001"
 
@@ -23,7 +23,7 @@ def setup(tmp_path_factory, tiny_zoo, make_project):
     (one MSIC), and the project's resources (MLflow sampling system metrics every 0.5 s)."""
     import torch
 
-    from music_dagster.procedural import WorldSettings, write_procedural_shard
+    from music_dagster.model.procedural import WorldSettings, write_procedural_shard
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("training_assets")
@@ -81,7 +81,7 @@ def test_adapter_loads_with_peft(setup, first):
     import torch
     from peft import PeftModel
 
-    from music_dagster.runtime import load_model
+    from music_dagster.model.runtime import load_model
 
     base = load_model(setup["config"], "music_llm").model
     ids = torch.tensor([[1, 2, 3]])

@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 
 from music_dagster.config import ROLES, ModelSpec
-from music_dagster.loaders import LoaderError, load_role
-from music_dagster.zoo import ZooError, build_zoo, file_hashes, read_manifest
+from music_dagster.zoo.loaders import LoaderError, load_role
+from music_dagster.zoo.tiny import ZooError, build_zoo, file_hashes, read_manifest
 
 
 def _image(w=64, h=64, seed=0):

@@ -105,7 +105,7 @@ def _stage(context: dg.AssetExecutionContext, stage: Stage) -> dg.MaterializeRes
     if len(failures) == len(keys):
         raise next(iter(failures.values()))
     if stage is STAGES[-1]:
-        from music_dagster.dvc import record_output
+        from music_dagster.tracking.dvc import record_output
 
         summary.update(record_output(store.asset_dir(stage.name)).metadata())
     if failures:
@@ -142,8 +142,7 @@ def _publish_or_record(context, config, store, stage, prepared, key, failures, v
 def _step_device(context: dg.AssetExecutionContext, profile):
     """A model-heavy step leases one device of the profile's `devices` for its whole range (`devices.lease`);
     yields the step's metadata so far: the device and its slot."""
-    from music_dagster import devices
-
+    from music_dagster.zoo import devices
     if context.assets_def.node_def.pool != GPU_POOL:
         yield {}
         return

@@ -18,8 +18,8 @@ from music_dagster.resources.models import (ClipResource, DetectorResource, Dino
 from music_dagster.resources.project import ProjectConfig
 from music_dagster.resources.storage import DatasetStore
 from music_dagster.resources.tracking import MlflowTracking
-from music_dagster.dvc import record_output
 from music_dagster.storage import staged_dir
+from music_dagster.tracking.dvc import record_output
 
 
 class EvaluationConfig(dg.Config):
@@ -55,8 +55,8 @@ def _setup(cfg, config: EvaluationConfig, music: dict, dino: DinoResource, eval_
     """The checkpoint folder, a generate function over it (MUSIC's backbones and CLIP from `music`, role ->
     resource) and the score encoders."""
     from music_dagster.evaluation.metrics import Embedder
-    from music_dagster.music_pipeline import MusicPipeline
-    from music_dagster.runtime import lora_dir
+    from music_dagster.model.pipeline import MusicPipeline
+    from music_dagster.model.runtime import lora_dir
 
     checkpoint = Path(config.checkpoint) if config.checkpoint else lora_dir(cfg)
     pipe = MusicPipeline.from_pretrained(checkpoint, cfg, models=music)
@@ -114,7 +114,7 @@ def dreambench_scores(context: dg.AssetExecutionContext, config: EvaluationConfi
                       ) -> dg.MaterializeResult:
     from music_dagster.evaluation.dreambench import evaluate_dreambench, load_dreambench
     from music_dagster.evaluation.report import write_report
-    from music_dagster.runtime import with_models
+    from music_dagster.model.runtime import with_models
 
     music = {"music_llm": music_llm, "music_vision": music_vision, "clip": clip}
     cfg = with_models(project.get(), music)
@@ -143,7 +143,7 @@ def msic_scores(context: dg.AssetExecutionContext, config: EvaluationConfig, pro
                 tracking: MlflowTracking) -> dg.MaterializeResult:
     from music_dagster.evaluation.msic import evaluate_msic, load_msic
     from music_dagster.evaluation.report import write_report
-    from music_dagster.runtime import with_models
+    from music_dagster.model.runtime import with_models
 
     music = {"music_llm": music_llm, "music_vision": music_vision, "clip": clip}
     cfg = with_models(project.get(), music)

@@ -47,7 +47,7 @@ def procedural_row(context: dg.AssetExecutionContext, config: ExperimentConfig, 
     import json
 
     from music_dagster.experiment import procedural as ex
-    from music_dagster.runtime import with_models, work_dir
+    from music_dagster.model.runtime import with_models, work_dir
     from music_dagster.storage import atomic_write_text
 
     resources = {"music_llm": music_llm, "music_vision": music_vision, "music_unet": music_unet, "clip": clip}

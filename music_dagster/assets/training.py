@@ -24,17 +24,17 @@ from typing import TYPE_CHECKING, Callable
 
 import dagster as dg
 
-from music_dagster import runtime
-from music_dagster import tracking as runs
 from music_dagster.config import PROJECT_ROOT, Config
-from music_dagster.dvc import DvcRecord, record_output
+from music_dagster.model import runtime
 from music_dagster.resources.models import ClipResource, MusicLLMResource, MusicUNetResource, MusicVisionResource
 from music_dagster.resources.project import ProjectConfig
 from music_dagster.resources.storage import DatasetStore
 from music_dagster.resources.tracking import MlflowTracking
+from music_dagster.tracking import runs
+from music_dagster.tracking.dvc import DvcRecord, record_output
 
 if TYPE_CHECKING:
-    from music_dagster.training import TrainResult
+    from music_dagster.training.train import TrainResult
 
 SAMPLES_ASSET = "training_samples"
 WORK_FOLDER = "training"  # under `paths.work`
@@ -55,7 +55,7 @@ def select_sources(config: Config, shard_root: Path) -> tuple[list, list[str], s
     train = config.profile.train
     sources, keys, extra = [], [], []
     if train.source in ("synthesized", "both"):
-        from music_dagster.training import TrainingError, collect_samples
+        from music_dagster.training.train import TrainingError, collect_samples
 
         incomplete = ", ".join(incomplete_shards(shard_root))
         if incomplete and not train.allow_incomplete_shards:
@@ -70,7 +70,7 @@ def select_sources(config: Config, shard_root: Path) -> tuple[list, list[str], s
         sources += [shard_root / k for k in keys]
         collect_samples(sources)  # the records and their image paths, checked now: nothing has started yet
     if train.source in ("procedural", "both"):
-        from music_dagster.training import procedural_source
+        from music_dagster.training.train import procedural_source
 
         sources.append(procedural_source(config))
         extra.append("procedural:" + json.dumps(
@@ -124,9 +124,9 @@ def log_sample_generations(config: Config, run: runs.ActiveRun, sources: list, c
     """Generate the first `generate.logged_samples` training samples with the new checkpoint and log each
     generation (image, plan.json, layout overlay) and the ground-truth layout overlay under `samples/<i>/`.
     `models`: the backbones' and CLIP's resources (role -> `ModelResource`; default: the config's)."""
-    from music_dagster.generate import Generator
-    from music_dagster.layout import render_overlay
-    from music_dagster.training import collect_samples
+    from music_dagster.model.generate import Generator
+    from music_dagster.model.layout import render_overlay
+    from music_dagster.training.train import collect_samples
 
     gen = config.profile.generate
     loaders, _ = collect_samples(sources)
@@ -160,13 +160,13 @@ def weights_finite(folder: Path) -> dict[str, int]:
 def train_in_processes(context: dg.AssetExecutionContext, model: str, command: list[str], work: Path,
                        env: dict[str, str] | None = None) -> "TrainResult":
     """Run the training loop as `command` (`train_entry.launch_command`: `accelerate launch` of
-    `music_dagster.train_entry` over the section's `num_processes`) through Dagster Pipes: rank 0's log lines and
+    `music_dagster.training.entry` over the section's `num_processes`) through Dagster Pipes: rank 0's log lines and
     per-step losses stream into this step's log, and the result comes back as its reported materialization (the
     history is read from `work`). `env`: what the processes need to read the step's config
     (`ProjectConfig.environment`). A cluster runs the same command in a pod with `dagster_k8s.PipesK8sClient`."""
     from dagster._core.errors import DagsterPipesExecutionError  # not exported at dagster's top level
 
-    from music_dagster.training import HISTORY, MODEL_DIR, TrainingError, TrainResult
+    from music_dagster.training.train import HISTORY, MODEL_DIR, TrainingError, TrainResult
 
     context.log.info("launching: " + shlex.join(command))  # other machines run it too (README: 2 nodes)
     try:
@@ -224,7 +224,7 @@ def train_and_publish(context: dg.AssetExecutionContext, project: ProjectConfig,
     check_replaceable(target, "paths.models")
     launch = None
     if (config.profile.train if model == "lora" else config.profile.detokenizer).num_processes > 1:
-        from music_dagster.train_entry import launch_command
+        from music_dagster.training.entry import launch_command
 
         shards = [s for s in sources if isinstance(s, Path)]  # the procedural world is rebuilt in every process
         launch = launch_command(config, model, work, shards, procedural=len(shards) < len(sources))
@@ -255,7 +255,7 @@ def train_and_publish(context: dg.AssetExecutionContext, project: ProjectConfig,
           description="The de-tokenizer (visual tokens -> image), trained by reconstruction on the target images")
 def detokenizer(context: dg.AssetExecutionContext, project: ProjectConfig, music_vision: MusicVisionResource,
                 music_unet: MusicUNetResource, store: DatasetStore, tracking: MlflowTracking) -> dg.MaterializeResult:
-    from music_dagster.training import train_detokenizer
+    from music_dagster.training.train import train_detokenizer
 
     models = {"music_vision": music_vision, "music_unet": music_unet}
     trained = train_and_publish(context, project, models, store, tracking, "detokenizer", train_detokenizer,
@@ -272,8 +272,8 @@ def detokenizer(context: dg.AssetExecutionContext, project: ProjectConfig, music
 def lora_checkpoint(context: dg.AssetExecutionContext, project: ProjectConfig, music_llm: MusicLLMResource,
                     music_vision: MusicVisionResource, clip: ClipResource, store: DatasetStore,
                     tracking: MlflowTracking) -> dg.MaterializeResult:
-    from music_dagster.generate import check_detokenizer
-    from music_dagster.training import train_music
+    from music_dagster.model.generate import check_detokenizer
+    from music_dagster.training.train import train_music
 
     models = {"music_llm": music_llm, "music_vision": music_vision}
     config = runtime.with_models(project.get(), models)

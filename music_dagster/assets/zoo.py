@@ -3,9 +3,9 @@
 import dagster as dg
 from pydantic import Field
 
-from music_dagster import zoo
-from music_dagster.dvc import record_output
 from music_dagster.resources.project import ProjectConfig
+from music_dagster.tracking.dvc import record_output
+from music_dagster.zoo import tiny as zoo
 
 
 class ZooConfig(dg.Config):

@@ -56,8 +56,8 @@ def main() -> None:
     import torch
 
     from music_dagster.config import default_config
-    from music_dagster.loaders import load_role
     from music_dagster.synthesis.stages import STAGE_NAMES, STAGE_ROLES
+    from music_dagster.zoo.loaders import load_role
 
     config = default_config()
     profile = config.profile

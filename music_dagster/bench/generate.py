@@ -68,7 +68,7 @@ def peak_memory(device: str):
 
 
 def _throwaway_checkpoint(config, folder: Path) -> tuple[Path, Path]:
-    from music_dagster.training import procedural_source, train_detokenizer, train_music
+    from music_dagster.training.train import procedural_source, train_detokenizer, train_music
 
     cfg = config.with_values("train", max_steps=2, checkpoint_every=10**9)
     cfg = cfg.with_values("detokenizer", max_steps=2, checkpoint_every=10**9)
@@ -94,9 +94,9 @@ def main() -> None:
     import torch
 
     from music_dagster.config import default_config
-    from music_dagster.generate import Generator
-    from music_dagster.runtime import detokenizer_dir, device_of, lora_dir
-    from music_dagster.training import procedural_source
+    from music_dagster.model.generate import Generator
+    from music_dagster.model.runtime import detokenizer_dir, device_of, lora_dir
+    from music_dagster.training.train import procedural_source
 
     config = default_config()
     torch.set_num_threads(config.profile.torch_threads)

@@ -50,8 +50,8 @@ def main() -> None:
     import torch
 
     from music_dagster.config import default_config
-    from music_dagster.loaders import load_role
     from music_dagster.evaluation.metrics import Embedder
+    from music_dagster.zoo.loaders import load_role
 
     config = default_config()
     torch.set_num_threads(config.profile.torch_threads)

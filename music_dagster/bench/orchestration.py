@@ -88,10 +88,10 @@ def _params(folder: Path, name: str) -> str:
 def main() -> None:
     import dagster as dg
 
-    from music_dagster import devices
     from music_dagster.assets.data import ensure_shards
     from music_dagster.bench.parallel import instance_home
     from music_dagster.config import default_config
+    from music_dagster.zoo import devices
 
     config = default_config()
     config.check_models(("llm", "vlm", "t2i", "i2i", "detector", "segmenter", "clip"))

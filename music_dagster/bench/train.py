@@ -2,14 +2,45 @@
 configured profile and device (procedural samples, features cached, the config's batch sizes). Asserts nothing."""
 from __future__ import annotations
 
+import os
+
 STEPS, WARMUP = 20, 3
+
+
+def measure_training_speed(config, steps: int = 20, warmup: int = 3, out_dir: str | os.PathLike | None = None) -> dict:
+    """Optimizer steps per second of `train_music` and `train_detokenizer` on the procedural world with the
+    config's batch sizes and backbones. Each trainer runs `warmup` untimed steps (one epoch: every sample's
+    features are encoded and cached) and then `steps` timed ones (checkpointing off)."""
+    import tempfile
+    import time
+    from pathlib import Path
+
+    import torch
+
+    from music_dagster.model.runtime import device_of
+    from music_dagster.training.train import procedural_source, train_detokenizer, train_music
+
+    figures = {}
+    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+        for name, fn, section in (("music", train_music, "train"), ("detokenizer", train_detokenizer, "detokenizer")):
+            batch = getattr(config.profile, section).batch_size
+            extra = {"cache_features": True} if section == "train" else {}
+            cfg = config.with_values(section, epochs=10 ** 6, max_steps=warmup + steps, checkpoint_every=10 ** 9,
+                                     **extra)
+            stamps = []
+            fn(cfg, [procedural_source(config, batch * max(1, warmup))], Path(tmp) / name, resume=False,
+               on_step=lambda s, _m, stamps=stamps: stamps.append(time.perf_counter()))
+            timed = stamps[warmup - 1:] if warmup else stamps
+            figures[f"{name}_steps_per_s"] = (len(timed) - 1) / (timed[-1] - timed[0]) if len(timed) > 1 else 0.0
+            figures[f"{name}_batch_size"] = batch
+    figures.update(device=device_of(config), threads=torch.get_num_threads())
+    return figures
 
 
 def main() -> None:
     import torch
 
     from music_dagster.config import default_config
-    from music_dagster.training import measure_training_speed
 
     config = default_config()
     torch.set_num_threads(config.profile.torch_threads)

@@ -196,8 +196,8 @@ def evaluate_dreambench(bench: DreamBench, generate: GenerateFn, embedder: Embed
     """Generate every (subject, prompt, sample) image from the subject's fixed reference, for MUSIC and MUSIC*,
     into `folder/<method>/`, and score them; plus the real-vs-real row. The subject is tagged `[1]` in the
     unique token's place of the prompt."""
-    from music_dagster.decimation import tag
     from music_dagster.synthesis.common import derive_seed
+    from music_dagster.synthesis.decimation import tag
 
     jobs, items = [], []
     for s in bench.subjects:

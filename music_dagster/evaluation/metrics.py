@@ -124,14 +124,14 @@ class Embedder:
     def clip_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
         import torch
 
-        from music_dagster.clip_similarity import embed_images
+        from music_dagster.zoo.clip_similarity import embed_images
 
         return embed_images(self.clip, images, self.batch_size, torch.float64).cpu()
 
     def clip_texts(self, texts: Sequence[str]) -> torch.Tensor:
         import torch
 
-        from music_dagster.clip_similarity import embed_texts
+        from music_dagster.zoo.clip_similarity import embed_texts
 
         return embed_texts(self.clip, texts, self.batch_size, torch.float64).cpu()
 

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Sequence
 
 from music_dagster.config import MAX_SUBJECTS
-from music_dagster.decimation import TAG
 from music_dagster.evaluation.common import (BenchmarkError, GenerateFn, Job, generate_images, group_summaries,
                                              method_branches, read_generated, summarize)
 from music_dagster.evaluation.metrics import Embedder, mean, text_scores
+from music_dagster.synthesis.decimation import TAG
 
 
 @dataclass(frozen=True)
@@ -60,8 +60,8 @@ def load_msic(shards_dir: str | Path, limit: int | None = None) -> tuple[MsicSam
     With `limit`, samples are taken round-robin over subject counts (in shard and manifest order), so that every
     count present is represented before any count gets a second sample.
     """
-    from music_dagster.records import shard_records
     from music_dagster.storage import complete_shards, read_shard
+    from music_dagster.training.records import shard_records
 
     shards_dir = Path(shards_dir)
     by_count: dict[int, list[MsicSample]] = defaultdict(list)

@@ -136,8 +136,7 @@ def out_of_range(report: dict) -> list[str]:
 def log_mlflow_run(store, checkpoint: Path, report: dict, files: Sequence[Path]) -> dict:
     """An MLflow run for the report, nested under the training run recorded in `checkpoint` (`mlflow_run.json`),
     naming the encoders; overall scores as metrics (MSIC: per subject count as steps), `files` as artifacts."""
-    from music_dagster import tracking
-
+    from music_dagster.tracking import runs as tracking
     name = report["benchmark"]
     enc = report["encoders"]
     tags = {"benchmark": name, "eval.dino_model": enc["dino_model"], "eval.clip_variant": enc["clip_variant"],

@@ -25,7 +25,7 @@ from typing import Sequence
 
 import numpy as np
 
-from music_dagster.procedural import BACKGROUND, COLOURS, stated_looks
+from music_dagster.model.procedural import BACKGROUND, COLOURS, stated_looks
 
 COLOUR_NAMES = tuple(COLOURS)
 SHADES = (1.0, 0.725, 0.45)  # plain, a stripe pattern averaged, the dark stripe

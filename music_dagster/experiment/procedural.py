@@ -111,8 +111,8 @@ def _key(config, *parts) -> str:
 def train_detokenizer_once(config, root: Path, log: Callable[[str], None] = print, resources=None) -> Path:
     """The experiment's de-tokenizer (reconstruction on the world's targets), trained once under `root`.
     `resources`: the backbones' resources (role -> `ModelResource`; default: the config's)."""
-    from music_dagster.procedural import WorldSettings, procedural_samples
-    from music_dagster.training import train_detokenizer
+    from music_dagster.model.procedural import WorldSettings, procedural_samples
+    from music_dagster.training.train import train_detokenizer
 
     train = config.profile.train
     world = WorldSettings.from_config(config)
@@ -131,7 +131,7 @@ def train_music_once(config, ablation: str, root: Path, log: Callable[[str], Non
                      resources=None) -> Path:
     """MUSIC trained on the world with `train.ablation = ablation`, once under `root` (`resources`: as
     `train_detokenizer_once`'s)."""
-    from music_dagster.training import procedural_source, train_music
+    from music_dagster.training.train import procedural_source, train_music
 
     cfg = config.with_values("train", ablation=ablation)
     work = root / f"music-{ablation}-{_key(cfg, cfg.profile.train)}"
@@ -147,7 +147,7 @@ def train_music_once(config, ablation: str, root: Path, log: Callable[[str], Non
 # Generation and scoring
 def held_out_prompts(config, n: int) -> list:
     """`n` held-out world samples (never trained on): the prompts and their ground truth."""
-    from music_dagster.procedural import WorldSettings, procedural_samples
+    from music_dagster.model.procedural import WorldSettings, procedural_samples
 
     if n < 1:
         raise ExperimentError(f"the experiment needs at least one held-out prompt, got {n}")
@@ -156,7 +156,7 @@ def held_out_prompts(config, n: int) -> list:
 
 def shuffled_references(prompts: Sequence) -> list:
     """Each subject gets the reference image of a subject of another prompt (the subject counts kept)."""
-    from music_dagster.model import Sample
+    from music_dagster.model.music import Sample
 
     refs = [r for p in prompts for r in p.references]
     longest = max(len(p.references) for p in prompts)
@@ -222,9 +222,9 @@ def run_rows(config, names: Sequence[str], models: Models, prompts: Sequence, ex
     """Generate and score every row in `names` on `prompts` with loaded `models` (see `load_models`)."""
     import torch
 
-    from music_dagster.clip_similarity import image_text_scores
-    from music_dagster.model import target_tokens
-    from music_dagster.runtime import flush_denormals
+    from music_dagster.model.music import target_tokens
+    from music_dagster.model.runtime import flush_denormals
+    from music_dagster.zoo.clip_similarity import image_text_scores
 
     gen_cfg = config.profile.generate
     results, star = {}, None
@@ -279,10 +279,10 @@ def load_models(config, names: Sequence[str], root: Path, log: Callable[[str], N
     resources (role -> `ModelResource`, what an asset received; default: the config's, `runtime.load_model`)."""
     import torch
 
-    from music_dagster.detokenizer import Detokenizer, load_vae
-    from music_dagster.model import MusicModel, MusicSettings, target_tokens
-    from music_dagster.runtime import device_of, load_model
-    from music_dagster.training import procedural_source
+    from music_dagster.model.detokenizer import Detokenizer, load_vae
+    from music_dagster.model.music import MusicModel, MusicSettings, target_tokens
+    from music_dagster.model.runtime import device_of, load_model
+    from music_dagster.training.train import procedural_source
 
     names = check_rows(names)
     torch.set_num_threads(config.profile.torch_threads)
@@ -362,7 +362,7 @@ def figure(result: RowResult, size: int = 128) -> "Image.Image":
     generated image, the ground truth, and under them the instruction and the CoT."""
     from PIL import Image, ImageDraw, ImageFont
 
-    from music_dagster.layout import render_overlay
+    from music_dagster.model.layout import render_overlay
 
     font = ImageFont.load_default(size=12)
     ref = size // 2
@@ -486,8 +486,7 @@ def _summary_metrics(summary: dict) -> dict[str, float]:
 def log_row_run(store, config, result: RowResult, folder: Path, tags: dict | None = None) -> dict:
     """One MLflow run for a row: the config as params, overall scores as metrics (per subject count as steps),
     the row folder as artifacts. Returns the run reference."""
-    from music_dagster import tracking
-
+    from music_dagster.tracking import runs as tracking
     base = {tracking.TAG_KIND: "experiment", TAG_EXPERIMENT: "procedural", "row": result.name,
             "profile": config.profile_name, tracking.TAG_GIT_COMMIT: tracking.git_commit()}
     with tracking.start_run(store, f"procedural/{result.name}", {**base, **(tags or {})}) as run:
@@ -506,8 +505,7 @@ def log_parent_run(store, config, results: dict[str, RowResult], files: dict[str
     results JSON; each row run in `children` is nested under it."""
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-    from music_dagster import tracking
-
+    from music_dagster.tracking import runs as tracking
     base = {tracking.TAG_KIND: "experiment", TAG_EXPERIMENT: "procedural", "profile": config.profile_name,
             tracking.TAG_GIT_COMMIT: tracking.git_commit()}
     with tracking.start_run(store, "procedural experiment", {**base, **(tags or {})}) as run:
@@ -546,8 +544,8 @@ def run_demo(profile: str = DEMO_PROFILE, rows: Sequence[str] = DEMO_ROWS, held_
     import tempfile
 
     from music_dagster.config import PROJECT_ROOT, load_config
-    from music_dagster.tracking import store_from_config
-    from music_dagster.zoo import default_root, ensure_zoo
+    from music_dagster.tracking.runs import store_from_config
+    from music_dagster.zoo.tiny import default_root, ensure_zoo
 
     config = load_config(profile=profile)
     rows = check_rows(rows)

@@ -20,8 +20,8 @@ from typing import ClassVar, Literal
 import dagster as dg
 from pydantic import Field
 
-from music_dagster import devices
 from music_dagster.config import ROLES, Config, ModelSpec
+from music_dagster.zoo import devices
 
 _CACHE: dict[tuple, object] = {}
 _LOCK = threading.Lock()
@@ -70,7 +70,7 @@ class ModelResource(dg.ConfigurableResource):
             if key not in _CACHE:
                 import torch
 
-                from music_dagster.loaders import load_role
+                from music_dagster.zoo.loaders import load_role
 
                 torch.set_num_threads(self.torch_threads)
                 _CACHE[key] = load_role(self.role, self.spec, self._device(), self.dtype)
@@ -82,7 +82,7 @@ class ModelResource(dg.ConfigurableResource):
         `MusicPipeline.to` moves its models). The caller owns it; it is freed when the caller drops it."""
         import torch
 
-        from music_dagster.loaders import load_role
+        from music_dagster.zoo.loaders import load_role
 
         torch.set_num_threads(self.torch_threads)
         return load_role(self.role, self.spec, self._device(), self.dtype)

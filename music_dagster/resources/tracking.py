@@ -1,10 +1,11 @@
-"""`MlflowTracking`: the project's MLflow store as a Dagster resource (a thin layer over `music_dagster.tracking`)."""
+"""`MlflowTracking`: the project's MLflow store as a Dagster resource (a thin layer over
+`music_dagster.tracking.runs`)."""
 from __future__ import annotations
 
 import dagster as dg
 
-from music_dagster import tracking
 from music_dagster.config import Config
+from music_dagster.tracking import runs as tracking
 
 
 class MlflowTracking(dg.ConfigurableResource):

@@ -9,10 +9,10 @@ from typing import Callable
 
 import numpy as np
 
-from music_dagster.decimation import tags_in
 from music_dagster.synthesis.captions import missing_phrases
 from music_dagster.synthesis.category_names import display_name
 from music_dagster.synthesis.common import box_area
+from music_dagster.synthesis.decimation import tags_in
 from music_dagster.synthesis.schemas import phrase
 
 

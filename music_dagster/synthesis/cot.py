@@ -3,9 +3,9 @@ instruction (every subject by its tag `[i]`) and the visual CoT (one sentence pe
 placement), as JSON validated against the schema; retried, else dropped."""
 from __future__ import annotations
 
-from music_dagster.decimation import tags_in
 from music_dagster.synthesis import prompts, schemas
 from music_dagster.synthesis.common import OpenImage, ShardContext, StageResult, child, draw_numbered_boxes
+from music_dagster.synthesis.decimation import tags_in
 from music_dagster.synthesis.structured import AnswerError, ask_vlm
 
 STAGE = "cot_annotations"

@@ -1,9 +1,9 @@
 """Stage 8, `grid_layouts`: each subject's region (mask or box, as `subject_masks` chose) becomes cells of the
-`data.grid` x `data.grid` layout with the dynamic threshold tau_i = lambda * mean IoU (`music_dagster.layout`);
+`data.grid` x `data.grid` layout with the dynamic threshold tau_i = lambda * mean IoU (`music_dagster.model.layout`);
 the layout is stored as a grid of subject ids (1-based, subject order), as text, and as a PNG overlay."""
 from __future__ import annotations
 
-from music_dagster.layout import compute_layout, layout_to_text, render_overlay
+from music_dagster.model.layout import compute_layout, layout_to_text, render_overlay
 from music_dagster.synthesis.common import OpenImage, ShardContext, StageResult, child
 
 STAGE = "grid_layouts"

@@ -2,9 +2,9 @@
 against the category text; the subject's region is its mask when Sim_mask > Sim_unmask, else its box."""
 from __future__ import annotations
 
-from music_dagster.clip_similarity import image_text_scores
 from music_dagster.synthesis import schemas
 from music_dagster.synthesis.common import OpenImage, ShardContext, StageResult, batches, child, pixel_box
+from music_dagster.zoo.clip_similarity import image_text_scores
 
 STAGE = "subject_masks"
 BACKGROUND = (127, 127, 127)  # what the masked crop shows outside the mask

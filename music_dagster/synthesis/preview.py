@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from music_dagster.layout import render_overlay
+from music_dagster.model.layout import render_overlay
 from music_dagster.synthesis.common import draw_numbered_boxes, image_grid
 
 MAX_PREVIEW = 8

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import json
 
-from music_dagster.decimation import tag
 from music_dagster.synthesis import SynthesisError
+from music_dagster.synthesis.decimation import tag
 
 # I2I edits that change viewpoint or appearance while keeping identity (the paper's guard against copy-paste).
 REFERENCE_EDITS = (

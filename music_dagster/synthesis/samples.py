@@ -1,14 +1,14 @@
-"""Stage 10, `training_samples`: subject-count decimation (`music_dagster.decimation`) of every annotated sample:
-N, N-1, ..., `data.min_subjects` subjects, ids renumbered in instruction, CoT and layout.
+"""Stage 10, `training_samples`: subject-count decimation (`synthesis/decimation.py`) of every annotated sample: N,
+N-1, ..., `data.min_subjects` subjects, ids renumbered in instruction, CoT and layout.
 
 MSIC hold-out: a fixed, seeded share of the shards (one in `data.msic_holdout_every`) is the MSIC benchmark, not
 training data; its samples are marked `split: msic` and decimated further, down to one subject (MSIC spans 1..12).
 """
 from __future__ import annotations
 
-from music_dagster.decimation import decimate
-from music_dagster.layout import layout_to_text
+from music_dagster.model.layout import layout_to_text
 from music_dagster.synthesis.common import ShardContext, StageResult, derive_seed, shard_index
+from music_dagster.synthesis.decimation import decimate
 
 STAGE = "training_samples"
 MSIC_MIN_SUBJECTS = 1

@@ -8,8 +8,8 @@ would otherwise write forever. Free text is a bounded number of bounded words; w
 from __future__ import annotations
 
 from music_dagster.config import MAX_SUBJECTS
-from music_dagster.decimation import tag
 from music_dagster.storage import record_schema
+from music_dagster.synthesis.decimation import tag
 
 # Free-text pieces. Gaps between required words are at most a few words, each at most 12 characters.
 _LOWER_WORD = r"[a-z,'-]{1,12}"

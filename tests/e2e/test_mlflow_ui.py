@@ -14,9 +14,9 @@ def training_run(tmp_path, mlflow_server, tiny_zoo, make_project):
     import dagster as dg
     import torch
 
-    from music_dagster import tracking
     from music_dagster.assets import training
     from music_dagster.resources import build_resources
+    from music_dagster.tracking import runs as tracking
 
     torch.set_num_threads(1)
     project = make_project(

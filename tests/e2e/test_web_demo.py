@@ -21,7 +21,7 @@ GENERATE_TIMEOUT_MS = 300_000  # a generation on a shared 2-core machine
 def checkpoint(tmp_path_factory, tiny_zoo, make_project):
     """A de-tokenizer and a LoRA checkpoint trained for two steps on the procedural world (as `music generate`'s
     tests train one), and the project config that points at them."""
-    from music_dagster.runtime import lora_dir
+    from music_dagster.model.runtime import lora_dir
 
     root = tmp_path_factory.mktemp("webdemo")
     project = make_project(root, paths={"models": root / "models"}, **QUICK_TRAINING)

@@ -161,7 +161,7 @@ def test_the_write_probe_leaves_a_healthy_store_as_it_was(project):
     root, _ = project
     db = root / "mlruns.db"
     before = db.read_bytes()
-    code = ("from music_dagster import tracking; from music_dagster.config import default_config\n"
+    code = ("from music_dagster.tracking import runs as tracking; from music_dagster.config import default_config\n"
             "tracking.check_store(tracking.store_from_config(default_config()))")
     env = project_env(root / "params.yaml", PYTHONPATH=str(root))
     subprocess.run([sys.executable, "-c", code], cwd=root, env=env, check=True)

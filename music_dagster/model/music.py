@@ -37,10 +37,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from music_dagster.config import MAX_SUBJECTS
-from music_dagster.decimation import tag
 from music_dagster.errors import UserError
-from music_dagster.layout import TEXT_PREFIX, LayoutError, layout_from_text, layout_to_text
+from music_dagster.model.layout import TEXT_PREFIX, LayoutError, layout_from_text, layout_to_text
 from music_dagster.storage import file_sha256, read_json, resolve_stored, staged_dir
+from music_dagster.synthesis.decimation import tag
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image

@@ -34,9 +34,9 @@ import numpy as np
 import torch
 
 from music_dagster.errors import UserError
-from music_dagster.model import IGNORE, MusicModel, MusicSettings, Sample, target_tokens
-from music_dagster.records import StoredRecord, shard_records
-from music_dagster.runtime import device_of, flush_denormals, load_model
+from music_dagster.model.music import IGNORE, MusicModel, MusicSettings, Sample, target_tokens
+from music_dagster.model.runtime import device_of, flush_denormals, load_model
+from music_dagster.training.records import StoredRecord, shard_records
 
 CHECKPOINTS = "checkpoints"
 MODEL_DIR = "model"
@@ -134,7 +134,7 @@ def collect_samples(sources: Iterable, full_only: bool = False) -> tuple[list[Ca
 def procedural_source(config, n: int | None = None, start: int = 0) -> list[Sample]:
     """The procedural world a config selects (`train.procedural_*`, seed `config.seed`), in memory: `n` world
     samples, each decimated as the data assets decimate (unless `train.ablation` is `no_decimation`)."""
-    from music_dagster.procedural import WorldSettings, procedural_samples
+    from music_dagster.model.procedural import WorldSettings, procedural_samples
 
     return procedural_samples(n or config.profile.train.procedural_samples, config.seed,
                               WorldSettings.from_config(config), start=start,
@@ -353,7 +353,7 @@ def train_music(config, sample_sources: Iterable, out_dir: str | os.PathLike, re
 def build_detokenizer(config, unet=None, vision=None, models=None):
     """A fresh Detokenizer from the given `music_unet` handle, else a fresh one from its resource (`models`, else
     the config's), and the `detokenizer` settings."""
-    from music_dagster.detokenizer import Detokenizer, DetokenizerSettings, load_vae
+    from music_dagster.model.detokenizer import Detokenizer, DetokenizerSettings, load_vae
 
     unet = unet or load_model(config, "music_unet", models)
     vision = vision or load_model(config, "music_vision", models)
@@ -401,28 +401,3 @@ def train_detokenizer(config, sample_sources: Iterable, out_dir: str | os.PathLi
             on_step=on_step, metric_names=("loss",))
     target = _finish(accelerator, out_dir, history, core.save_pretrained)
     return TrainResult(target, steps, epochs, len(items), skipped, start, history, seconds)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Benchmark
-def measure_training_speed(config, steps: int = 20, warmup: int = 3, out_dir: str | os.PathLike | None = None) -> dict:
-    """Optimizer steps per second of `train_music` and `train_detokenizer` on the procedural world with the
-    config's batch sizes and backbones, for `bench/train.py`. Each trainer runs `warmup` untimed steps (one epoch:
-    every sample's features are encoded and cached) and then `steps` timed ones (checkpointing off)."""
-    import tempfile
-
-    figures = {}
-    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
-        for name, fn, section in (("music", train_music, "train"), ("detokenizer", train_detokenizer, "detokenizer")):
-            batch = getattr(config.profile, section).batch_size
-            extra = {"cache_features": True} if section == "train" else {}
-            cfg = config.with_values(section, epochs=10 ** 6, max_steps=warmup + steps, checkpoint_every=10 ** 9,
-                                     **extra)
-            stamps = []
-            fn(cfg, [procedural_source(config, batch * max(1, warmup))], Path(tmp) / name, resume=False,
-               on_step=lambda s, _m, stamps=stamps: stamps.append(time.perf_counter()))
-            timed = stamps[warmup - 1:] if warmup else stamps
-            figures[f"{name}_steps_per_s"] = (len(timed) - 1) / (timed[-1] - timed[0]) if len(timed) > 1 else 0.0
-            figures[f"{name}_batch_size"] = batch
-    figures.update(device=device_of(config), threads=torch.get_num_threads())
-    return figures

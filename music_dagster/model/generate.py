@@ -25,7 +25,7 @@ import numpy as np
 
 from music_dagster.config import MAX_SUBJECTS
 from music_dagster.errors import UserError
-from music_dagster.layout import TEXT_PREFIX
+from music_dagster.model.layout import TEXT_PREFIX
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
@@ -136,7 +136,7 @@ class Result:
 
     def overlay(self) -> Image.Image:
         """The kept image with its layout drawn over it (an empty grid when its layout did not parse)."""
-        from music_dagster.layout import render_overlay
+        from music_dagster.model.layout import render_overlay
 
         layout = self.layout if self.layout is not None else np.zeros((self.grid, self.grid), np.int64)
         return render_overlay(self.image, layout)
@@ -206,7 +206,7 @@ def check_request(prompt: str, branches: int) -> str:
 
 def check_detokenizer(detokenizer: Path):
     """Refuse a missing, incomplete or damaged de-tokenizer folder; its settings."""
-    from music_dagster.detokenizer import check_checkpoint
+    from music_dagster.model.detokenizer import check_checkpoint
 
     if not detokenizer.is_dir():
         raise GenerateError(f"de-tokenizer {detokenizer} does not exist (materialize the detokenizer asset)")
@@ -216,7 +216,7 @@ def check_detokenizer(detokenizer: Path):
 def check_checkpoints(checkpoint: Path, detokenizer: Path):
     """Refuse a missing, incomplete or damaged checkpoint or de-tokenizer before anything is loaded; what
     each one's `check_checkpoint` read (handed to `from_pretrained`, so no weight file is hashed twice)."""
-    from music_dagster.model import check_checkpoint
+    from music_dagster.model.music import check_checkpoint
 
     if not checkpoint.is_dir():
         raise GenerateError(f"checkpoint {checkpoint} does not exist (materialize the lora_checkpoint asset, "
@@ -233,9 +233,9 @@ class Generator:
 
     def __init__(self, config: Config, checkpoint: str | os.PathLike | None = None,
                  detokenizer: str | os.PathLike | None = None, models: Mapping[str, ModelResource] | None = None):
-        from music_dagster.detokenizer import Detokenizer, load_vae
-        from music_dagster.model import MusicModel
-        from music_dagster.runtime import detokenizer_dir, device_of, load_model, lora_dir
+        from music_dagster.model.detokenizer import Detokenizer, load_vae
+        from music_dagster.model.music import MusicModel
+        from music_dagster.model.runtime import detokenizer_dir, device_of, load_model, lora_dir
 
         models = models or {}
         self.config = config
@@ -254,7 +254,7 @@ class Generator:
     def forced_plan(self, cot: str, layout: np.ndarray):
         """The plan the image stage reads for a given CoT and layout: the text the model is trained to write for
         them (`plan_text`) and its token ids."""
-        from music_dagster.model import Plan, plan_text
+        from music_dagster.model.music import Plan, plan_text
 
         text = plan_text(cot, layout)
         return Plan(text=text, cot=cot.strip(), layout=np.asarray(layout),
@@ -282,9 +282,9 @@ class Generator:
         import torch
         from tqdm.auto import tqdm
 
-        from music_dagster.clip_similarity import image_text_scores
-        from music_dagster.model import Sample
-        from music_dagster.runtime import flush_denormals
+        from music_dagster.model.music import Sample
+        from music_dagster.model.runtime import flush_denormals
+        from music_dagster.zoo.clip_similarity import image_text_scores
 
         prompt = check_request(prompt, branches)
         names = tuple(names or (f"<image {i}>" for i in range(1, len(images) + 1)))
@@ -342,8 +342,8 @@ def cli_generate(args) -> None:
     import torch
 
     from music_dagster.config import default_config
-    from music_dagster.music_pipeline import MusicPipeline
-    from music_dagster.runtime import lora_dir
+    from music_dagster.model.pipeline import MusicPipeline
+    from music_dagster.model.runtime import lora_dir
 
     out = Path(args.out)
     if out.exists():

@@ -149,7 +149,7 @@ def build(folder: Path, role: str | None = None, cls: str | None = None, dtype=N
             return getattr(diffusers, config["_class_name"]).from_config(config)
     import transformers
 
-    from music_dagster.loaders import HF_MODEL_CLASSES
+    from music_dagster.zoo.loaders import HF_MODEL_CLASSES
 
     name, extra = HF_MODEL_CLASSES[role] if role in HF_MODEL_CLASSES and cls is None else (
         cls or config["architectures"][0], {})
@@ -299,8 +299,8 @@ def music_step(config):
     import torch
     import torch.nn.functional as F
 
-    from music_dagster.loaders import ModelHandle
-    from music_dagster.model import MusicModel, MusicSettings
+    from music_dagster.model.music import MusicModel, MusicSettings
+    from music_dagster.zoo.loaders import ModelHandle
 
     models, train = config.models, config.profile.train
     dtype = torch.bfloat16 if config.profile.dtype == "bfloat16" else torch.float32
@@ -358,7 +358,7 @@ def detokenizer_step(config):
     Activations are counted with the UNet in bf16 (what the profile's bf16 autocast computes in)."""
     import torch
 
-    from music_dagster.detokenizer import Detokenizer, DetokenizerSettings
+    from music_dagster.model.detokenizer import Detokenizer, DetokenizerSettings
 
     detok_cfg, models = config.profile.detokenizer, config.models
     unet = build(config_folder(models["music_unet"]), "music_unet")

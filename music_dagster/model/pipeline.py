@@ -21,8 +21,10 @@ import numpy as np
 import PIL.Image
 from diffusers.utils import BaseOutput
 
-from music_dagster.generate import GivenPlan, Generator, PlanError, Result, check_layout, check_request, read_subjects
-from music_dagster.runtime import DETOKENIZER_DIR, detokenizer_dir
+from music_dagster.model.generate import (
+    GivenPlan, Generator, PlanError, Result, check_layout, check_request, read_subjects,
+)
+from music_dagster.model.runtime import DETOKENIZER_DIR, detokenizer_dir
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch

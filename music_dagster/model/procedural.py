@@ -26,9 +26,9 @@ from typing import Sequence
 
 import numpy as np
 
-from music_dagster.decimation import decimate, tag
 from music_dagster.errors import UserError
-from music_dagster.layout import grid_layout, layout_to_text
+from music_dagster.model.layout import grid_layout, layout_to_text
+from music_dagster.synthesis.decimation import decimate, tag
 
 SOURCE = "procedural"
 REGIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
@@ -175,7 +175,7 @@ def make_sample(seed: int, index: int, world: WorldSettings = WorldSettings()) -
 def to_sample(raw: dict, source_subjects: int | None = None):
     """A `make_sample` dict as a `model.Sample` (each subject's attributes kept in `meta`, and `source_subjects`:
     how many subjects the world sample had before decimation)."""
-    from music_dagster.model import Sample
+    from music_dagster.model.music import Sample
 
     return Sample(
         instruction=raw["instruction"], references=[s["reference"] for s in raw["subjects"]], cot=raw["cot"],

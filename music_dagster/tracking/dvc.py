@@ -23,7 +23,7 @@ import yaml
 
 from music_dagster.config import PROJECT_ROOT
 from music_dagster.errors import UserError
-from music_dagster.tracking import TAG_DVC_HASH
+from music_dagster.tracking.runs import TAG_DVC_HASH
 
 TOOL_DVC = PROJECT_ROOT / ".dvc-tool" / "bin" / "dvc"
 # Set by DVC for the command of a stage it runs (dvc/stage/run.py): `dvc repro` itself records the outputs then.
@@ -62,7 +62,7 @@ def _ignore_patterns(root: Path) -> list[str]:
     for p in patterns:
         # Only what this project's .dvcignore uses: a file name anywhere, or a /rooted path; fail on the rest.
         if p.startswith("!") or "**" in p or p.endswith("/") or ("/" in p and not p.startswith("/")):
-            raise DvcError(f".dvcignore: pattern {p!r} is not supported by music_dagster.dvc.dvc_md5")
+            raise DvcError(f".dvcignore: pattern {p!r} is not supported by music_dagster.tracking.dvc.dvc_md5")
     return patterns
 
 

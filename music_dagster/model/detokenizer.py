@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from music_dagster.errors import UserError
-from music_dagster.model import (
+from music_dagster.model.music import (
     SHA256_SCHEMA, Resampler, check_tensors, safetensors_shapes, verify_weights, weight_hashes,
 )
 from music_dagster.storage import read_json, staged_dir

@@ -1,4 +1,4 @@
-"""One process of a multi-process training: `python -m music_dagster.train_entry <lora|detokenizer> <work dir>
+"""One process of a multi-process training: `python -m music_dagster.training.entry <lora|detokenizer> <work dir>
 [--procedural] [--model ROLE=SPEC ...] [shard folder ...]`, started `train.num_processes` times by
 `accelerate launch`. The config is the process's (`MUSIC_PARAMS`, which the asset sets from its `project`
 resource); `--model` names the checkpoint of each backbone (a `ModelSpec` as JSON: what the asset's model
@@ -35,7 +35,7 @@ def launch_command(config, model: str, work: Path, shards: list[Path], procedura
     """`accelerate launch` of this module over the `num_processes` of `model`'s config section: one machine, or
     the machines, ranks and rendezvous address of `accelerate_config` (relative to the project root)."""
     from music_dagster.config import PROJECT_ROOT
-    from music_dagster.training import TrainingError
+    from music_dagster.training.train import TrainingError
 
     name = "train" if model == "lora" else "detokenizer"
     section = getattr(config.profile, name)
@@ -52,7 +52,7 @@ def launch_command(config, model: str, work: Path, shards: list[Path], procedura
             launch += ["--multi_gpu", "--main_process_port", str(free_port())]
     specs = [f"{role}={json.dumps(config.models[role].model_dump(mode='json'), sort_keys=True)}"
              for role in BACKBONES[model]]
-    entry = ["-m", "music_dagster.train_entry", model, str(work), *(["--procedural"] if procedural else []),
+    entry = ["-m", "music_dagster.training.entry", model, str(work), *(["--procedural"] if procedural else []),
              *(arg for spec in specs for arg in ("--model", spec)), *map(str, shards)]
     return launch + entry
 
@@ -77,8 +77,8 @@ def config_of(specs: list[str]):
 
 def train(model: str, work: Path, sources: list, pipes=None, config=None):
     """Run the trainer of `model` in this process (one rank of the launch); `pipes`: rank 0's Pipes context."""
-    from music_dagster import training
     from music_dagster.config import default_config
+    from music_dagster.training import train as training
 
     config = config or default_config()
 
@@ -90,7 +90,7 @@ def train(model: str, work: Path, sources: list, pipes=None, config=None):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m music_dagster.train_entry")
+    parser = argparse.ArgumentParser(prog="python -m music_dagster.training.entry")
     parser.add_argument("model_name", metavar="model", choices=sorted(TRAINERS))
     parser.add_argument("work", type=Path)
     parser.add_argument("--procedural", action="store_true", help="also train on the config's procedural world")
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = config_of(args.model)
         if args.procedural:
-            from music_dagster.training import procedural_source
+            from music_dagster.training.train import procedural_source
 
             sources.append(procedural_source(config))
         if int(os.environ.get("RANK", "0")) != 0:  # torchrun's global rank: only rank 0 talks to Dagster

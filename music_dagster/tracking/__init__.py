@@ -1,0 +1,1 @@
+"""Lineage: MLflow runs and DVC records."""
