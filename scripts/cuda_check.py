@@ -126,7 +126,7 @@ def main(argv=None) -> int:
 
     from music_dagster.config import ROLES, default_config
     from music_dagster.resources.models import RESOURCE_CLASSES
-    from music_dagster.zoo import ensure_zoo
+    from music_dagster.zoo.tiny import ensure_zoo
 
     torch.set_num_threads(max(1, min(8, os.cpu_count() or 1)))
     t0 = time.perf_counter()
