@@ -230,3 +230,25 @@ def test_music_pipeline_in_diffusers_style_gives_the_generators_bytes(tiny_check
     assert [p["layout"] for p in given.plans] == [layout, layout] and given.result.plan_source == "given"
     with pytest.raises(generate.PlanError, match="subject 1 has no cell"):
         pipe(subjects=subjects, prompt="x", plan={"layout": np.zeros((8, 8), int).tolist()})
+
+
+def test_generator_is_the_pipelines_internal():
+    """`MusicPipeline` is the one inference path: no module outside `model/` imports `generate.Generator`."""
+    import ast
+    from pathlib import Path
+
+    import music_dagster
+
+    package = Path(music_dagster.__file__).parent
+    users = []
+    for path in sorted(package.rglob("*.py")):
+        if path.parent == package / "model":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            named = isinstance(node, ast.ImportFrom) and node.module == "music_dagster.model.generate" and \
+                any(alias.name == "Generator" for alias in node.names)
+            attribute = isinstance(node, ast.Attribute) and node.attr == "Generator" and \
+                isinstance(node.value, ast.Name) and node.value.id == "generate"
+            if named or attribute:
+                users.append(f"{path.relative_to(package)}:{node.lineno}")
+    assert users == []

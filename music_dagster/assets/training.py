@@ -123,21 +123,22 @@ def log_sample_generations(config: Config, run: runs.ActiveRun, sources: list, c
                            detokenizer: Path, models: dict | None = None) -> int:
     """Generate the first `generate.logged_samples` training samples with the new checkpoint and log each
     generation (image, plan.json, layout overlay) and the ground-truth layout overlay under `samples/<i>/`.
-    `models`: the backbones' and CLIP's resources (role -> `ModelResource`; default: the config's)."""
-    from music_dagster.model.generate import Generator
+    `models`: the backbones' and CLIP's resources (role -> `ModelResource`; default: the config's). Generation
+    goes through `MusicPipeline`, the one inference path (diffusers imported here, not at the module's top)."""
     from music_dagster.model.layout import render_overlay
+    from music_dagster.model.pipeline import MusicPipeline
     from music_dagster.training.train import collect_samples
 
     gen = config.profile.generate
     loaders, _ = collect_samples(sources)
     if gen.logged_samples == 0 or not loaders:
         return 0
-    generator = Generator(config, checkpoint, detokenizer, models)
+    pipe = MusicPipeline.from_pretrained(checkpoint, config, detokenizer, models=models)
+    pipe.set_progress_bar_config(disable=True)
     with tempfile.TemporaryDirectory() as tmp:
         for i, load in enumerate(loaders[:gen.logged_samples]):
             sample = load()
-            result = generator.generate_images(sample.references, sample.instruction, gen.logged_branches,
-                                               seed=config.seed)
+            result = pipe(sample.references, sample.instruction, gen.logged_branches, generator=config.seed).result
             folder = result.save(Path(tmp) / f"sample_{i}")
             render_overlay(sample.target.convert("RGB"), sample.layout).save(folder / "target_layout.png")
             run.log_artifacts(folder, f"samples/sample_{i}")

@@ -78,12 +78,12 @@ def _throwaway_checkpoint(config, folder: Path) -> tuple[Path, Path]:
     return lora.model_dir, detok.model_dir
 
 
-def _timed(generator, refs, prompt, branches: int, seed: int, device: str) -> tuple[float, float]:
+def _timed(pipe, refs, prompt, branches: int, seed: int, device: str) -> tuple[float, float]:
     import torch
 
     with peak_memory(device) as mem:
         start = time.perf_counter()
-        generator.generate_images(refs, prompt, branches, seed=seed, sample=True)
+        pipe(refs, prompt, branches, generator=seed, sample_plans=True)
         if device == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
@@ -94,7 +94,7 @@ def main() -> None:
     import torch
 
     from music_dagster.config import default_config
-    from music_dagster.model.generate import Generator
+    from music_dagster.model.pipeline import MusicPipeline
     from music_dagster.model.runtime import detokenizer_dir, device_of, lora_dir
     from music_dagster.training.train import procedural_source
 
@@ -108,23 +108,25 @@ def main() -> None:
         else:
             checkpoint, detok = _throwaway_checkpoint(config, Path(tmp))
             source = "throwaway 2-step checkpoint"
-        generator = Generator(config, checkpoint, detok)
+        pipe = MusicPipeline.from_pretrained(checkpoint, config, detok)
+        pipe.set_progress_bar_config(disable=True)
         refs, prompt = sample.references, sample.instruction
-        _timed(generator, refs, prompt, 1, 0, device)  # warm-up: lazy inits, allocator
+        _timed(pipe, refs, prompt, 1, 0, device)  # warm-up: lazy inits, allocator
         rows = []
         for n in BRANCHES:
             batched, sequential = [], []
             for r in range(REPEATS):  # interleaved, so both see the same machine load
-                batched.append(_timed(generator, refs, prompt, n, r, device))
+                batched.append(_timed(pipe, refs, prompt, n, r, device))
                 # the same N plans one at a time: seeds differ, so plan lengths do too (sampling stops at eos)
-                singles = [_timed(generator, refs, prompt, 1, r * n + i, device) for i in range(n)]
+                singles = [_timed(pipe, refs, prompt, 1, r * n + i, device) for i in range(n)]
                 sequential.append((sum(t for t, _ in singles), max(m for _, m in singles)))
             rows.append((n, min(t for t, _ in batched), max(m for _, m in batched),
                          min(t for t, _ in sequential), max(m for _, m in sequential)))
-    gen, detok_steps = config.profile.generate, generator.detokenizer.settings.decode_steps
+    model, detok_steps = pipe.generator.model, pipe.generator.detokenizer.settings.decode_steps
+    gen = config.profile.generate
     print(f"generation: profile {config.profile_name}, device {device}, {torch.get_num_threads()} torch thread(s), "
           f"{source}; {len(refs)} subjects, plans up to "
-          f"{gen.max_plan_tokens or generator.model.settings.max_plan_tokens} tokens, "
+          f"{gen.max_plan_tokens or model.settings.max_plan_tokens} tokens, "
           f"{gen.decode_steps or detok_steps} decode steps; best of {REPEATS}")
     print(f"{'N':>2} {'batched s':>10} {'peak MiB':>9} {'N x 1-branch s':>15} {'peak MiB (1)':>12} "
           f"{'batched / sequential':>21}")

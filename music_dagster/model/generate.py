@@ -8,8 +8,10 @@ Editable plans: a `GivenPlan` (`--plan plan.json`: CoT and layout; `--layout gri
 drawn instead of the model's plan (see `GivenPlan` for how each is fed to the image stage); `read_plan` /
 `read_layout` refuse a malformed file, a wrong grid size, an unknown id or a subject without a cell in one line.
 
-`generate(...)` is the Python API, `Generator` keeps the models loaded across calls, `cli_generate` is
-`music generate`. Bad input (no subject, more than 12, an unreadable image, an empty prompt, N < 1, a missing or
+`MusicPipeline` (`model/pipeline.py`) is the one inference path: `generate(...)` (a one-call API), `cli_generate`
+(`music generate`), the evaluation, the training assets' sample generations, the benchmark and the web demo all go
+through it. `Generator` keeps the models loaded across calls and does the work; it is the pipeline's internal,
+used nowhere outside `model/`. Bad input (no subject, more than 12, an unreadable image, an empty prompt, N < 1, a missing or
 damaged checkpoint, an existing output folder) raises a one-line `UserError` before any model is loaded; the output
 folder appears only once complete. torch is imported inside functions.
 """
@@ -225,7 +227,8 @@ def check_checkpoints(checkpoint: Path, detokenizer: Path):
 
 
 class Generator:
-    """A loaded MUSIC checkpoint, de-tokenizer and CLIP scorer, reused across `generate` calls.
+    """A loaded MUSIC checkpoint, de-tokenizer and CLIP scorer, reused across `generate` calls: `MusicPipeline`'s
+    internal (callers outside `model/` use the pipeline).
 
     The backbones (`music_llm`, `music_vision`) and the CLIP scorer (`clip`) are fresh copies loaded from their
     resources: `models` (role -> `ModelResource`, what an asset received), else the config's (`runtime.load_model`).
@@ -325,14 +328,16 @@ class Generator:
 def generate(subjects: Sequence, prompt: str, branches: int = 1, seed: int = 0,
              checkpoint: str | os.PathLike | None = None, config: Config | None = None,
              progress: bool = False) -> Result:
-    """One generation with the project's config (or `config`) and the latest checkpoint (or `checkpoint`).
-    The request is checked before any model is loaded."""
+    """One generation with the project's config (or `config`) and the latest checkpoint (or `checkpoint`), through
+    `MusicPipeline`. The request is checked before any model is loaded."""
     from music_dagster.config import default_config
+    from music_dagster.model.pipeline import MusicPipeline
 
     prompt = check_request(prompt, branches)
-    images, names = read_subjects(subjects)
-    generator = Generator(config or default_config(), checkpoint)
-    return generator.generate_images(images, prompt, branches, seed, progress, names)
+    read_subjects(subjects)  # read again by the pipeline: checked here before any model loads
+    pipe = MusicPipeline.from_pretrained(checkpoint, config or default_config())
+    pipe.set_progress_bar_config(disable=not progress)
+    return pipe(subjects, prompt, branches, generator=seed).result
 
 
 def cli_generate(args) -> None:

@@ -1,4 +1,5 @@
-"""`MusicPipeline`: MUSIC in diffusers' calling convention, the one inference path (`music generate` uses it).
+"""`MusicPipeline`: MUSIC in diffusers' calling convention, the one inference path (`music generate`, the evaluation,
+the training assets' logged sample generations, `music bench generate` and the web demo all call it).
 
     pipe = MusicPipeline.from_pretrained("models/lora")
     out = pipe(subjects=[Image.open("dog.png"), Image.open("hat.png")], prompt="put the hat [2] on [1]",
@@ -6,8 +7,8 @@
     out.images[out.best].save("best.png")
     out.plans[out.best]["layout"]   # the 8x8 grid of subject ids it was drawn from
 
-A thin shell over `generate.Generator` (which holds the models and does the work), so both give the same bytes
-for the same request and seed. diffusers is imported at this module's top: import it inside functions from
+A thin shell over `generate.Generator` (which holds the models and does the work; an internal of this pipeline,
+used nowhere outside `model/`), so both give the same bytes for the same request and seed. diffusers is imported at this module's top: import it inside functions from
 anything `music_dagster.definitions` imports.
 """
 from __future__ import annotations
@@ -95,11 +96,14 @@ class MusicPipeline:
         self.progress_bar_config = kwargs
 
     def __call__(self, subjects: Sequence, prompt: str, branches: int = 1, plan: dict | GivenPlan | None = None,
-                 generator: torch.Generator | int | None = None) -> MusicPipelineOutput:
+                 generator: torch.Generator | int | None = None,
+                 sample_plans: bool | None = None) -> MusicPipelineOutput:
         """Draw `prompt` from the reference `subjects` (PIL images or paths), keeping the best of `branches` by
         CLIP similarity. `plan`: a given plan instead of the model's, `{"cot": ..., "layout": rows}` (plan.json's
         keys; without `cot` the model writes the CoT) or a `GivenPlan`. `generator`: its initial seed (or the int
-        itself) seeds the plan sampling and the de-tokenizer's noise, as `music generate --seed` does; None is 0."""
+        itself) seeds the plan sampling and the de-tokenizer's noise, as `music generate --seed` does; None is 0.
+        `sample_plans`: sample the model's plans (default: when there are several branches; one branch decodes
+        greedily); `music bench generate` samples one branch too, so it does the work of one branch of N."""
         prompt = check_request(prompt, branches)
         images, names = read_subjects(subjects)
         given = None
@@ -113,7 +117,8 @@ class MusicPipeline:
             given = GivenPlan(layout=layout, cot=plan.cot)
         seed = generator if isinstance(generator, int) else generator.initial_seed() if generator is not None else 0
         result = self.generator.generate_images(images, prompt, branches, seed, progress=True, names=names,
-                                                given=given, progress_bar=self.progress_bar_config)
+                                                sample=sample_plans, given=given,
+                                                progress_bar=self.progress_bar_config)
         record = result.plan()["branches"]
         return MusicPipelineOutput(
             images=[b.image for b in result.branches],
