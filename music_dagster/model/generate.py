@@ -303,7 +303,8 @@ class Generator:
             else:
                 plans = self.model.plan([request], branches=branches, sample=sample,
                                         temperature=gen.temperature, top_k=gen.top_k,
-                                        max_new_tokens=gen.max_plan_tokens, seed=seed, encoded=encoded)[0]
+                                        max_new_tokens=gen.max_plan_tokens, seed=seed, encoded=encoded,
+                                        constrained=True)[0]
             if given is not None and given.cot is None:
                 plans = [self.forced_plan(p.text.split(TEXT_PREFIX, 1)[0], given.layout) for p in plans]
             bar.update()

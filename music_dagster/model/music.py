@@ -449,11 +449,15 @@ class MusicModel(nn.Module):
     @torch.no_grad()
     def plan(self, prompts: Sequence[Sample], branches: int = 1, sample: bool = False,
              temperature: float = 1.0, top_k: int = 0, max_new_tokens: int | None = None,
-             seed: int = 0, encoded: Sequence[dict] | None = None) -> list[list[Plan]]:
+             seed: int = 0, encoded: Sequence[dict] | None = None, constrained: bool = False
+             ) -> list[list[Plan]]:
         """Decode `branches` plans per prompt, all rows in one batch (left padding, KV cache).
 
         Greedy when `sample` is False (then branches are identical); else multinomial sampling at
-        `temperature` (top-k when > 0) from a generator seeded with `seed`. Returns one list per prompt."""
+        `temperature` (top-k when > 0) from a generator seeded with `seed`. `constrained`: decode under the
+        plan's grammar for each prompt's subject count (`plan_grammar`: the layout always parses when the token
+        limit holds the shortest plan); inference does, training's teacher forcing and the experiment's ablations
+        (whose plans leave parts out) do not. Returns one list per prompt."""
         if branches < 1:
             raise ModelInputError(f"branches must be >= 1, got {branches}")
         if sample and temperature <= 0:
@@ -466,6 +470,12 @@ class MusicModel(nn.Module):
         eos = self.tokenizer.eos_token_id
         limit = max_new_tokens or self.settings.max_plan_tokens
         gen = torch.Generator(device=self.device).manual_seed(seed)
+        processor = None
+        if constrained:
+            from music_dagster.model.plan_grammar import plan_processor
+
+            processor = plan_processor(self.tokenizer, [len(p.references) for p in prompts for _ in range(branches)],
+                                       self.settings.grid, limit)
         base = self.llm.get_base_model()
         emb = base.get_input_embeddings()
         h, cache = self.hidden(batch, use_cache=True)
@@ -475,6 +485,8 @@ class MusicModel(nn.Module):
         done = torch.zeros(B, dtype=torch.bool, device=self.device)
         for _ in range(limit):
             logits = base.lm_head(h[:, -1]).float()
+            if processor is not None:
+                logits = processor(out, logits)
             if sample:
                 logits = logits / temperature
                 if top_k > 0:
