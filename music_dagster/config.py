@@ -144,6 +144,10 @@ class DataConfig(_Spelled):
     temperature: float = Field(ge=0)  # LLM/VLM sampling temperature for free-text answers (retries resample)
     verify_threshold: float = Field(ge=0, lt=1)  # keep a box when the VLM's P(yes) exceeds this
     reference_size: int = Field(ge=16)  # I2I reference images are reference_size x reference_size
+    # most words in each subject's CoT sentence (the answer schema's cap): tiny 8, short; full 48, detailed: from
+    # `synthesis.prompts.DETAILED_COT_WORDS` on the VLM is asked for each subject's appearance, pose, position and
+    # relations (the paper). The plan MUSIC learns grows with it (`music check full` holds max_plan_tokens to it)
+    cot_words_per_subject: int = Field(ge=1, le=64)
     categories: list[str] | None = None  # optional subset of the Objects365 names to sample from
 
     @model_validator(mode="after")

@@ -132,6 +132,21 @@ def test_bounds_and_no_nan_or_infinity(raw, section, key, value, problem):
     assert _error(raw, profile="tiny") == f"params.yaml: profiles.tiny.{section}.{key}: {problem}"
 
 
+@pytest.mark.parametrize("profile, value, problem", [
+    ("tiny", 0, "Input should be greater than or equal to 1 (got 0)"),
+    ("full", 65, "Input should be less than or equal to 64 (got 65)"),
+    ("procedural", 8.0, "Input should be a valid integer (got 8.0)"),
+])
+def test_cot_words_per_subject_is_a_bounded_count(raw, profile, value, problem):
+    raw["profiles"][profile]["data"]["cot_words_per_subject"] = value
+    assert _error(raw, profile=profile) == f"params.yaml: profiles.{profile}.data.cot_words_per_subject: {problem}"
+
+
+def test_cot_is_short_in_tiny_and_detailed_in_full():
+    tiny, full = (load_config(profile=p).profile.data.cot_words_per_subject for p in ("tiny", "full"))
+    assert tiny == 8 and 40 <= full <= 60  # tiny: the pinned shards' length; full: the paper's detailed CoT
+
+
 def test_lam_just_below_one_is_accepted(raw):
     raw["profiles"]["tiny"]["data"]["lam"] = 0.99
     assert parse_config(raw, profile="tiny").profile.data.lam == 0.99

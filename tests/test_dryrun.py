@@ -10,7 +10,7 @@ import pytest
 
 from music_dagster.config import ROLES, load_config
 from music_dagster.zoo.dryrun import (
-    CONFIGS, DryRunError, build_role, check_full, check_sizes, format_report, read_sources,
+    CONFIGS, DryRunError, build_role, check_budgets, check_full, check_sizes, format_report, read_sources,
 )
 from music_dagster.zoo.loaders import HF_MODEL_CLASSES, PIPELINE_CLASSES
 
@@ -50,6 +50,27 @@ def report():
 def _count(text: str) -> float:
     value, unit = text.split()
     return float(value) * {"B": 1e9, "M": 1e6}[unit]
+
+
+def test_the_plan_budget_holds_the_full_profiles_detailed_cot():
+    config = load_config(profile="full")
+    data, train = config.profile.data, config.profile.train
+    plan, answer = check_budgets(config)
+    assert data.cot_words_per_subject >= 40 and plan <= train.max_plan_tokens and answer <= data.max_new_tokens
+    assert plan > 12 * data.cot_words_per_subject  # the CoT is most of the plan
+    longer = config.with_values("data", cot_words_per_subject=data.cot_words_per_subject + 16)
+    with pytest.raises(DryRunError, match=rf"^train\.max_plan_tokens \({train.max_plan_tokens}\) is shorter than"):
+        check_budgets(longer)
+    with pytest.raises(DryRunError, match=r"^data\.max_new_tokens \(1024\) is shorter than the VLM's longest"):
+        check_budgets(config.with_values("data", max_new_tokens=1024))
+    assert check_budgets(longer.with_values("train", max_plan_tokens=2048))[0] > plan
+
+
+def test_the_report_names_the_plan_budget(report):
+    data, train = load_config(profile="full").profile.data, load_config(profile="full").profile.train
+    line = next(line for line in format_report(report) if line.startswith("MUSIC's plan budget"))
+    assert f"{train.max_plan_tokens} tokens" in line and f"{data.cot_words_per_subject} CoT words" in line
+    assert report.music_tokens > train.max_plan_tokens  # the step is measured at the budget
 
 
 def test_every_role_matches_its_published_size(report):

@@ -129,10 +129,44 @@ def test_instruction_and_cot_patterns_use_subject_tags():
     instruction = re.compile(schemas.instruction_pattern(3))
     assert instruction.match("Put [1] next to [2] under [3].")
     assert not instruction.match("Put [1] next to [3].")
-    cot = re.compile(schemas.cot_pattern(2))
+    cot = re.compile(schemas.cot_pattern(2, 8))
     assert cot.match("[1] is a cat on the left of [2]. [2] is the sofa in the centre.")
     assert not cot.match("[1] is a cat next to [3]. [2] is the sofa.")  # [3] is not a subject
     assert not cot.match("[2] is the sofa. [1] is a cat.")
+
+
+def _detailed_sentence(i: int, words: int) -> str:
+    # appearance, pose, position and relations, cycled to exactly `words` words (the last one refers to [1])
+    text = ("is a small brown dog with a red collar, sitting upright with its head turned, placed in the lower "
+            "left of the frame, just in front of the sofa and left of").split()
+    return f"[{i}] " + " ".join((text * (words // len(text) + 1))[:words - 1] + ["[1]"]) + "."
+
+
+@pytest.mark.parametrize("profile", ["tiny", "full"])
+def test_cot_pattern_admits_the_configured_length_and_refuses_one_more(profile):
+    words = load_config(profile=profile).profile.data.cot_words_per_subject
+    pattern = re.compile(schemas.cot_pattern(3, words))
+    assert pattern.fullmatch(" ".join(_detailed_sentence(i, words) for i in (1, 2, 3)))
+    longer = [_detailed_sentence(1, words), _detailed_sentence(2, words + 1), _detailed_sentence(3, words)]
+    assert not pattern.fullmatch(" ".join(longer))
+    schema = schemas.annotation(3, words)  # the VLM's answer schema, as the stage builds it
+    value = {"instruction": "Put [1] next to [2] under [3].", "cot": " ".join(_detailed_sentence(i, words)
+                                                                            for i in (1, 2, 3))}
+    assert parse_answer(json.dumps(value), schema) == value
+    with pytest.raises(AnswerError):
+        parse_answer(json.dumps(dict(value, cot=" ".join(longer))), schema)
+    assert not checks.annotation_tags_valid([dict(_annotated(3), cot=" ".join(longer))], words).passed
+
+
+def test_full_profile_asks_for_the_detailed_cot_and_tiny_keeps_the_short_one():
+    from music_dagster.synthesis import prompts
+
+    tiny = prompts.annotation(["cat", "sofa"], load_config(profile="tiny").profile.data.cot_words_per_subject)
+    full_words = load_config(profile="full").profile.data.cot_words_per_subject
+    full = prompts.annotation(["cat", "sofa"], full_words)
+    assert full_words >= prompts.DETAILED_COT_WORDS and f"at most {full_words} words" in full
+    assert all(w in full for w in ("appearance", "pose", "placed", "relations"))
+    assert "appearance" not in tiny and "its role in the scene" in tiny
 
 
 def test_regex_literal_escapes_punctuation():
@@ -275,9 +309,10 @@ def test_checks_flag_broken_records():
     assert checks.every_subject_owns_a_cell([good], 8).passed
     lost = dict(good, layout=[[0 if v == 3 else v for v in row] for row in good["layout"]])
     assert "subject 3 owns no cell" in checks.every_subject_owns_a_cell([lost], 8).detail
-    assert checks.annotation_tags_valid([good]).passed
-    assert not checks.annotation_tags_valid([dict(good, instruction="Show [1] and [2].")]).passed
-    assert not checks.annotation_tags_valid([dict(good, cot="[1] is next to [7].")]).passed
+    assert checks.annotation_tags_valid([good], 8).passed
+    assert not checks.annotation_tags_valid([dict(good, instruction="Show [1] and [2].")], 8).passed
+    assert not checks.annotation_tags_valid([dict(good, cot="[1] is next to [7].")], 8).passed
+    assert not checks.annotation_tags_valid([good], 2).passed  # "[1] is near [3]." is three words
 
 
 # --- previews ---------------------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ def _llm_inputs(llm, prompts):
 def test_each_row_follows_its_own_schema(handles):
     llm = handles["llm"]
     row_schemas = [schemas.category_filter(["Cat", "Couch", "Lamp", "Cabinet/shelf"], 2),
-                   schemas.caption(["cat", "cabinet/shelf"]), schemas.VERIFY, schemas.annotation(2)]
+                   schemas.caption(["cat", "cabinet/shelf"]), schemas.VERIFY, schemas.annotation(2, DATA.cot_words_per_subject)]
     enc = _llm_inputs(llm, ["pick", "caption", "verify", "annotate"])
     runs = [generate_constrained(llm.model, llm.tokenizer, enc, row_schemas, max_new_tokens=700, seed=seed,
                                  temperature=1.0).texts for seed in (0, 1, 0)]
@@ -155,7 +155,7 @@ def test_stage_chain_keeps_samples_and_invariants(handles, tmp_path):
     r = publish("grid_layouts", layouts.grid_layouts(_ctx("grid_layouts"), DATA, r, open_image))
     assert checks.every_subject_owns_a_cell(r, DATA.grid).passed
     r = publish("cot_annotations", cot.cot_annotations(h["vlm"], _ctx("cot_annotations"), DATA, r, open_image))
-    assert checks.annotation_tags_valid(r).passed
+    assert checks.annotation_tags_valid(r, DATA.cot_words_per_subject).passed
     out = samples.training_samples(_ctx("training_samples"), DATA, r, held_out=True)
     assert checks.decimation_consistent(out.records, r, samples.MSIC_MIN_SUBJECTS).passed
     assert min(s["num_subjects"] for s in out.records) == 1

@@ -4,6 +4,7 @@ Each check returns `Verdict(passed, detail)`; `detail` names the first offending
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -13,7 +14,7 @@ from music_dagster.synthesis.captions import missing_phrases
 from music_dagster.synthesis.category_names import display_name
 from music_dagster.synthesis.common import box_area
 from music_dagster.synthesis.decimation import tags_in
-from music_dagster.synthesis.schemas import phrase
+from music_dagster.synthesis.schemas import cot_pattern, phrase
 
 
 @dataclass(frozen=True)
@@ -141,7 +142,9 @@ def every_subject_owns_a_cell(records: list[dict], grid: int) -> Verdict:
     return _first(records, problem, f"every subject owns >= 1 cell of the {grid}x{grid} grid")
 
 
-def annotation_tags_valid(records: list[dict]) -> Verdict:
+def annotation_tags_valid(records: list[dict], words: int) -> Verdict:
+    """Every tag names a subject, the instruction tags each, and the CoT is its schema's: one sentence per subject
+    of at most `words` (`data.cot_words_per_subject`) words."""
     def problem(r):
         n = len(r["subjects"])
         for key in ("instruction", "cot"):
@@ -149,9 +152,14 @@ def annotation_tags_valid(records: list[dict]) -> Verdict:
             if bad:
                 return f"{key} tags [{bad[0]}] of {n} subjects"
         absent = sorted(set(range(1, n + 1)) - set(tags_in(r["instruction"])))
-        return f"instruction never refers to [{absent[0]}]" if absent else None
+        if absent:
+            return f"instruction never refers to [{absent[0]}]"
+        if not re.fullmatch(cot_pattern(n, words), r["cot"]):
+            return f"cot is not one sentence per subject of at most {words} words"
+        return None
 
-    return _first(records, problem, "instructions tag every subject; all tags name a subject")
+    return _first(records, problem, f"instructions tag every subject; all tags name a subject; CoT <= {words} "
+                                    "words per subject")
 
 
 def decimation_consistent(records: list[dict], sources: list[dict], floor: int) -> Verdict:

@@ -1,6 +1,7 @@
 """Stage 9, `cot_annotations`: the VLM sees the target image with its numbered boxes and writes the simulated user
-instruction (every subject by its tag `[i]`) and the visual CoT (one sentence per subject: role, relations,
-placement), as JSON validated against the schema; retried, else dropped."""
+instruction (every subject by its tag `[i]`) and the visual CoT (one sentence per subject of at most
+`data.cot_words_per_subject` words: role, relations, placement; in detail also appearance and pose), as JSON
+validated against the schema; retried, else dropped."""
 from __future__ import annotations
 
 from music_dagster.synthesis import prompts, schemas
@@ -25,10 +26,10 @@ def check_tags(value: dict, n: int) -> None:
 def cot_annotations(vlm, ctx: ShardContext, data, records: list[dict], open_image: OpenImage) -> StageResult:
     annotated = [draw_numbered_boxes(open_image(r["image"]), [s["box"] for s in r["subjects"]],
                                      [schemas.phrase(s["category"]) for s in r["subjects"]]) for r in records]
-    counts = [len(r["subjects"]) for r in records]
+    counts, words = [len(r["subjects"]) for r in records], data.cot_words_per_subject
     answers = ask_vlm(
-        vlm, [prompts.annotation([schemas.phrase(s["category"]) for s in r["subjects"]]) for r in records],
-        annotated, [schemas.annotation(n) for n in counts], batch_size=data.batch_size,
+        vlm, [prompts.annotation([schemas.phrase(s["category"]) for s in r["subjects"]], words) for r in records],
+        annotated, [schemas.annotation(n, words) for n in counts], batch_size=data.batch_size,
         max_retries=data.max_retries, max_new_tokens=data.max_new_tokens, temperature=data.temperature,
         seed=ctx.seed_for("vlm"), check=lambda item, value: check_tags(value, counts[item]))
     result = StageResult()

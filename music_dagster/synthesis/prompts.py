@@ -17,6 +17,10 @@ REFERENCE_EDITS = (
     "Show the same {name} from above under soft studio lighting, isolated on a plain background.",
     "Show the {name} from a new angle with different lighting, isolated, keeping its colours and details.",
 )
+# From this many words per subject (`data.cot_words_per_subject`) the CoT prompt asks for the paper's detailed CoT:
+# four things per subject (appearance, pose, position, relations) need about six words each. Below it the prompt is
+# the short one (the tiny profile's, unchanged: its shards are pinned).
+DETAILED_COT_WORDS = 24
 
 
 def category_filter(candidates: list[str], min_keep: int) -> str:
@@ -45,14 +49,21 @@ def reference_edit(phrase: str, choice: int) -> str:
     return REFERENCE_EDITS[choice % len(REFERENCE_EDITS)].format(name=phrase)
 
 
-def annotation(phrases: list[str]) -> str:
+def annotation(phrases: list[str], words: int) -> str:
+    """The instruction + CoT prompt; `words` (`data.cot_words_per_subject`) from DETAILED_COT_WORDS on asks for each
+    subject's appearance, pose, position and relations in at most `words` words."""
     listing = "; ".join(f"{tag(i)} {p}" for i, p in enumerate(phrases, start=1))
+    if words >= DETAILED_COT_WORDS:
+        cot = ("(2) cot: your detailed visual reasoning, one sentence per subject starting with its tag, of at most "
+               f"{words} words: its appearance (colour, material, shape), its pose or orientation, where it is "
+               "placed in the image, and its relations to the other subjects (by tag). ")
+    else:
+        cot = ("(2) cot: your visual reasoning, one sentence per subject starting with its tag: its role in the scene, "
+               "its relations to the other subjects (by tag) and where it is placed. ")
     return (
         f"The image shows numbered boxes: {listing}. Write two things. (1) instruction: what a user would ask to "
         "get this image from photos of these subjects, referring to each subject by its tag, e.g. [1]. "
-        "(2) cot: your visual reasoning, one sentence per subject starting with its tag: its role in the scene, "
-        "its relations to the other subjects (by tag) and where it is placed. "
-        'Answer with JSON only: {"instruction": "...", "cot": "..."}.'
+        + cot + 'Answer with JSON only: {"instruction": "...", "cot": "..."}.'
     )
 
 

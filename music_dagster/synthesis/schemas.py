@@ -67,18 +67,22 @@ def instruction_pattern(n: int) -> str:
     return "^" + _OPENER + "".join(gap + " " + regex_literal(tag(i)) for i in range(1, n + 1)) + gap + r"\.$"
 
 
-def cot_pattern(n: int) -> str:
-    """The visual CoT: one sentence per subject, opening with its tag (its role, relations and placement), which
-    may refer to other subjects by tag."""
+def cot_pattern(n: int, words: int) -> str:
+    """The visual CoT: one sentence per subject, opening with its tag and holding 1..`words` words
+    (`data.cot_words_per_subject`: its role, relations and placement; in detail, also its appearance and pose),
+    which may refer to other subjects by tag."""
+    if words < 1:
+        raise ValueError(f"a CoT sentence needs at least one word, got words={words}")
     word = f"({_WORD}|{_tag_alternatives(n)})"
-    sentence = lambda i: regex_literal(tag(i)) + f"( {word}){{1,8}}" + r"\."  # noqa: E731
+    sentence = lambda i: regex_literal(tag(i)) + f"( {word}){{1,{words}}}" + r"\."  # noqa: E731
     return "^" + " ".join(sentence(i) for i in range(1, n + 1)) + "$"
 
 
-def annotation(n: int) -> dict:
+def annotation(n: int, words: int) -> dict:
+    """The VLM's instruction and CoT for n subjects, at most `words` words per subject's CoT sentence."""
     return _object({
         "instruction": {"type": "string", "pattern": instruction_pattern(n)},
-        "cot": {"type": "string", "pattern": cot_pattern(n)},
+        "cot": {"type": "string", "pattern": cot_pattern(n, words)},
     })
 
 

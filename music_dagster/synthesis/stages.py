@@ -174,7 +174,7 @@ def _cot_annotations(s: ShardInputs) -> StageResult:
 def _annotation_tags_valid(s: ShardInputs, records: list[dict]):
     from music_dagster.synthesis import checks
 
-    return checks.annotation_tags_valid(records)
+    return checks.annotation_tags_valid(records, s.data.cot_words_per_subject)
 
 
 def held_out(config, data, key: str) -> bool:
@@ -249,7 +249,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("cot_annotations", "grid_layouts",
           "the VLM writes the user instruction and the visual CoT, subjects by tag [i]",
           ("vlm",), _cot_annotations,
-          (Check("annotation_tags_valid", "the instruction tags every subject; every tag names one",
+          (Check("annotation_tags_valid", "the instruction tags every subject; every tag names one; "
+                                         "the CoT holds at most cot_words_per_subject words per subject",
                  _annotation_tags_valid),),
           table=("instruction", "cot")),
     Stage("training_samples", "cot_annotations",

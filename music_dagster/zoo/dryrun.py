@@ -10,6 +10,10 @@ weights can be checked, though:
 - MUSIC (`model.MusicModel`: LoRA on Qwen3-8B, both resamplers) and the de-tokenizer (SDXL's UNet) are built at
   full size and one training step at the configured batch runs forward and backward on meta tensors, which
   propagate shapes and dtypes only;
+- the token budgets follow the data config: the longest plan MUSIC learns (`data.max_subjects` CoT sentences of
+  `data.cot_words_per_subject` words, then the layout) must fit `train.max_plan_tokens`, at which the step is
+  measured, and the VLM's longest instruction + CoT answer must fit `data.max_new_tokens` (`plan_tokens`: an
+  estimate in Qwen's BPE, as no tokenizer is kept here);
 - while that step runs, every tensor autograd saves for the backward pass is counted (`saved_tensors_hooks`, each
   storage once, parameters excluded): the activations of the step. With that, the peak training memory per GPU is
 
@@ -31,6 +35,7 @@ Heavy imports happen inside functions.
 from __future__ import annotations
 
 import json
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +51,8 @@ GPU_GIB = 80  # the A100 / H100 the paper's setup uses
 GIB = 2 ** 30
 INSTRUCTION_TOKENS = 64  # the dry-run sample's instruction; subject tags are counted per subject
 TAG_TOKENS = 3  # " [12]" in Qwen's tokenizer: space + bracket, digits, bracket
+TOKENS_PER_WORD = 1.5  # English in Qwen's BPE is about 1.3 tokens a word; a word here may carry a comma
+JSON_TOKENS = 16  # the answer's `{"instruction": "`, `", "cot": "`, `"}` and eos
 
 
 class DryRunError(UserError):
@@ -94,6 +101,7 @@ class Report:
     detokenizer_batch: int = 0
     music_checkpointing: bool = False
     detokenizer_checkpointing: bool = False
+    plan: str = ""  # the plan budget and the longest plan the data config allows
 
     @property
     def music_gib(self) -> float:
@@ -291,11 +299,42 @@ def memory(modules, saved: SavedTensors) -> Memory:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# The token budgets the data config implies
+def plan_tokens(config) -> tuple[int, int]:
+    """Estimated Qwen tokens of (the longest plan MUSIC learns, the VLM's longest instruction + CoT answer): for
+    `data.max_subjects` subjects, a CoT sentence of `data.cot_words_per_subject` words each (`schemas.cot_pattern`:
+    tag, words, full stop), the `data.grid` layout (`layout:`, then a space and one token per digit a row: Qwen
+    splits digits), and an instruction of at most four words around each tag (`schemas.instruction_pattern`)."""
+    data = config.profile.data
+    n, grid = data.max_subjects, data.grid
+    cot = n * (TAG_TOKENS + data.cot_words_per_subject * TOKENS_PER_WORD + 1)
+    plan = 1 + cot + 1 + 3 + grid * (grid + 1) + 1  # a space before the CoT and before the layout, eos
+    instruction = (1 + 4 * (n + 1)) * TOKENS_PER_WORD + n * TAG_TOKENS + 1
+    return math.ceil(plan), math.ceil(instruction + cot + JSON_TOKENS)
+
+
+def check_budgets(config) -> tuple[int, int]:
+    """`plan_tokens`, or one line naming the budget (`train.max_plan_tokens`, `data.max_new_tokens`) too short for
+    them: a plan or an annotation cut off there would be lost."""
+    plan, answer = plan_tokens(config)
+    data, train = config.profile.data, config.profile.train
+    longest = f"{data.max_subjects} subjects x {data.cot_words_per_subject} CoT words (data.cot_words_per_subject)"
+    if train.max_plan_tokens < plan:
+        raise DryRunError(f"train.max_plan_tokens ({train.max_plan_tokens}) is shorter than the longest plan, about "
+                          f"{plan} tokens for {longest} and the layout: raise it or shorten the CoT")
+    if data.max_new_tokens < answer:
+        raise DryRunError(f"data.max_new_tokens ({data.max_new_tokens}) is shorter than the VLM's longest answer, "
+                          f"about {answer} tokens for {longest} and the instruction: raise it or shorten the CoT")
+    return plan, answer
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # MUSIC and the de-tokenizer at full size
 def music_step(config):
     """MUSIC built on meta at full size (LoRA on `music_llm`, the resamplers, queries and markers), and one training
     step's forward and backward at `train.batch_size` samples of `data.max_subjects` subjects with a plan of
-    `train.max_plan_tokens` tokens. Returns (memory, tokens per sample)."""
+    `train.max_plan_tokens` tokens (`check_budgets`: at least the longest plan the data config allows). Returns
+    (memory, tokens per sample)."""
     import torch
     import torch.nn.functional as F
 
@@ -410,8 +449,12 @@ def check_full(config=None) -> Report:
     import torch
 
     config = config or load_config(profile="full")
+    plan, _ = check_budgets(config)
     sources = read_sources()
-    report = Report()
+    data = config.profile.data
+    report = Report(plan=f"MUSIC's plan budget: {config.profile.train.max_plan_tokens} tokens (train.max_plan_tokens); "
+                         f"the longest plan: about {plan} ({data.max_subjects} subjects x "
+                         f"{data.cot_words_per_subject} CoT words, then the layout)")
     with quiet_libraries(), torch.no_grad():
         for role in ROLES:
             report.roles[role] = check_sizes(role, build_role(role, config.models[role], sources))
@@ -447,6 +490,8 @@ def format_report(report: Report) -> list[str]:
         gib = [f"{v / GIB:.1f}G" for v in (mem.weights, mem.gradients, mem.optimizer, mem.activations,
                                           mem.activations_checkpointed, mem.total(False), mem.total(True))]
         lines.append(f"{name:<30} {_b(mem.trainable):>10} {_b(mem.frozen):>10} " + " ".join(f"{g:>9}" for g in gib))
+    if report.plan:
+        lines.append(report.plan)
     lines.append(f"gradient checkpointing in the profile: MUSIC {'on' if report.music_checkpointing else 'off'}, "
                  f"de-tokenizer {'on' if report.detokenizer_checkpointing else 'off'}")
     gib = report.music_gib

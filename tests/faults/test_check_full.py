@@ -39,3 +39,13 @@ def test_a_size_far_from_the_published_is_one_line(project, tmp_path):
     path = project / "configs/full/Qwen/Qwen3-8B/config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "num_hidden_layers": 32}))  # 36 published
     _check(project, tmp_path, "llm: Qwen/Qwen3-8B builds", "from the published 8,190,000,000")
+
+
+def test_a_plan_budget_shorter_than_the_detailed_cot_is_one_line(project, tmp_path):
+    import yaml
+
+    raw = yaml.safe_load((project / "params.yaml").read_text())
+    raw["profiles"]["full"]["data"]["cot_words_per_subject"] = 64  # a 12-subject plan of ~1,230 tokens
+    (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    _check(project, tmp_path, "train.max_plan_tokens (1024) is shorter than the longest plan",
+           "12 subjects x 64 CoT words (data.cot_words_per_subject)")
