@@ -252,3 +252,23 @@ def test_generator_is_the_pipelines_internal():
             if named or attribute:
                 users.append(f"{path.relative_to(package)}:{node.lineno}")
     assert users == []
+
+
+@pytest.mark.slow
+def test_the_models_own_plan_is_decoded_under_the_plans_grammar(tiny_checkpoint):
+    """A two-step checkpoint's plans parse (the grammar and its token budget: `model/plan_grammar.py`) once the
+    token limit holds a whole plan (the fixture's 24 tokens do not: a layout alone is ~75 tiny-tokenizer tokens)."""
+    from music_dagster.model.pipeline import MusicPipeline
+
+    config = tiny_checkpoint["config"].with_values("generate", max_plan_tokens=160)
+    pipe = MusicPipeline.from_pretrained(runtime.lora_dir(config), config)
+    pipe.set_progress_bar_config(disable=True)
+    n = len(tiny_checkpoint["refs"])
+    for branches, seed in ((1, 0), (3, 2)):
+        out = pipe(subjects=tiny_checkpoint["refs"], prompt=tiny_checkpoint["prompt"], branches=branches,
+                   generator=seed)
+        for plan in out.plans:
+            layout = np.asarray(plan["layout"])
+            assert plan["parsed"] and layout.shape == (8, 8) and 0 <= layout.min() and layout.max() <= n
+            assert plan["text"].isprintable() and plan["text"].count("layout:") == 1
+        assert out.result.plan()["layout"] == out.plans[out.best]["layout"]
