@@ -252,9 +252,12 @@ def test_zoo_asset_materializes_with_metadata(tiny_zoo):
     import dagster as dg
 
     from music_dagster.assets.zoo import tiny_model_zoo, zoo_files_match_manifest
+    from music_dagster.resources import ProjectConfig
 
     before = {role: file_hashes(folder) for role, folder in tiny_zoo.items()}
-    result = dg.materialize([tiny_model_zoo, zoo_files_match_manifest])
+    # the project's own config, as the code location builds it: the zoo asset rebuilds the project's tiny zoo
+    result = dg.materialize([tiny_model_zoo, zoo_files_match_manifest],
+                            resources={"project": ProjectConfig.from_environment()})
     assert result.success
     meta = result.get_asset_materialization_events()[0].materialization.metadata
     assert meta["dino/class"].value == "ViTModel" and meta["music_unet/parameters"].value > 0
