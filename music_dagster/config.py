@@ -287,7 +287,7 @@ class GenerateConfig(_Spelled):
 
 class Profile(_Spelled):
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # Where concurrent model-heavy steps run, one device per step and per slot of the `gpu` pool (`devices.py`):
+    # Where concurrent model-heavy steps run, one device per step and per slot of the `gpu` pool (`zoo/devices.py`):
     # `auto` is every visible GPU, or [cpu] without one; a list such as [cuda:0, cuda:1] or [cpu, cpu].
     devices: list[str] | Literal["auto"]
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"

@@ -3,9 +3,8 @@
 `music pipeline` builds the tiny model zoo when a configured folder is missing, registers the profile's shards,
 materializes the data graph over every shard in one run (a partition range), then training and evaluation. Every
 run lands in the instance under `DAGSTER_HOME` (default `.dagster_home/`), so `make ui` shows the runs, lineage and
-metadata afterwards. DVC's stages
-(`music stage ...`, `run_stage`: dvc.yaml's entry points live here, in the application layer, not in `dvc.py`) run
-the same jobs through `run_job` and `materialize_shards`.
+metadata afterwards. DVC's stages (`music stage ...`, `run_stage`: dvc.yaml's entry points live here, in the
+application layer, not in `tracking/dvc.py`) run the same jobs through `run_job` and `materialize_shards`.
 
 What `run_job` adds to Dagster's in-process execution, so that a killed or stuck run never blocks the next one:
 - each run is tagged with its host and process; before a run starts, runs whose process is gone are marked failed

@@ -129,9 +129,9 @@ def _imported_modules(roots: tuple[str, ...], follow_not: set[str]) -> set[str]:
 def test_dvc_yaml_data_stage_is_the_stage_table():
     """dvc.yaml's data stage writes one folder per row of the table, and its code deps are exactly the code the stage
     imports (`assets/data.py`, the model resources its rows load, and all they import; a package `__init__` that is
-    only a docstring does not count), so `dvc repro` re-runs the data stage when that code changes. `dvc.py`, which
-    records the stage's outputs in dvc.lock once they are written and shapes none of their bytes, is not a
-    dependency (nor what only it imports)."""
+    only a docstring does not count), so `dvc repro` re-runs the data stage when that code changes.
+    `tracking/dvc.py`, which records the stage's outputs in dvc.lock once they are written and shapes none of their
+    bytes, is not a dependency (nor what only it imports)."""
     stage = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())["stages"]["data"]
     assert stage["outs"] == [f"datasets/{name}" for name in NAMES]
     modules = _imported_modules(("music_dagster.assets.data", "music_dagster.resources.models"),
