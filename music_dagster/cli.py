@@ -25,7 +25,7 @@ def _generate(args):
 def _pipeline(args):
     from music_dagster.pipeline import run_pipeline
 
-    run_pipeline(num_shards=args.shards)
+    run_pipeline(num_shards=args.shards, force=args.force)
 
 
 def _stage(args):
@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     pipeline = sub.add_parser("pipeline", help="the main job: every asset on the configured profile")
     pipeline.add_argument("--shards", type=int, help="data shards to materialize (default: data.num_shards)")
+    pipeline.add_argument("--force", action="store_true",
+                          help="re-run every data shard, up to date or not (after a code change: a shard is "
+                               "skipped when it is published with the current settings)")
     pipeline.set_defaults(func=_pipeline)
 
     gen = sub.add_parser("generate", help="generate one image from reference subjects and an instruction")

@@ -1,10 +1,12 @@
 """The main job: the whole pipeline on the project's Dagster instance, as the UI would run it.
 
 `music pipeline` builds the tiny model zoo when a configured folder is missing, registers the profile's shards,
-materializes the data graph over every shard in one run (a partition range), then training and evaluation. Every
-run lands in the instance under `DAGSTER_HOME` (default `.dagster_home/`), so `make ui` shows the runs, lineage and
-metadata afterwards. DVC's stages (`music stage ...`, `run_stage`: dvc.yaml's entry points live here, in the
-application layer, not in `tracking/dvc.py`) run the same jobs through `run_job` and `materialize_shards`.
+materializes the data graph over the shards that are not up to date (`stale_shards`: missing, failed last time, or
+made with other settings; `--force`: every shard), one run per contiguous range of them (a partition range), then
+training and evaluation. Every run lands in the instance under `DAGSTER_HOME` (default `.dagster_home/`), so
+`make ui` shows the runs, lineage and metadata afterwards. DVC's stages (`music stage ...`, `run_stage`: dvc.yaml's
+entry points live here, in the application layer, not in `tracking/dvc.py`) run the same jobs through `run_job` and
+`materialize_shards`.
 
 What `run_job` adds to Dagster's in-process execution, so that a killed or stuck run never blocks the next one:
 - each run is tagged with its host and process; before a run starts, runs whose process is gone are marked failed
@@ -220,20 +222,90 @@ class ShardsFailedError(UserError):
     """Shards of a range run that failed alone: the others were published."""
 
 
-def materialize_shards(instance, num_shards: int | None = None) -> list[str]:
-    """Register the first `num_shards` shard keys (default: `data.num_shards`) and run the data graph over all of
-    them in one run (one model load per stage for every shard). Shards that failed alone are named afterwards, in
-    one line, with their reasons; the others are published."""
-    from music_dagster.assets.data import ensure_shards
+def materialize_shards(instance, num_shards: int | None = None, force: bool = False) -> list[str]:
+    """Register the first `num_shards` shard keys (default: `data.num_shards`) and run the data graph over those
+    that are not up to date (`stale_shards`; every key with `force`), one run per contiguous range of them (one
+    model load per stage for every shard of a range), after one line saying how many were skipped. Nothing stale:
+    no run, and one line says so. Shards that failed alone are named afterwards, in one line, with their reasons;
+    the others are published. Returns every key."""
+    from music_dagster.assets.data import SHARDS, ensure_shards
 
     keys = ensure_shards(instance, num_shards or default_config().profile.data.num_shards)
-    run_id = run_job("data_job", instance, partition_range=(keys[0], keys[-1]))
-    # This run's records decide, not the folders: a shard that failed may still hold an older published copy.
-    reasons = failed_shard_reasons(instance, keys, run_id)
+    stale = {k: "forced" for k in keys} if force else stale_shards(instance, default_config(), keys)
+    if not stale:
+        print(f"music pipeline: data: all {len(keys)} shards up to date ({keys[0]}..{keys[-1]}: published, same "
+              f"settings), no data run (`music pipeline --force` re-runs them)", flush=True)
+        return keys
+    ranges = contiguous_ranges(instance.get_dynamic_partitions(SHARDS.name), list(stale))
+    skipped = "none skipped (forced)" if force else f"{len(keys) - len(stale)} of {len(keys)} up to date, skipped"
+    why = "" if force else f" ({', '.join(sorted(set(stale.values())))})"
+    print(f"music pipeline: data: {skipped}; running {len(stale)} of {len(keys)} shards{why} in {len(ranges)} "
+          f"run{'s' if len(ranges) > 1 else ''}: " + ", ".join(r[0] if len(r) == 1 else f"{r[0]}..{r[-1]}"
+                                                            for r in ranges), flush=True)
+    reasons: dict[str, str] = {}
+    for run_keys in ranges:
+        try:
+            run_id = run_job("data_job", instance, partition_range=(run_keys[0], run_keys[-1]))
+        except RunError as e:
+            if len(ranges) == 1:
+                raise
+            # Every shard of a step failed in this range (its step failed): the other ranges still run.
+            reasons.update({k: str(e) for k in run_keys})
+            continue
+        # This run's records decide, not the folders: a shard that failed may still hold an older published copy.
+        reasons.update(failed_shard_reasons(instance, run_keys, run_id))
     if reasons:
         raise ShardsFailedError(f"{len(reasons)} of {len(keys)} shards failed, the others were published: "
                                 + "; ".join(f"{k}: {reasons[k]}" for k in keys if k in reasons))
     return keys
+
+
+def stale_shards(instance, config, keys: list[str]) -> dict[str, str]:
+    """The shards of `keys` that a data run must make again, each with why: `missing` (a data asset's shard is not
+    complete in the store: never made, deleted, or its run killed), `failed` (the latest materialization of one of
+    its data assets records `failed`: it failed alone last time), `changed settings` (the `data_fingerprint` its
+    latest materializations record differs from the current config's, or is absent: made before fingerprints).
+
+    The fingerprint (`synthesis.stages.data_fingerprint`) covers the config's seed, the `data` section (but
+    `num_shards`), the data roles' model specs, `dtype`, `torch_threads` and the Objects365 file's bytes. It does
+    not cover the code, the installed libraries, the weights behind an unchanged model spec, or a shard edited by
+    hand (its bytes are not hashed again): after a code change, `music pipeline --force` re-runs every shard."""
+    from music_dagster.assets.data import DATA_ASSET_NAMES
+    from music_dagster.resources.storage import DatasetStore
+    from music_dagster.synthesis.stages import data_fingerprint
+
+    store = DatasetStore.from_config(config)
+    fingerprint = data_fingerprint(config)
+    stale: dict[str, str] = {}
+    for key in keys:
+        if not all(store.exists(name, key) for name in DATA_ASSET_NAMES):
+            stale[key] = "missing"
+            continue
+        for name in DATA_ASSET_NAMES:
+            records = instance.fetch_materializations(
+                dg.AssetRecordsFilter(asset_key=dg.AssetKey(name), asset_partitions=[key]), limit=1).records
+            metadata = records[0].asset_materialization.metadata if records else {}
+            if "failed" in metadata:
+                stale[key] = "failed"
+                break
+            recorded = metadata.get("data_fingerprint")
+            if recorded is None or recorded.value != fingerprint:
+                stale[key] = "changed settings"
+                break
+    return stale
+
+
+def contiguous_ranges(order: list[str], keys: list[str]) -> list[list[str]]:
+    """`keys` split into runs of neighbours in `order` (the shards' registration order, which a partition range
+    follows), in that order: a range run over each touches no key outside `keys`."""
+    position = {k: i for i, k in enumerate(order)}
+    ranges: list[list[str]] = []
+    for key in sorted(keys, key=position.__getitem__):
+        if ranges and position[ranges[-1][-1]] == position[key] - 1:
+            ranges[-1].append(key)
+        else:
+            ranges.append([key])
+    return ranges
 
 
 # Stage entry points: what `dvc repro` runs (`music stage <name>`, dvc.yaml's `cmd`s). Each materializes the stage's
@@ -247,13 +319,15 @@ STAGES = ("data", *STAGE_ASSETS)
 
 
 def run_stage(name: str) -> None:
-    """Materialize the assets of the DVC stage `name`: `data` runs `data_job` for each of the profile's shards."""
+    """Materialize the assets of the DVC stage `name`: `data` runs `data_job` over every one of the profile's shards,
+    up to date or not: DVC runs the stage when one of its dependencies changed, code included, which the shards'
+    fingerprints do not cover (`stale_shards`), and then records what the stage made."""
     from music_dagster.tracking.dvc import DvcError
 
     if name not in STAGES:
         raise DvcError(f"unknown stage {name!r} (stages: {', '.join(STAGES)})")
     if name == "data":
-        materialize_shards(project_instance())
+        materialize_shards(project_instance(), force=True)
         return
     job_name, assets = STAGE_ASSETS[name]
     run_job(job_name, project_instance(), assets=assets)
@@ -288,8 +362,9 @@ def check_outputs(config) -> None:
     check_store(store_from_config(config))
 
 
-def run_pipeline(num_shards: int | None = None) -> None:
-    """Materialize every asset on the configured profile, `num_shards` data shards (default: the profile's)."""
+def run_pipeline(num_shards: int | None = None, force: bool = False) -> None:
+    """Materialize every asset on the configured profile, `num_shards` data shards (default: the profile's): the
+    data shards that are not up to date (`stale_shards`), every one with `force`, then training and evaluation."""
     config = default_config()
     check_outputs(config)
     instance = project_instance()
@@ -299,7 +374,7 @@ def run_pipeline(num_shards: int | None = None) -> None:
         run_job("zoo_job", instance)
         config.check_models()
     start = time.perf_counter()
-    keys = materialize_shards(instance, num_shards)
+    keys = materialize_shards(instance, num_shards, force=force)
     run_job("training_job", instance)
     run_job("evaluation_job", instance)
     print(f"music pipeline: done in {time.perf_counter() - start:.0f} s", flush=True)

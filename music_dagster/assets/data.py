@@ -24,7 +24,7 @@ from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PART
 from music_dagster.resources.project import ProjectConfig
 from music_dagster.resources.storage import DatasetStore
 from music_dagster.synthesis.common import shard_key
-from music_dagster.synthesis.stages import STAGE_NAMES, STAGES, ShardInputs, Stage
+from music_dagster.synthesis.stages import STAGE_NAMES, STAGES, ShardInputs, Stage, data_fingerprint
 
 SHARDS = dg.DynamicPartitionsDefinition(name="shards")
 GROUP = "data"
@@ -92,6 +92,7 @@ def _stage(context: dg.AssetExecutionContext, stage: Stage) -> dg.MaterializeRes
     store: DatasetStore = context.resources.store
     config = project.get()
     prepared = stage.prepare(config, config.profile.data) if stage.prepare else None
+    fingerprint = data_fingerprint(config)  # what shaped the bytes: `music pipeline` skips a shard that has it
     keys = context.partition_keys
     if stage.note:
         for key in keys:
@@ -101,7 +102,8 @@ def _stage(context: dg.AssetExecutionContext, stage: Stage) -> dg.MaterializeRes
     versions: dict[str, str] = {}
     with _step_device(context, config.profile) as summary:
         for key in keys:
-            _publish_or_record(context, config, store, stage, prepared, key, failures, verdicts, versions)
+            _publish_or_record(context, config, store, stage, prepared, key, failures, verdicts, versions,
+                               fingerprint)
     if len(failures) == len(keys):
         raise next(iter(failures.values()))
     if stage is STAGES[-1]:
@@ -122,8 +124,9 @@ def _stage(context: dg.AssetExecutionContext, stage: Stage) -> dg.MaterializeRes
     )
 
 
-def _publish_or_record(context, config, store, stage, prepared, key, failures, verdicts, versions):
-    """Publish shard `key`, or record why it failed (its partition's `failed` metadata, the run's log)."""
+def _publish_or_record(context, config, store, stage, prepared, key, failures, verdicts, versions, fingerprint):
+    """Publish shard `key` with its `data_fingerprint` (`synthesis.stages.data_fingerprint`), or record why it
+    failed (its partition's `failed` metadata, the run's log)."""
     from music_dagster.errors import UserError
 
     try:
@@ -133,6 +136,7 @@ def _publish_or_record(context, config, store, stage, prepared, key, failures, v
         context.log.error(f"{stage.name}[{key}] failed, not published: {e}")
         context.add_asset_metadata({"failed": dg.MetadataValue.text(str(e))}, partition_key=key)
         return
+    metadata["data_fingerprint"] = dg.MetadataValue.text(fingerprint)
     context.add_asset_metadata(metadata, partition_key=key)
     for name, verdict in shard_verdicts.items():
         verdicts.setdefault(name, []).append((key, verdict))

@@ -272,3 +272,37 @@ def stage(name: str) -> Stage:
         if row.name == name:
             return row
     raise KeyError(name)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What shaped a shard's bytes, as one hash: the data assets record it in each shard's materialization metadata
+# (`data_fingerprint`), and `music pipeline` re-runs a published shard only when it differs from the current one.
+FINGERPRINT_EXCLUDED = frozenset({"num_shards"})  # more shards are more keys: existing shards keep their data
+
+
+def data_fingerprint(config) -> str:
+    """sha256 of what the config gives the data graph, as sorted JSON: the config's seed, the profile's `data`
+    section but `num_shards`, the model specs (id, subfolder, revision, trust_remote_code) of the roles the stages
+    load (`STAGE_ROLES`), the profile's `dtype` and `torch_threads` (float results change with them), and the
+    sha256 of the Objects365 category file (`paths.objects365`, read by `category_combos`; None while missing).
+
+    Not covered, so not noticed: the code (the stages, the libraries installed: transformers, diffusers, torch), the
+    weights behind an unchanged model spec (a rebuilt tiny zoo, a Hub id without a pinned revision), the device a
+    stage runs on, and a published shard changed by hand. After any of those, `music pipeline --force` re-runs every
+    shard (`music stage data`, what `dvc repro` runs when a dependency changed, code included, always does)."""
+    import hashlib
+    import json
+
+    from music_dagster.storage import file_sha256
+
+    categories = config.paths.resolve("objects365")
+    profile = config.profile
+    covered = {
+        "seed": config.seed,
+        "data": profile.data.model_dump(mode="json", exclude=set(FINGERPRINT_EXCLUDED)),
+        "models": {role: config.models[role].model_dump(mode="json") for role in STAGE_ROLES},
+        "dtype": profile.dtype,
+        "torch_threads": profile.torch_threads,
+        "objects365": file_sha256(categories) if categories.is_file() else None,
+    }
+    return hashlib.sha256(json.dumps(covered, sort_keys=True).encode("utf-8")).hexdigest()
