@@ -74,3 +74,23 @@ def use_project(monkeypatch):
 
     yield use
     default_config.cache_clear()
+
+
+@pytest.fixture()
+def fail_captions(monkeypatch):
+    """`fail_captions(key)`: from now on the `scene_captions` stage fails for shard `key` with a one-line
+    SynthesisError, an injected model fault (every other shard runs the real stage); `fail_captions(None)` puts
+    the real stage back."""
+    from music_dagster.synthesis import SynthesisError, captions
+
+    real = captions.scene_captions
+
+    def fail(key):
+        def failing(llm, ctx, *args):
+            if ctx.key == key:
+                raise SynthesisError("the LLM wrote no caption (injected)")
+            return real(llm, ctx, *args)
+
+        monkeypatch.setattr(captions, "scene_captions", real if key is None else failing)
+
+    return fail

@@ -354,18 +354,10 @@ def test_a_range_run_writes_the_bytes_of_one_shard_runs_and_loads_each_model_onc
 
 
 @pytest.mark.slow
-def test_a_shard_failing_inside_a_range_run_fails_alone(tmp_path, tiny_zoo, monkeypatch):
+def test_a_shard_failing_inside_a_range_run_fails_alone(tmp_path, tiny_zoo, fail_captions):
     from music_dagster.pipeline import failed_shard_reasons
-    from music_dagster.synthesis import captions
 
-    real = captions.scene_captions
-
-    def failing(llm, ctx, *args):
-        if ctx.key == "shard-00001":
-            raise SynthesisError("the LLM wrote no caption (injected)")
-        return real(llm, ctx, *args)
-
-    monkeypatch.setattr(captions, "scene_captions", failing)
+    fail_captions("shard-00001")
     root = tmp_path / "datasets"
     store = DatasetStore(root=str(root))
     instance = _instance(3)

@@ -11,7 +11,6 @@ import pytest
 
 from music_dagster.assets import data
 from music_dagster.config import default_config
-from music_dagster.synthesis import SynthesisError
 from music_dagster.synthesis.stages import STAGE_NAMES
 
 DATA = {"num_shards": 3, "shard_size": 2}
@@ -127,21 +126,13 @@ def test_a_deleted_shard_is_the_only_one_run_again_with_the_same_bytes(project, 
 
 
 @pytest.mark.slow
-def test_a_shard_that_failed_last_time_is_the_only_one_run_again(project, first_run, monkeypatch):
+def test_a_shard_that_failed_last_time_is_the_only_one_run_again(project, first_run, fail_captions):
     from music_dagster.pipeline import materialize_shards, run_job, stale_shards
-    from music_dagster.synthesis import captions
 
     root, instance = project
-    real = captions.scene_captions
-
-    def failing(llm, ctx, *args):
-        if ctx.key == "shard-00001":
-            raise SynthesisError("the LLM wrote no caption (injected)")
-        return real(llm, ctx, *args)
-
-    monkeypatch.setattr(captions, "scene_captions", failing)
+    fail_captions("shard-00001")
     run_job("data_job", instance, partition_range=("shard-00001", "shard-00002"))  # shard-00001 fails alone
-    monkeypatch.setattr(captions, "scene_captions", real)
+    fail_captions(None)
     # Its folders still hold the first run's copies: its latest records say it failed.
     assert all((root / "datasets" / name / "shard-00001" / "manifest.jsonl").is_file() for name in STAGE_NAMES)
     assert stale_shards(instance, default_config(), KEYS) == {"shard-00001": "failed"}
