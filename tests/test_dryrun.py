@@ -25,14 +25,14 @@ PUBLISHED = {
     "IDEA-Research/grounding-dino-base": 233e6,
     "facebook/sam2.1-hiera-large": 224.4e6,  # with its video memory (the compared column)
     "timm/vit_large_patch14_clip_224.openai": 427.6e6,
-    "facebook/dino-vits16": 21.7e6,
+    "timm/vit_small_patch16_224.dino": 21.7e6,
     "google/siglip-so400m-patch14-384": 878e6,  # both towers (the compared column)
     "stabilityai/stable-diffusion-xl-base-1.0/unet": 2.57e9,
 }
 # The class each role's handle holds (CONTRIBUTING.md, "Model handles").
 CLASSES = {
     "llm": "Qwen3ForCausalLM", "vlm": "Qwen2_5_VLForConditionalGeneration", "detector": "GroundingDinoForObjectDetection",
-    "segmenter": "Sam2Model", "clip": "CLIP", "dino": "ViTModel", "eval_clip": "CLIP", "music_llm": "Qwen3ForCausalLM",
+    "segmenter": "Sam2Model", "clip": "CLIP", "dino": "VisionTransformer", "eval_clip": "CLIP", "music_llm": "Qwen3ForCausalLM",
     "music_vision": "SiglipVisionModel", "music_unet": "UNet2DConditionModel",
 }
 LAST_LINE = re.compile(r"^full profile: (\d+) roles built without weights; MUSIC training at batch (\d+) needs "
@@ -138,7 +138,11 @@ def test_full_specs_class_and_revision_offline(report):
                                                            "T5EncoderModel"}
         else:
             assert [p.cls for p in report.roles[role]] == [CLASSES[role]], role
-    assert set(HF_MODEL_CLASSES) | set(PIPELINE_CLASSES) | {"clip", "eval_clip", "music_unet"} == set(ROLES)
+    # every part's class is the one sources.json records for its folder
+    for parts in report.roles.values():
+        for part in parts:
+            assert sources["parts"][part.folder]["class"] == part.cls, part.folder
+    assert set(HF_MODEL_CLASSES) | set(PIPELINE_CLASSES) | {"clip", "eval_clip", "dino", "music_unet"} == set(ROLES)
     # the open_clip config asks for OpenAI's QuickGELU, as the checkpoint was trained with
     clip = json.loads((CONFIGS / "timm/vit_large_patch14_clip_224.openai/open_clip_config.json").read_text())
     assert clip["model_cfg"]["quick_gelu"] is True
@@ -152,4 +156,4 @@ def test_a_size_far_from_the_published_is_one_line():
     parts[0].published *= 1.05
     with pytest.raises(DryRunError) as e:
         check_sizes("dino", parts)
-    assert "\n" not in str(e.value) and "facebook/dino-vits16" in str(e.value) and "-4.9%" in str(e.value)
+    assert "\n" not in str(e.value) and "timm/vit_small_patch16_224.dino" in str(e.value) and "-4.9%" in str(e.value)

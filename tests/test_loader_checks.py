@@ -59,3 +59,41 @@ def test_the_declared_activation_is_the_built_one(tiny_zoo, tmp_path):
     plain = load_role("eval_clip", ModelSpec(id=str(tiny_zoo["clip"])), "cpu", "bfloat16")
     assert type(plain.model.visual.transformer.resblocks[0].mlp.gelu) is torch.nn.GELU
     assert plain.dtype == torch.float32 and next(plain.model.parameters()).dtype == torch.float32
+
+
+def test_dino_from_the_hub_reads_only_its_config_and_safetensors(tiny_zoo, tmp_path, monkeypatch):
+    """The full profile's `dino` (a timm repository at a pinned commit): the loader fetches its config.json and
+    model.safetensors at that revision, never the pickle beside them, and loads them strictly; a repository without
+    model.safetensors is one line."""
+    import huggingface_hub
+    from huggingface_hub.errors import EntryNotFoundError
+    from safetensors.torch import load_file
+
+    repo = tmp_path / "hub"  # what the Hub repository holds: the tiny DINO's files and a pickle copy of its weights
+    shutil.copytree(tiny_zoo["dino"], repo)
+    torch.save(load_file(repo / "model.safetensors"), repo / "pytorch_model.bin")
+    snapshot = tmp_path / "snapshot"
+    snapshot.mkdir()
+    asked = []
+
+    def download(repo_id, filename, revision=None, subfolder=None):
+        asked.append((repo_id, filename, revision))
+        if not (repo / filename).is_file():
+            raise EntryNotFoundError(f"{filename} is not in {repo_id}")
+        shutil.copy(repo / filename, snapshot / filename)
+        return str(snapshot / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    spec = load_config(profile="full").models["dino"]
+    handle = load_role("dino", spec, "cpu", "bfloat16")
+    repo_id, revision = spec.id.removeprefix("hf-hub:"), spec.revision
+    assert asked == [(repo_id, "config.json", revision), (repo_id, "model.safetensors", revision)]
+    assert sorted(p.name for p in snapshot.iterdir()) == ["config.json", "model.safetensors"]
+    assert type(handle.model).__name__ == "VisionTransformer" and handle.dtype == torch.float32
+    weights = load_file(repo / "model.safetensors")
+    assert all(torch.equal(weights[k], v) for k, v in handle.model.state_dict().items())
+
+    (repo / "model.safetensors").unlink()
+    with pytest.raises(LoaderError) as e:
+        load_role("dino", spec, "cpu", "float32")
+    assert str(e.value) == f"{spec.id}: no model.safetensors (pickle weights are never loaded)"

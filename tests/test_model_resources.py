@@ -56,7 +56,7 @@ def test_loads_lazily_and_once_per_process(tiny_zoo, count_loads):
     handle = res.load()
     assert res.load() is handle and _dino(tiny_zoo).load() is handle  # same spec, same process: one load
     assert count_loads == ["dino"]
-    assert type(handle.model).__name__ == "ViTModel" and not handle.model.training
+    assert type(handle.model).__name__ == "VisionTransformer" and not handle.model.training
     assert str(handle.device) == "cpu"
     res.unload()
 

@@ -155,13 +155,17 @@ def test_clip_and_eval_clip_differ(load):
 def test_dino_cls_token_at_224(load):
     import torch
 
-    h = load("dino")
-    assert type(h.model).__name__ == "ViTModel" and h.model.pooler is None
-    inputs = h.processor(images=[_image(256, 256)], return_tensors="pt")
-    assert inputs["pixel_values"].shape == (1, 3, 224, 224)
+    from music_dagster.evaluation.metrics import dino_preprocess
+
+    h = load("dino")  # timm's DINO ViT-S/16 layout: no head, the final norm over every token
+    assert type(h.model).__name__ == "VisionTransformer" and h.model.num_classes == 0
+    x = dino_preprocess(_image(256, 256))[None]
+    assert x.shape == (1, 3, 224, 224)
     with torch.no_grad():
-        out = h.model(**inputs)
-    assert out.last_hidden_state.shape == (1, 1 + 14 * 14, h.model.config.hidden_size)
+        tokens = h.model.forward_features(x)
+        pooled = h.model.forward_head(tokens, pre_logits=True)
+    assert tokens.shape == (1, 1 + 14 * 14, h.model.embed_dim)
+    assert torch.equal(pooled, tokens[:, 0])  # the feature DINO scores: the CLS token after the final norm
 
 
 def test_siglip_patch_tokens(load):
@@ -201,7 +205,7 @@ def test_rebuild_replaces_role_atomically(tmp_path):
     (tmp_path / "dino" / "stale.txt").write_text("x")
     build_zoo(seed=0, roles=["dino"], root=tmp_path)
     assert not (tmp_path / "dino" / "stale.txt").exists()
-    assert json.loads((tmp_path / "zoo.json").read_text())["roles"]["dino"]["class"] == "ViTModel"
+    assert json.loads((tmp_path / "zoo.json").read_text())["roles"]["dino"]["class"] == "VisionTransformer"
     assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "dino", "zoo.json"]
 
 
@@ -260,7 +264,7 @@ def test_zoo_asset_materializes_with_metadata(tiny_zoo):
                             resources={"project": ProjectConfig.from_environment()})
     assert result.success
     meta = result.get_asset_materialization_events()[0].materialization.metadata
-    assert meta["dino/class"].value == "ViTModel" and meta["music_unet/parameters"].value > 0
+    assert meta["dino/class"].value == "VisionTransformer" and meta["music_unet/parameters"].value > 0
     assert meta["total_parameters"].value == sum(meta[f"{r}/parameters"].value for r in ROLES)
     assert [c.passed for c in result.get_asset_check_evaluations()] == [True]
     # same seed: the project's zoo keeps the same bytes
@@ -268,7 +272,8 @@ def test_zoo_asset_materializes_with_metadata(tiny_zoo):
 
 
 @pytest.mark.parametrize("role, hub_id", [("llm", "Qwen/Qwen3-8B"),
-                                          ("clip", "hf-hub:timm/vit_large_patch14_clip_224.openai")])
+                                          ("clip", "hf-hub:timm/vit_large_patch14_clip_224.openai"),
+                                          ("dino", "hf-hub:timm/vit_small_patch16_224.dino")])
 def test_uncached_hub_id_offline_is_one_line_error(role, hub_id, monkeypatch, tmp_path):
     from huggingface_hub import constants
 

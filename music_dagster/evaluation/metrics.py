@@ -1,10 +1,10 @@
 """DINO, CLIP-I and CLIP-T: the subject-fidelity and text-alignment scores of DreamBench and MSIC.
 
 Every score is the cosine of L2-normalised embeddings on the raw 0..1 scale (no CLIPScore 2.5 or 100 factor).
-DINO is the CLS token of a ViT-S/16 on the DreamBooth protocol (shorter side to 256 bicubic, centre crop 224,
-ImageNet normalisation), done here whatever the checkpoint's own processor says; CLIP uses open_clip's eval
-transform of the variant in use (embedded by `clip_similarity`, normalised in float64), and the variant's name goes
-into every score record.
+DINO is the last layer's CLS token, after the final norm, of a ViT-S/16 (timm's `vit_small_patch16_224.dino`) on
+the DreamBooth protocol (shorter side to 256 bicubic, centre crop 224, ImageNet normalisation), done here whatever
+the checkpoint's own config says; CLIP uses open_clip's eval transform of the variant in use (embedded by
+`clip_similarity`, normalised in float64), and the variant's name goes into every score record.
 Reference images are embedded once per file (cache keyed by path and content hash) and reused for every
 generated image compared to them. torch is imported inside functions.
 """
@@ -113,10 +113,9 @@ class Embedder:
         return torch.cat(out) if out else torch.empty(0, 0, dtype=torch.float64)
 
     def _dino_encode(self, batch: torch.Tensor) -> torch.Tensor:
-        model = self.dino.model
         batch = batch.to(device=self.dino.device, dtype=self.dino.dtype)
-        # The CLS token of the last layer; positions interpolated when a checkpoint was trained at another size.
-        return model(pixel_values=batch, interpolate_pos_encoding=True).last_hidden_state[:, 0].float()
+        # The CLS token of the last layer, after the final norm (timm's `forward_features` applies it to every token).
+        return self.dino.model.forward_features(batch)[:, 0].float()
 
     def dino_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
         return self._batched(images, dino_preprocess, self._dino_encode)

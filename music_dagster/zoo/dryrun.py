@@ -155,6 +155,11 @@ def build(folder: Path, role: str | None = None, cls: str | None = None, dtype=N
 
         with torch.device("meta"):
             return getattr(diffusers, config["_class_name"]).from_config(config)
+    if "architecture" in config:  # a timm model's config: its architecture and arguments, as `load_role` reads it
+        import timm
+
+        with torch.device("meta"):
+            return timm.create_model(f"local-dir:{folder}", pretrained=False)
     import transformers
 
     from music_dagster.zoo.loaders import HF_MODEL_CLASSES
@@ -186,7 +191,8 @@ def build_role(role: str, spec, sources: dict) -> list[Part]:
             model = build(folder, role)
             n = count(model)
             counted = count(build(folder, role, source["published_class"])) if "published_class" in source else n
-        except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:  # how the libraries refuse a config
+        # how the libraries refuse a config (timm: RuntimeError for an unknown architecture)
+        except (OSError, ValueError, TypeError, KeyError, AttributeError, RuntimeError) as e:
             first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
             raise DryRunError(f"{role}: configs/full/{key} does not build ({first.strip()})") from None
         parts.append(Part(key, type(model).__name__, n, float(source["published"]), counted))

@@ -2,7 +2,8 @@
 
 `load_role(role, spec, device, dtype)` returns a `ModelHandle` (the attributes per role are listed in
 CONTRIBUTING.md). Weights load from safetensors only (a folder with only pickle weights is refused before anything is
-read); `trust_remote_code` is passed through from the spec and is off by default. The evaluation encoders (`dino`,
+read; open_clip and timm, whose Hub loaders fall back to a pickle, get only a repository's config and safetensors
+file); `trust_remote_code` is passed through from the spec and is off by default. The evaluation encoders (`dino`,
 `eval_clip`) always load in float32; an open_clip model must have the activation its config declares (QuickGELU for
 an OpenAI checkpoint). Heavy imports happen inside functions. Hub downloads follow the usual `HF_HUB_OFFLINE` / cache
 settings: nothing here forces them.
@@ -139,8 +140,6 @@ HF_MODEL_CLASSES = {
     "vlm": ("AutoModelForImageTextToText", {}),
     "detector": ("AutoModelForZeroShotObjectDetection", {}),
     "segmenter": ("AutoModelForMaskGeneration", {}),
-    # DINO's checkpoint has no pooler: the CLS token of the last hidden state is the feature
-    "dino": ("AutoModel", {"add_pooling_layer": False}),
     "music_llm": ("AutoModelForCausalLM", {}),
     # a full SigLIP checkpoint holds both towers: SiglipVisionModel reads the vision one
     "music_vision": ("SiglipVisionModel", {}),
@@ -195,9 +194,10 @@ def _load_unet(role, spec, device, dtype):
     return ModelHandle(role, device, dtype, unet=unet.eval().to(device))
 
 
-def _open_clip_dir(spec: ModelSpec) -> Path:
-    """A folder in open_clip's `local-dir:` layout. A Hub id (`hf-hub:org/repo`) fetches only its config and
-    safetensors weights, so open_clip cannot fall back to a pickle."""
+def _safetensors_dir(spec: ModelSpec, config_file: str, weights_file: str) -> Path:
+    """A folder in a library's `local-dir:` layout (open_clip, timm): the spec's own folder, or for a Hub id
+    (`hf-hub:org/repo`) a cache folder holding only the repository's `config_file` and `weights_file`, so the
+    library cannot fall back to a pickle."""
     local = spec.local_path
     if local is not None:
         return local / spec.subfolder if spec.subfolder else local
@@ -206,11 +206,11 @@ def _open_clip_dir(spec: ModelSpec) -> Path:
 
     repo = spec.id.removeprefix("hf-hub:")
     kw = {"revision": spec.revision, "subfolder": spec.subfolder}
-    config = hf_hub_download(repo, "open_clip_config.json", **kw)
+    config = hf_hub_download(repo, config_file, **kw)
     try:
-        hf_hub_download(repo, "open_clip_model.safetensors", **kw)
+        hf_hub_download(repo, weights_file, **kw)
     except EntryNotFoundError:
-        raise LoaderError(f"{spec.id}: no open_clip_model.safetensors (pickle weights are never loaded)") from None
+        raise LoaderError(f"{spec.id}: no {weights_file} (pickle weights are never loaded)") from None
     return Path(config).parent
 
 
@@ -233,7 +233,7 @@ def check_clip_activation(spec: ModelSpec, folder: Path, model) -> None:
 def _load_open_clip(role, spec, device, dtype):
     import open_clip
 
-    folder = _open_clip_dir(spec)
+    folder = _safetensors_dir(spec, "open_clip_config.json", "open_clip_model.safetensors")
     name = f"local-dir:{folder}"
     model, _, preprocess = open_clip.create_model_and_transforms(name, device=device)
     check_clip_activation(spec, folder, model)
@@ -241,6 +241,14 @@ def _load_open_clip(role, spec, device, dtype):
                        preprocess=preprocess, tokenizer=open_clip.get_tokenizer(name), name=spec.id)
 
 
+def _load_timm(role, spec, device, dtype):
+    """A timm model from its `config.json` (architecture and arguments) and `model.safetensors`, loaded strictly:
+    DINO ViT-S/16 is `timm/vit_small_patch16_224.dino`, whose Hub repository has safetensors weights."""
+    import timm
+
+    folder = _safetensors_dir(spec, "config.json", "model.safetensors")
+    model = timm.create_model(f"local-dir:{folder}", pretrained=True)
+    return ModelHandle(role, device, dtype, model=model.eval().to(device=device, dtype=dtype), name=spec.id)
 
 
 _LOADERS = {
@@ -251,7 +259,7 @@ _LOADERS = {
     "detector": _load_with_processor(),
     "segmenter": _load_with_processor(),
     "clip": _load_open_clip,
-    "dino": _load_with_processor("AutoImageProcessor"),
+    "dino": _load_timm,
     "eval_clip": _load_open_clip,
     "music_llm": _load_causal_lm,
     "music_vision": _load_with_processor("AutoImageProcessor"),

@@ -1,9 +1,10 @@
 """The tiny model zoo: one folder per role under `models/tiny/`, random weights, offline tokenizers.
 
 Every role is a small config of the *same architecture* as its full-profile checkpoint, saved with the library's own
-`save_pretrained` (open_clip: `open_clip_config.json` + `open_clip_model.safetensors`, its `local-dir:` layout), so
-`loaders.load_role` loads both with one code path. Each role is built into a temporary folder and renamed into place;
-the same seed gives byte-identical files (checked by `zoo.json`'s hashes). Heavy imports happen inside functions.
+`save_pretrained` (open_clip: `open_clip_config.json` + `open_clip_model.safetensors`, its `local-dir:` layout; timm:
+`save_for_hf`'s `config.json` + `model.safetensors`), so `loaders.load_role` loads both with one code path. Each
+role is built into a temporary folder and renamed into place; the same seed gives byte-identical files (checked by
+`zoo.json`'s hashes). Heavy imports happen inside functions.
 """
 from __future__ import annotations
 
@@ -397,16 +398,14 @@ def _build_clip(out: Path):
 
 
 def _build_dino(out: Path):
-    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+    import timm
+    from timm.models import save_for_hf
 
-    # DINO ViT-S/16 at 224 px: the eval protocol's 224 crop gives the real 14x14 patch grid.
-    cfg = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                    image_size=224, patch_size=16)
-    model = ViTModel(cfg, add_pooling_layer=False).eval()
-    processor = ViTImageProcessor(size={"height": 224, "width": 224}, image_mean=[0.485, 0.456, 0.406],
-                                  image_std=[0.229, 0.224, 0.225])
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
+    # timm's DINO ViT-S/16 (`vit_small_patch16_224.dino`: no head) narrowed, in its Hub layout (`config.json` with
+    # the arguments, `model.safetensors`); at 224 px the eval protocol's crop gives the real 14x14 patch grid.
+    args = {"embed_dim": 32, "depth": 2, "num_heads": 2}
+    model = timm.create_model("vit_small_patch16_224.dino", pretrained=False, **args).eval()
+    save_for_hf(model, out, model_args=args, safe_serialization=True)
     return model
 
 
