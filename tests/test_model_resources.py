@@ -70,6 +70,24 @@ def test_teardown_frees_and_next_load_reloads(tiny_zoo, count_loads):
     res.unload()
 
 
+def test_the_last_unload_collects_what_every_model_held(tiny_zoo):
+    """A run's teardown unloads its models in a row: one full collection when the last goes (with automatic
+    collection off here, only that one can free the models' reference cycles)."""
+    import gc
+    import weakref
+
+    dino = _dino(tiny_zoo)
+    vision = MusicVisionResource(checkpoint=str(tiny_zoo["music_vision"]), device="cpu")
+    models = [weakref.ref(dino.load().model), weakref.ref(vision.load().model)]
+    gc.disable()
+    try:
+        dino.unload()
+        vision.unload()
+        assert [ref() for ref in models] == [None, None]
+    finally:
+        gc.enable()
+
+
 def test_cache_key_separates_roles_and_dtypes(tiny_zoo, count_loads):
     a = _dino(tiny_zoo)
     b = _dino(tiny_zoo, dtype="bfloat16")  # on CPU it stays float32, but it is another configuration

@@ -95,15 +95,23 @@ class ModelResource(dg.ConfigurableResource):
         self.unload()
 
     def unload(self) -> None:
-        """Forget the loaded model, on every device it was loaded on, so its memory (CPU and GPU) can be reclaimed."""
+        """Forget the loaded model, on every device it was loaded on, so its memory (CPU and GPU) can be reclaimed.
+
+        Models hold reference cycles, so their memory returns only after a full garbage collection, which costs
+        about 0.3 s over a process that imported torch and the model libraries. It runs when the last cached model
+        goes (a run's teardown unloads all of them in a row: one collection, not one per model), or at once on a GPU,
+        whose memory another process may be waiting for."""
         with _LOCK:
             handles = [_CACHE.pop(k) for k in list(_CACHE) if k[:-1] == self._checkpoint_key()]
+            last = not _CACHE
         if not handles:
             return
         del handles
-        gc.collect()
         torch = sys.modules.get("torch")  # loaded when a model was: never import it just to free nothing
-        if torch is not None and torch.cuda.is_available():
+        on_gpu = torch is not None and torch.cuda.is_available()
+        if last or on_gpu:
+            gc.collect()
+        if on_gpu:
             torch.cuda.empty_cache()
 
 
@@ -144,7 +152,7 @@ class SegmenterResource(ModelResource):
 
 
 class ClipResource(ModelResource):
-    """Mask choice and test-time selection (open_clip)."""
+    """The data stages' CLIP: mask or box (open_clip)."""
 
     role: ClassVar[str] = "clip"
 
@@ -179,10 +187,17 @@ class MusicUNetResource(ModelResource):
     role: ClassVar[str] = "music_unet"
 
 
+class SelectClipResource(ModelResource):
+    """MUSIC*'s test-time selection: the branch whose image best matches the instruction (open_clip); its own
+    role, so the evaluation's CLIP-T is not scored by the encoder that chose the branch."""
+
+    role: ClassVar[str] = "select_clip"
+
+
 RESOURCE_CLASSES: dict[str, type[ModelResource]] = {
     cls.role: cls for cls in (
         LLMResource, VLMResource, T2IResource, I2IResource, DetectorResource, SegmenterResource, ClipResource,
-        DinoResource, EvalClipResource, MusicLLMResource, MusicVisionResource, MusicUNetResource,
+        DinoResource, EvalClipResource, MusicLLMResource, MusicVisionResource, MusicUNetResource, SelectClipResource,
     )
 }
 assert tuple(RESOURCE_CLASSES) == ROLES
