@@ -262,15 +262,15 @@ def materialize_shards(instance, num_shards: int | None = None, force: bool = Fa
 
 def stale_shards(instance, config, keys: list[str]) -> dict[str, str]:
     """The shards of `keys` that a data run must make again, each with why: `missing` (a data asset's shard is not
-    complete in the store: never made, deleted, or its run killed), `failed` (the latest materialization of one of
-    its data assets records `failed`: it failed alone last time), `changed settings` (the `data_fingerprint` its
-    latest materializations record differs from the current config's, or is absent: made before fingerprints).
+    complete in the store: never made, deleted, or its run killed), `failed` (the latest `shard_published` verdict
+    of one of its data assets failed: it failed last time), `changed settings` (the `data_fingerprint` its latest
+    materializations record differs from the current config's, or is absent: made before fingerprints).
 
     The fingerprint (`synthesis.stages.data_fingerprint`) covers the config's seed, the `data` section (but
     `num_shards`), the data roles' model specs, `dtype`, `torch_threads` and the Objects365 file's bytes. It does
     not cover the code, the installed libraries, the weights behind an unchanged model spec, or a shard edited by
     hand (its bytes are not hashed again): after a code change, `music pipeline --force` re-runs every shard."""
-    from music_dagster.assets.data import DATA_ASSET_NAMES
+    from music_dagster.assets.data import DATA_ASSET_NAMES, published_verdict
     from music_dagster.resources.storage import DatasetStore
     from music_dagster.synthesis.stages import data_fingerprint
 
@@ -282,12 +282,13 @@ def stale_shards(instance, config, keys: list[str]) -> dict[str, str]:
             stale[key] = "missing"
             continue
         for name in DATA_ASSET_NAMES:
+            verdict = published_verdict(instance, name, key)
+            if verdict is not None and not verdict.evaluation.passed:
+                stale[key] = "failed"
+                break
             records = instance.fetch_materializations(
                 dg.AssetRecordsFilter(asset_key=dg.AssetKey(name), asset_partitions=[key]), limit=1).records
             metadata = records[0].asset_materialization.metadata if records else {}
-            if "failed" in metadata:
-                stale[key] = "failed"
-                break
             recorded = metadata.get("data_fingerprint")
             if recorded is None or recorded.value != fingerprint:
                 stale[key] = "changed settings"
@@ -334,20 +335,16 @@ def run_stage(name: str) -> None:
 
 
 def failed_shard_reasons(instance, keys: list[str], run_id: str | None = None) -> dict[str, str]:
-    """The first recorded reason each shard failed for (the `failed` metadata of its latest materializations, or
-    of run `run_id`'s)."""
-    from music_dagster.assets.data import DATA_ASSET_NAMES
+    """Why each shard of `keys` failed: the reason of the first data asset whose latest `shard_published` verdict
+    on it failed (given by run `run_id`, when named)."""
+    from music_dagster.assets.data import DATA_ASSET_NAMES, published_verdict
 
     reasons: dict[str, str] = {}
     for name in DATA_ASSET_NAMES:  # graph order: the first stage that failed holds the cause
-        records = instance.fetch_materializations(
-            dg.AssetRecordsFilter(asset_key=dg.AssetKey(name), asset_partitions=keys), limit=len(keys)).records
-        for record in records:
-            event = record.asset_materialization
-            if run_id is not None and record.run_id != run_id:
-                continue
-            if "failed" in event.metadata and event.partition not in reasons:
-                reasons[event.partition] = f"{name}: {event.metadata['failed'].value}"
+        for key in (k for k in keys if k not in reasons):
+            verdict = published_verdict(instance, name, key)
+            if verdict is not None and not verdict.evaluation.passed and run_id in (None, verdict.run_id):
+                reasons[key] = f"{name}: {verdict.evaluation.metadata['reason'].value}"
     return reasons
 
 

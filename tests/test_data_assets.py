@@ -77,8 +77,9 @@ def test_definitions_hold_the_data_graph():
 
 
 def test_the_assets_are_the_rows_of_the_stage_table():
-    """One asset per row, in order: a chain from the first row, with the row's description, checks (blocking),
-    models (as resources; a stage with a model in the `gpu` pool) and the config through `project`."""
+    """One asset per row, in order: a chain from the first row, with the row's description, checks (blocking) and
+    the partitioned `shard_published` check, models (as resources; a stage with a model in the `gpu` pool) and the
+    config through `project`."""
     from music_dagster.synthesis.schemas import RECORDS
 
     assert [s.parent for s in STAGES] == [None, *NAMES[:-1]] and len(set(NAMES)) == len(NAMES)
@@ -86,8 +87,9 @@ def test_the_assets_are_the_rows_of_the_stage_table():
     for stage, asset in zip(STAGES, data.DATA_ASSETS, strict=True):
         assert asset.key.to_user_string() == stage.name
         assert asset.descriptions_by_key[asset.key] == stage.description
-        assert [(c.name, c.description, c.blocking) for c in asset.check_specs] == [
-            (c.name, c.description, True) for c in stage.checks]
+        assert [(c.name, c.description, c.blocking, c.partitions_def) for c in asset.check_specs] == [
+            *((c.name, c.description, True, None) for c in stage.checks),
+            (data.PUBLISHED_CHECK, data.PUBLISHED_DESCRIPTION, False, data.SHARDS)]
         assert asset.required_resource_keys >= {"project", "store", *stage.roles}
         assert (asset.op.pool == "gpu") == stage.gpu == bool(stage.roles)
 
@@ -291,8 +293,10 @@ def test_data_graph_materializes_two_shards_reproducibly(tmp_path, tiny_zoo):
         result = job.execute_in_process(partition_key=key, instance=instance)
         assert result.success
         evaluations = result.get_asset_check_evaluations()
-        assert len(evaluations) == len(NAMES)
+        assert len(evaluations) == 2 * len(NAMES)  # each row's check, and shard_published on this shard
         assert all(e.passed for e in evaluations), [(e.check_name, e.metadata) for e in evaluations if not e.passed]
+        assert {e.asset_key.to_user_string(): e.partition for e in evaluations
+                if e.check_name == data.PUBLISHED_CHECK} == dict.fromkeys(NAMES, key)
         materialized = {e.asset_key.to_user_string(): e.materialization.metadata
                         for e in result.get_asset_materialization_events()}
         assert set(materialized) == set(NAMES)
@@ -369,11 +373,26 @@ def test_a_shard_failing_inside_a_range_run_fails_alone(tmp_path, tiny_zoo, fail
     assert [k for k in keys if store.exists("training_samples", k)] == ["shard-00000", "shard-00002"]
     assert store.exists("category_combos", "shard-00001")  # the stages before the failure published it
     assert not any((root / name / "shard-00001").exists() for name in NAMES[1:])
-    failed = {(e.asset_key.to_user_string(), e.partition): e.materialization.metadata.get("failed")
-              for e in result.get_asset_materialization_events()}
-    assert failed[("scene_captions", "shard-00001")].value == "the LLM wrote no caption (injected)"
-    assert failed[("target_images", "shard-00001")].value.endswith("scene_captions/shard-00001: no such shard")
-    assert all(failed[(name, k)] is None for name in NAMES for k in ("shard-00000", "shard-00002"))
+    # Each shard's shard_published verdict: failed, with the reason, for shard-00001 from scene_captions on.
+    verdicts = {(e.asset_key.to_user_string(), e.partition): e for e in result.get_asset_check_evaluations()
+                if e.check_name == data.PUBLISHED_CHECK}
+    assert sorted(verdicts) == sorted((name, k) for name in NAMES for k in keys)
+    reasons = {k: v.metadata["reason"].value for k, v in verdicts.items() if not v.passed}
+    assert set(reasons) == {(name, "shard-00001") for name in NAMES[1:]}
+    assert reasons[("scene_captions", "shard-00001")] == "the LLM wrote no caption (injected)"
+    assert reasons[("target_images", "shard-00001")].endswith("scene_captions/shard-00001: no such shard")
+    # What the UI shows: the check's partition statuses (AssetCheckState) are red for the failed shard, green for the
+    # others, each verdict on its shard's materialization of this run.
+    from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionResolvedStatus as Status
+
+    check_keys = [dg.AssetCheckKey(dg.AssetKey(name), data.PUBLISHED_CHECK) for name in NAMES]
+    with dg.partition_loading_context(dynamic_partitions_store=instance):
+        states = instance.event_log_storage.get_asset_check_state([(k, data.SHARDS) for k in check_keys])
+        statuses = {k.asset_key.to_user_string(): {s: set(states[k].subsets[s].subset_value.get_partition_keys())
+                                                   for s in (Status.SUCCEEDED, Status.FAILED)} for k in check_keys}
+    assert statuses["category_combos"] == {Status.SUCCEEDED: set(keys), Status.FAILED: set()}
+    assert all(statuses[name] == {Status.SUCCEEDED: {"shard-00000", "shard-00002"}, Status.FAILED: {"shard-00001"}}
+               for name in NAMES[1:])
     assert failed_shard_reasons(instance, ["shard-00001"]) == {
         "shard-00001": "scene_captions: the LLM wrote no caption (injected)"}  # what `music pipeline` prints
 
@@ -381,3 +400,5 @@ def test_a_shard_failing_inside_a_range_run_fails_alone(tmp_path, tiny_zoo, fail
     only = job.execute_in_process(instance=instance, tags=data.partition_range("shard-00001", "shard-00001"),
                                   asset_selection=[dg.AssetKey("scene_captions")], raise_on_error=False)
     assert not only.success and _failure(only).endswith("SynthesisError: the LLM wrote no caption (injected)")
+    verdict = data.published_verdict(instance, "scene_captions", "shard-00001")  # `music pipeline` runs it again
+    assert (verdict.run_id, verdict.evaluation.passed) == (only.run_id, False)

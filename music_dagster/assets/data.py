@@ -8,7 +8,9 @@ dropped with their reasons) and `preview.png`. A shard's seed is derived from it
 shard re-materialized with the same config is byte-identical. Shards are dynamic partitions of `shards`; register
 them with `ensure_shards(instance, n)` (keys `shard-00000`, ...) and run `data_job` over a range of shard keys
 (`partition_range`): each step runs its stage shard after shard, with its models loaded once, and each shard is
-still its own partition with the bytes a one-shard run writes. Model-heavy assets run in the Dagster pool `gpu`.
+still its own partition with the bytes a one-shard run writes. Every shard of a step gets a verdict of the
+partitioned check `shard_published`: failed, with its reason, for a shard that failed alone. Model-heavy assets run
+in the Dagster pool `gpu`.
 The config comes from the `project` resource (`ProjectConfig`), the models from their role's resources.
 """
 
@@ -16,9 +18,13 @@ import base64
 import contextlib
 import hashlib
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
+from dagster._core.definitions.asset_checks.asset_check_evaluation import (
+    AssetCheckEvaluationTargetMaterializationData,  # not exported at dagster's top level
+)
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
 from music_dagster.resources.project import ProjectConfig
@@ -33,6 +39,10 @@ GPU_POOL = "gpu"
 GPU_STEP_TAGS = {"dagster-k8s/config": {"container_config": {"resources": {"limits": {"nvidia.com/gpu": 1}}}}}
 DROPPED_FILE = "dropped.json"
 PREVIEW_FILE = "preview.png"
+# Every data asset's partitioned check, one verdict per shard: did this shard's stage publish it?
+PUBLISHED_CHECK = "shard_published"
+PUBLISHED_DESCRIPTION = ("this shard's stage ran and published the shard (failed, with the reason, when the shard "
+                         "failed alone inside a range run: its files are not this run's)")
 
 
 def partition_range(first: str, last: str) -> dict[str, str]:
@@ -76,16 +86,28 @@ def _shard_hash(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _stage(context: dg.AssetExecutionContext, stage: Stage) -> dg.MaterializeResult:
+def published_verdict(instance: dg.DagsterInstance, asset: str, key: str):
+    """The latest `shard_published` verdict on shard `key` of `asset` (an `AssetCheckExecutionRecord`: `.run_id`,
+    `.status`, `.evaluation` with `.passed` and `.metadata["reason"]`), None if none was ever given."""
+    from dagster._core.event_api import PartitionKeyFilter
+    from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus as Status
+
+    records = instance.event_log_storage.get_asset_check_execution_history(
+        dg.AssetCheckKey(dg.AssetKey(asset), PUBLISHED_CHECK), limit=1, status={Status.SUCCEEDED, Status.FAILED},
+        partition_filter=PartitionKeyFilter(key=key))
+    return records[0] if records else None
+
+
+def _stage(context: dg.AssetExecutionContext, stage: Stage) -> Iterator:
     """Run one stage on every shard of the step's partition range and publish each shard on its own.
 
     A step covers one shard, or a range of shards when a backfill or `music pipeline` runs many shards in one run
     (the assets' single-run backfill policy): the models the stage needs are loaded once for the whole range. A
-    shard whose stage fails fails alone: nothing of it is written, its reason goes into its partition's metadata
-    and the run's log, and the other shards publish (its children in the same run fail alone in turn, their
-    parent shard missing). When every shard of the step fails, the step fails with the first reason, as a
-    one-shard run always has. The graph's last stage (the table's last row) records the data stage's outputs as
-    they now are in dvc.lock and the DVC remote once per step, so `dvc repro` agrees with this run."""
+    shard whose stage fails fails alone: nothing of it is written, its `shard_published` check fails with the
+    reason (the run's log has it too), and the other shards publish (its children in the same run fail alone in
+    turn, their parent shard missing). When every shard of the step fails, the step fails with the first reason,
+    as a one-shard run always has. The graph's last stage (the table's last row) records the data stage's outputs
+    as they now are in dvc.lock and the DVC remote once per step, so `dvc repro` agrees with this run."""
     from music_dagster.errors import UserError
 
     project: ProjectConfig = context.resources.project
@@ -105,14 +127,13 @@ def _stage(context: dg.AssetExecutionContext, stage: Stage) -> dg.MaterializeRes
             _publish_or_record(context, config, store, stage, prepared, key, failures, verdicts, versions,
                                fingerprint)
     if len(failures) == len(keys):
+        yield from _published_verdicts(context, failures)
         raise next(iter(failures.values()))
     if stage is STAGES[-1]:
         from music_dagster.tracking.dvc import record_output
 
         summary.update(record_output(store.asset_dir(stage.name)).metadata())
-    if failures:
-        summary["failed_shards"] = dg.MetadataValue.json({k: str(e) for k, e in failures.items()})
-    return dg.MaterializeResult(
+    yield dg.MaterializeResult(
         metadata=summary,
         # Dagster's data version is one per step output: a shard's own hash when the step is one shard; in a range
         # each shard's hash is its `shard_sha256` metadata.
@@ -122,11 +143,32 @@ def _stage(context: dg.AssetExecutionContext, stage: Stage) -> dg.MaterializeRes
             metadata={"detail": "; ".join(v.detail if len(keys) == 1 else f"{k}: {v.detail}" for k, v in results)})
             for name, results in verdicts.items()],
     )
+    # After the materialization: each verdict is on its shard's new one, which is what makes it current in the UI.
+    yield from _published_verdicts(context, failures)
+    # The check's step output, which Dagster makes from an AssetCheckResult; that names no partition of a range.
+    yield dg.Output(None, output_name=context.assets_def.get_output_name_for_asset_check_key(
+        dg.AssetCheckKey(context.asset_key, PUBLISHED_CHECK)))
+
+
+def _published_verdicts(context: dg.AssetExecutionContext, failures: dict) -> Iterator[dg.AssetCheckEvaluation]:
+    """One `shard_published` verdict per shard of the step, on the shard's partition and its latest
+    materialization: passed, or failed with the reason of `failures[key]`. A failed shard shows red in the check's
+    partitions in the UI (the others green), and `music pipeline` runs it again (`pipeline.stale_shards`)."""
+    for key in context.partition_keys:
+        latest = context.instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=context.asset_key, asset_partitions=[key]), limit=1).records
+        target = AssetCheckEvaluationTargetMaterializationData(
+            run_id=latest[0].run_id, storage_id=latest[0].storage_id, timestamp=latest[0].timestamp) if latest else None
+        error = failures.get(key)
+        yield dg.AssetCheckEvaluation(
+            asset_key=context.asset_key, check_name=PUBLISHED_CHECK, passed=error is None, partition=key,
+            metadata={"reason": dg.MetadataValue.text(str(error))} if error else None, blocking=False,
+            target_materialization_data=target)
 
 
 def _publish_or_record(context, config, store, stage, prepared, key, failures, verdicts, versions, fingerprint):
     """Publish shard `key` with its `data_fingerprint` (`synthesis.stages.data_fingerprint`), or record why it
-    failed (its partition's `failed` metadata, the run's log)."""
+    failed (in `failures`, for its `shard_published` verdict, and in the run's log)."""
     from music_dagster.errors import UserError
 
     try:
@@ -134,7 +176,6 @@ def _publish_or_record(context, config, store, stage, prepared, key, failures, v
     except UserError as e:
         failures[key] = e
         context.log.error(f"{stage.name}[{key}] failed, not published: {e}")
-        context.add_asset_metadata({"failed": dg.MetadataValue.text(str(e))}, partition_key=key)
         return
     metadata["data_fingerprint"] = dg.MetadataValue.text(fingerprint)
     context.add_asset_metadata(metadata, partition_key=key)
@@ -225,19 +266,24 @@ def _publish_shard(context: dg.AssetExecutionContext, config, store: DatasetStor
 
 
 def _stage_asset(stage: Stage) -> dg.AssetsDefinition:
-    """The asset of one row of the stage table: its shard partitions, checks (blocking), pool and resources."""
+    """The asset of one row of the stage table: its shard partitions, checks (the row's, blocking, and
+    `shard_published`), pool and resources."""
 
     def compute(context: dg.AssetExecutionContext):
-        return _stage(context, stage)
+        yield from _stage(context, stage)
 
-    with warnings.catch_warnings():  # backfill_policy is "beta" in Dagster 1.13: known, not news to a user
+    # backfill_policy is "beta" and a check's partitions_def "preview" in Dagster 1.13: known, not news to a user
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", dg.BetaWarning)
+        warnings.simplefilter("ignore", dg.PreviewWarning)
         return dg.asset(
             name=stage.name, partitions_def=SHARDS, group_name=GROUP, deps=[stage.parent] if stage.parent else None,
             description=stage.description, pool=GPU_POOL if stage.gpu else None,
             kinds={"pytorch"} if stage.gpu else {"python"},
-            check_specs=[dg.AssetCheckSpec(check.name, asset=stage.name, description=check.description, blocking=True)
-                         for check in stage.checks],
+            check_specs=[*(dg.AssetCheckSpec(check.name, asset=stage.name, description=check.description,
+                                             blocking=True) for check in stage.checks),
+                         dg.AssetCheckSpec(PUBLISHED_CHECK, asset=stage.name, description=PUBLISHED_DESCRIPTION,
+                                           partitions_def=SHARDS)],
             op_tags=GPU_STEP_TAGS if stage.gpu else None,
             required_resource_keys={"project", "store", *stage.roles},
             # A backfill of many shards (the UI's "Materialize" of selected partitions, the regeneration sensor,
