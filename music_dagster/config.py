@@ -35,6 +35,11 @@ TOP_KEYS = ("profile", "seed", "paths", "profiles")  # params.yaml's top level
 ABLATIONS = ("none", "no_cot", "no_layout", "neither", "no_decimation")  # `train.ablation`
 
 
+def plan_parts(ablation: str) -> tuple[bool, bool]:
+    """(CoT, layout): the parts of the plan a model trained with `train.ablation` = `ablation` writes."""
+    return ablation not in ("no_cot", "neither"), ablation not in ("no_layout", "neither")
+
+
 class ConfigError(UserError):
     """A bad config value: the message is one line naming the key and the problem."""
 

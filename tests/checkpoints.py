@@ -24,9 +24,13 @@ def write_params(path: Path, models: Path, **sections) -> Path:
     return path
 
 
-def train_checkpoint(config, work: Path) -> list:
+def train_checkpoint(config, work: Path, detokenizer: Path | None = None) -> list:
     """Train the de-tokenizer and MUSIC on `config`'s procedural source (work folders under `work`) and publish
-    them where `config` reads them (`runtime.detokenizer_dir`, `runtime.lora_dir`); the samples trained on."""
+    them where `config` reads them (`runtime.detokenizer_dir`, `runtime.lora_dir`); the samples trained on.
+    `detokenizer`: a trained de-tokenizer folder to copy instead of training one (MUSIC alone is trained, e.g. with
+    another `train.ablation`)."""
+    import shutil
+
     import torch
 
     from music_dagster.model import runtime
@@ -34,9 +38,12 @@ def train_checkpoint(config, work: Path) -> list:
 
     torch.set_num_threads(1)
     samples = procedural_source(config)
-    detok = train_detokenizer(config, [samples], work / "work_detok", resume=False)
-    lora = train_music(config, [samples], work / "work_lora", resume=False)
     runtime.lora_dir(config).parent.mkdir(parents=True)
-    detok.model_dir.rename(runtime.detokenizer_dir(config))
+    if detokenizer is None:
+        detok = train_detokenizer(config, [samples], work / "work_detok", resume=False)
+        detok.model_dir.rename(runtime.detokenizer_dir(config))
+    else:
+        shutil.copytree(detokenizer, runtime.detokenizer_dir(config))
+    lora = train_music(config, [samples], work / "work_lora", resume=False)
     lora.model_dir.rename(runtime.lora_dir(config))
     return samples

@@ -1,6 +1,8 @@
 """`music generate`: bad input (exit code 2, no output folder), odd images accepted, and real generations on a tiny
-checkpoint trained here (1 and 4 branches; the branches run as one batch)."""
+checkpoint trained here (1 and 4 branches; the branches run as one batch), and on checkpoints of other
+`train.ablation`s (what they decode, what the image stage reads, given plans they refuse)."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -272,3 +274,139 @@ def test_the_models_own_plan_is_decoded_under_the_plans_grammar(tiny_checkpoint)
             assert plan["parsed"] and layout.shape == (8, 8) and 0 <= layout.min() and layout.max() <= n
             assert plan["text"].isprintable() and plan["text"].count("layout:") == 1
         assert out.result.plan()["layout"] == out.plans[out.best]["layout"]
+
+
+@pytest.fixture(scope="module")
+def no_layout_checkpoint(tmp_path_factory, tiny_checkpoint, make_project):
+    """MUSIC trained for two steps with `train.ablation: no_layout` (the de-tokenizer copied from `tiny_checkpoint`),
+    and plan budget enough for a whole CoT."""
+    root = tmp_path_factory.mktemp("no_layout")
+    sections = {**QUICK_TRAINING, "train": {**QUICK_TRAINING["train"], "ablation": "no_layout"},
+                "generate": {"max_plan_tokens": 96}}
+    project = make_project(root, paths={"models": root / "models"}, **sections)
+    train_checkpoint(project.get(), root, detokenizer=runtime.detokenizer_dir(tiny_checkpoint["config"]))
+    return {"project": project, "lora": runtime.lora_dir(project.get())}
+
+
+def _relabelled(tiny_checkpoint, folder, ablation):
+    """A copy of the tiny checkpoint whose config records `ablation` (None: no record, as one saved before the
+    ablation was recorded): the weights are the full-plan ones, what is checked is that inference follows the record."""
+    import shutil
+
+    shutil.copytree(runtime.lora_dir(tiny_checkpoint["config"]), folder)
+    config = folder / "music_config.json"
+    meta = json.loads(config.read_text())
+    if ablation is None:
+        del meta["settings"]["ablation"]
+    else:
+        meta["settings"]["ablation"] = ablation
+    config.write_text(json.dumps(meta))
+    return folder
+
+
+def _plan_files(tmp_path, n):
+    layout = _corner_layout(n, (0, 0)).tolist()
+    (tmp_path / "plan.json").write_text(json.dumps({"cot": "[1] stands apart.", "layout": layout}))
+    (tmp_path / "grid.json").write_text(json.dumps(layout))
+    return {"--plan": tmp_path / "plan.json", "--layout": tmp_path / "grid.json"}
+
+
+@pytest.mark.slow
+def test_a_no_layout_checkpoint_writes_its_cot_alone_and_the_image_stage_reads_just_that(no_layout_checkpoint,
+                                                                                        tiny_checkpoint):
+    from music_dagster.model.music import plan_text
+    from music_dagster.model.pipeline import MusicPipeline
+
+    config = no_layout_checkpoint["project"].get()
+    pipe = MusicPipeline.from_pretrained(no_layout_checkpoint["lora"], config)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.ablation == "no_layout"
+    seen = []
+    image_tokens = pipe.generator.model.image_tokens
+    pipe.generator.model.image_tokens = lambda r, p, **k: seen.append(p) or image_tokens(r, p, **k)
+    n = len(tiny_checkpoint["refs"])
+    out = pipe(subjects=tiny_checkpoint["refs"], prompt=tiny_checkpoint["prompt"], branches=2, generator=1)
+    plan = out.result.plan()
+    assert plan["ablation"] == "no_layout" and plan["layout"] is None
+    for branch, read in zip(plan["branches"], seen[0]):
+        assert branch["layout"] is None and not branch["parsed"] and ":" not in branch["text"]
+        assert len(re.findall(r"\[(\d+)\][^.]*\.", branch["cot"])) == n  # one tagged sentence per subject
+        # the image stage reads what training taught this checkpoint to write: the CoT, then eos
+        assert pipe.generator.model.tokenizer.decode(list(read.token_ids)) == plan_text(branch["cot"], None,
+                                                                                         "no_layout")
+    layout = _corner_layout(n, (0, 0)).tolist()
+    for given in ({"cot": "[1] stands apart.", "layout": layout}, {"layout": layout}):
+        with pytest.raises(generate.PlanError, match="trained with train.ablation no_layout: its plans hold no "
+                                                     "layout"):
+            pipe(subjects=tiny_checkpoint["refs"], prompt="x", plan=given)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ablation, refused", [("no_layout", ["--plan", "--layout"]), ("no_cot", ["--plan"]),
+                                                ("neither", ["--plan", "--layout"])])
+def test_a_given_part_the_checkpoint_never_wrote_is_one_line_before_any_model_loads(
+        ablation, refused, no_layout_checkpoint, tiny_checkpoint, tmp_path, use_project, capsys, monkeypatch):
+    from music_dagster.model.pipeline import MusicPipeline
+
+    use_project(tiny_checkpoint["project"])
+    checkpoint = (no_layout_checkpoint["lora"] if ablation == "no_layout" else
+                  _relabelled(tiny_checkpoint, tmp_path / ablation, ablation))
+    monkeypatch.setattr(MusicPipeline, "from_pretrained", lambda *a, **k: pytest.fail("a model was loaded"))
+    files = _plan_files(tmp_path, len(tiny_checkpoint["refs"]))
+    argv = [a for r in tiny_checkpoint["refs"] for a in ("--subject", r)]
+    for flag in refused:
+        out = tmp_path / f"out{flag}"
+        code, err = _run(capsys, *argv, "--prompt", tiny_checkpoint["prompt"], "--checkpoint", checkpoint,
+                         flag, files[flag], "--out", out)
+        assert code == 2 and err.count("\n") == 1, err
+        assert f"checkpoint {checkpoint} was trained with train.ablation {ablation}: its plans hold no " in err
+        assert ("give the layout alone (--layout)" in err) == (ablation == "no_cot")
+        assert not out.exists()
+
+
+@pytest.mark.slow
+def test_relabelled_checkpoints_decode_and_condition_on_what_their_ablation_writes(tiny_checkpoint, tmp_path,
+                                                                                  use_project, capsys):
+    """`no_cot` with a given layout: that layout is the whole plan (planning skipped); `neither`: an empty plan,
+    nothing decoded; no record (a checkpoint saved before the ablation was recorded): the full plan, as before."""
+    from music_dagster.model.layout import layout_to_text
+    from music_dagster.model.music import read_saved
+
+    use_project(tiny_checkpoint["project"])
+    n = len(tiny_checkpoint["refs"])
+    files = _plan_files(tmp_path, n)
+    argv = [a for r in tiny_checkpoint["refs"] for a in ("--subject", r)]
+    argv += ["--prompt", tiny_checkpoint["prompt"], "--branches", 2, "--seed", 3]
+    old = _relabelled(tiny_checkpoint, tmp_path / "old", None)
+    assert read_saved(old).settings.ablation == "none"
+    code, err = _run(capsys, *argv, "--checkpoint", old, "--out", tmp_path / "old_out")
+    assert code == 0, err
+    code, err = _run(capsys, *argv, "--out", tmp_path / "new_out")  # the same weights, "none" recorded
+    assert code == 0, err
+    before, now = (json.loads((tmp_path / f / "plan.json").read_text()) for f in ("old_out", "new_out"))
+    assert before["ablation"] == now["ablation"] == "none"
+    assert {k: v for k, v in before.items() if k != "checkpoint"} == {k: v for k, v in now.items() if k != "checkpoint"}
+
+    generator = generate.Generator(tiny_checkpoint["config"], _relabelled(tiny_checkpoint, tmp_path / "no_cot",
+                                                                          "no_cot"))
+    seen = []
+    plan, image_tokens = generator.model.plan, generator.model.image_tokens
+    generator.model.plan = lambda *a, **k: pytest.fail("planned although the whole plan was given")
+    generator.model.image_tokens = lambda r, p, **k: seen.append(p) or image_tokens(r, p, **k)
+    layout = _corner_layout(n, (0, 0))
+    result = generator.generate(tiny_checkpoint["refs"], tiny_checkpoint["prompt"], branches=2, seed=3,
+                                given=generate.GivenPlan(layout=layout))
+    assert [generator.model.tokenizer.decode(list(p.token_ids)) for p in seen[0]] == [f" {layout_to_text(layout)}"] * 2
+    record = result.plan()
+    assert (record["ablation"], record["plan_source"], record["cot"]) == ("no_cot", "given_layout", "")
+    assert record["layout"] == layout.tolist()
+
+    generator = generate.Generator(tiny_checkpoint["config"], _relabelled(tiny_checkpoint, tmp_path / "neither",
+                                                                          "neither"))
+    seen.clear()
+    image_tokens = generator.model.image_tokens
+    generator.model.image_tokens = lambda r, p, **k: seen.append(p) or image_tokens(r, p, **k)
+    record = generator.generate(tiny_checkpoint["refs"], tiny_checkpoint["prompt"], branches=2, seed=3).plan()
+    assert [p.token_ids for p in seen[0]] == [(), ()]  # the image queries follow the eos right after the prompt
+    assert (record["ablation"], record["cot"], record["layout"]) == ("neither", "", None)
+    assert [b["text"] for b in record["branches"]] == ["", ""]

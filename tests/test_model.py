@@ -152,6 +152,29 @@ def test_a_checkpoint_that_does_not_fit_loads_nothing_and_names_the_file(backbon
         MusicModel.from_pretrained(saved, backbones("music_llm"), backbones("music_vision"))
 
 
+def test_a_checkpoint_records_its_ablation_and_one_saved_before_reads_as_none(backbones, tmp_path):
+    import json
+    from dataclasses import replace
+
+    from music_dagster.model.music import check_checkpoint
+
+    train = load_config(profile="tiny").with_values("train", ablation="no_layout").profile.train
+    assert MusicSettings.from_config(train).ablation == "no_layout"  # what training builds its model with
+    saved = _model(backbones, replace(SETTINGS, ablation="no_layout")).save_pretrained(tmp_path / "ckpt")
+    config = saved / "music_config.json"
+    meta = json.loads(config.read_text())
+    assert meta["settings"]["ablation"] == "no_layout"
+    assert MusicModel.from_pretrained(saved, backbones("music_llm"), backbones("music_vision")).settings.ablation \
+        == "no_layout"
+    del meta["settings"]["ablation"]  # a checkpoint saved before the ablation was recorded: the full plan
+    config.write_text(json.dumps(meta))
+    assert check_checkpoint(saved).settings.ablation == "none"
+    meta["settings"]["ablation"] = "no_plan"
+    config.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"music_config.json: .*ablation.*'no_plan'"):
+        check_checkpoint(saved)
+
+
 def test_bad_prompts(backbones, samples):
     model = _model(backbones)
     s = samples[0]

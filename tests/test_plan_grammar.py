@@ -65,6 +65,45 @@ def test_the_grammar_admits_the_plans_the_model_learns_and_nothing_malformed():
         assert not re.fullmatch(two, text), case
 
 
+def test_each_ablations_grammar_admits_only_the_plan_it_was_trained_to_write():
+    samples = procedural_samples(6, seed=1)
+    written = ("none", "no_cot", "no_layout")  # the distinct non-empty plans (no_decimation writes none's)
+    for ablation in (*written, "no_decimation"):
+        for sample in samples:
+            pattern = plan_grammar.plan_pattern(len(sample.references), 8, ablation)
+            for other in written:
+                text = plan_text(sample.cot, sample.layout, other)
+                same = text == plan_text(sample.cot, sample.layout, ablation)
+                assert bool(re.fullmatch(pattern, text)) == same, (ablation, other)
+    with pytest.raises(ValueError, match="neither writes an empty plan"):
+        plan_grammar.plan_pattern(2, 8, "neither")
+
+
+def test_an_untrained_model_decodes_only_the_parts_its_ablation_writes(tiny_zoo, references):
+    """A model's `settings.ablation` (what its checkpoint records) picks the grammar of its constrained decode."""
+    from dataclasses import replace
+
+    torch.set_num_threads(1)
+    load = lambda role: load_role(role, CONFIG.models[role], "cpu", "float32")  # noqa: E731
+    request = _request(references, 3)
+    plans, full = {}, None
+    for ablation in ("no_cot", "no_layout", "neither"):
+        torch.manual_seed(0)
+        model = MusicModel(load("music_llm"), load("music_vision"), replace(SETTINGS, ablation=ablation))
+        plans[ablation] = model.plan([request], branches=3, sample=True, seed=1, constrained=True)[0]
+        if ablation != "neither":
+            shortest = plan_grammar.shortest_plan(model.tokenizer, 3, 8, ablation)
+            full = full or plan_grammar.shortest_plan(model.tokenizer, 3, 8)
+            assert shortest < full
+    for plan in plans["no_cot"]:  # the layout alone, always parsing
+        assert plan.parsed and plan.cot == "" and plan.text.strip().startswith("layout:"), plan.text
+        assert plan.layout.shape == (8, 8) and plan.layout.max() <= 3
+    for plan in plans["no_layout"]:  # the CoT alone: one tagged sentence per subject, no layout
+        assert not plan.parsed and ":" not in plan.text and plan.text.isprintable(), plan.text
+        assert len(re.findall(r"\[(\d+)\][^.]*\.", plan.cot)) == 3
+    assert [(p.text, p.token_ids, p.layout) for p in plans["neither"]] == [("", (), None)] * 3  # nothing decoded
+
+
 @pytest.mark.parametrize("n", [1, 3, 12])
 def test_an_untrained_models_plan_always_parses(untrained, references, n):
     request = _request(references, n)

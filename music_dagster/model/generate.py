@@ -8,6 +8,11 @@ Editable plans: a `GivenPlan` (`--plan plan.json`: CoT and layout; `--layout gri
 drawn instead of the model's plan (see `GivenPlan` for how each is fed to the image stage); `read_plan` /
 `read_layout` refuse a malformed file, a wrong grid size, an unknown id or a subject without a cell in one line.
 
+A checkpoint records the `train.ablation` it was trained with (`MusicSettings.ablation`; "none" for one saved before
+it was recorded): its own plans are decoded under the grammar of the parts it writes, a given plan is fed to the
+image stage as `plan_text` writes it for that ablation, a given part it was not trained with is refused in one line
+naming the ablation (`check_given`), and `plan.json` records it (`ablation`).
+
 `MusicPipeline` (`model/pipeline.py`) is the one inference path: `generate(...)` (a one-call API), `cli_generate`
 (`music generate`), the evaluation, the training assets' sample generations, the benchmark and the web demo all go
 through it. `Generator` keeps the models loaded across calls and does the work; it is the pipeline's internal,
@@ -25,7 +30,7 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 
-from music_dagster.config import MAX_SUBJECTS
+from music_dagster.config import MAX_SUBJECTS, plan_parts
 from music_dagster.errors import UserError
 from music_dagster.model.layout import TEXT_PREFIX
 
@@ -53,7 +58,8 @@ class GivenPlan:
     With a CoT the planning step is skipped: every branch reads this plan, so branches differ only in the image
     stage's sampling. Without one (`--layout`) the model decodes its plan as usual and its CoT (the text before its
     first `layout:`) is kept while the given layout replaces the model's: the CoT comes first in the plan, so it is
-    written before the layout exists and is not conditioned on it; the image stage is."""
+    written before the layout exists and is not conditioned on it; the image stage is. A checkpoint trained
+    without the CoT (`no_cot`) writes none: a given layout is its whole plan, and planning is skipped too."""
 
     layout: np.ndarray
     cot: str | None = None
@@ -86,6 +92,21 @@ def check_layout(layout, subjects: int, grid: int, name: str) -> np.ndarray:
         if not (arr == sid).any():
             raise PlanError(f"{name}: subject {sid} has no cell in the layout (each subject needs at least one)")
     return arr
+
+
+def check_given(given: GivenPlan, ablation: str, checkpoint) -> None:
+    """Refuse, in one line naming the checkpoint's `ablation`, a given plan with a part the checkpoint was not
+    trained to write: a plan (CoT and layout) needs both, a layout alone needs the layout."""
+    writes_cot, writes_layout = plan_parts(ablation)
+    if not writes_layout:
+        missing, hint = "layout", ""
+    elif given.cot is not None and not writes_cot:
+        missing, hint = "CoT", "; give the layout alone (--layout)"
+    else:
+        return
+    what = "plan (CoT and layout)" if given.cot is not None else "layout"
+    raise PlanError(f"checkpoint {checkpoint} was trained with train.ablation {ablation}: its plans hold no "
+                    f"{missing}, so a given {what} cannot be drawn{hint}")
 
 
 def read_plan(path: str | os.PathLike, subjects: int, grid: int) -> GivenPlan:
@@ -127,6 +148,7 @@ class Result:
     grid: int
     subjects: tuple[str, ...]  # how each reference was given (file path, or `<image i>` for an in-memory image)
     plan_source: str = "model"  # "model", or `GivenPlan.source`: "given" (CoT and layout), "given_layout"
+    ablation: str = "none"  # the checkpoint's `train.ablation`: which parts of the plan it writes
 
     @property
     def image(self) -> Image.Image:
@@ -144,14 +166,15 @@ class Result:
         return render_overlay(self.image, layout)
 
     def plan(self) -> dict:
-        """`plan.json`: the kept CoT and layout grid, every branch's plan and CLIP score, and which won."""
+        """`plan.json`: the kept CoT and layout grid, every branch's plan and CLIP score, which won, and the
+        checkpoint's `train.ablation`."""
         def grid(layout):
             return None if layout is None else np.asarray(layout).tolist()
 
         return {
             "prompt": self.prompt, "seed": self.seed, "checkpoint": self.checkpoint, "clip_model": self.clip_model,
             "subjects": list(self.subjects), "num_branches": len(self.branches), "best": self.best,
-            "plan_source": self.plan_source,
+            "plan_source": self.plan_source, "ablation": self.ablation,
             "cot": self.branches[self.best].cot, "layout": grid(self.layout),
             "branches": [{"index": i, "text": b.text, "cot": b.cot, "layout": grid(b.layout),
                           "parsed": b.layout is not None, "clip_score": b.clip_score}
@@ -215,14 +238,28 @@ def check_detokenizer(detokenizer: Path):
     return check_checkpoint(detokenizer)
 
 
+def check_checkpoint_exists(checkpoint: Path) -> None:
+    """Refuse a checkpoint folder that is not there, naming the asset that makes it."""
+    if not checkpoint.is_dir():
+        raise GenerateError(f"checkpoint {checkpoint} does not exist (materialize the lora_checkpoint asset, "
+                            "or pass --checkpoint)")
+
+
+def checkpoint_ablation(checkpoint: Path) -> str:
+    """The `train.ablation` a MUSIC checkpoint records, from its configs alone (`music.read_saved`: no weight file
+    read), so a given plan is checked against it before any model loads."""
+    from music_dagster.model.music import read_saved
+
+    check_checkpoint_exists(checkpoint)
+    return read_saved(checkpoint).settings.ablation
+
+
 def check_checkpoints(checkpoint: Path, detokenizer: Path):
     """Refuse a missing, incomplete or damaged checkpoint or de-tokenizer before anything is loaded; what
     each one's `check_checkpoint` read (handed to `from_pretrained`, so no weight file is hashed twice)."""
     from music_dagster.model.music import check_checkpoint
 
-    if not checkpoint.is_dir():
-        raise GenerateError(f"checkpoint {checkpoint} does not exist (materialize the lora_checkpoint asset, "
-                            "or pass --checkpoint)")
+    check_checkpoint_exists(checkpoint)
     return check_checkpoint(checkpoint), check_detokenizer(detokenizer)
 
 
@@ -254,12 +291,17 @@ class Generator:
         self.detokenizer = Detokenizer.from_pretrained(detokenizer, vae=vae, device=device, settings=detok_settings)
         self.clip = load_model(config, "clip", models)
 
+    @property
+    def ablation(self) -> str:
+        """The checkpoint's `train.ablation`: which parts of the plan it writes (`config.plan_parts`)."""
+        return self.model.settings.ablation
+
     def forced_plan(self, cot: str, layout: np.ndarray):
-        """The plan the image stage reads for a given CoT and layout: the text the model is trained to write for
-        them (`plan_text`) and its token ids."""
+        """The plan the image stage reads for a given CoT and layout: the text the model was trained to write for
+        them (`plan_text` for the checkpoint's ablation) and its token ids."""
         from music_dagster.model.music import Plan, plan_text
 
-        text = plan_text(cot, layout)
+        text = plan_text(cot, layout, self.ablation)
         return Plan(text=text, cot=cot.strip(), layout=np.asarray(layout),
                     token_ids=tuple(self.model.encode_ids(text)))
 
@@ -280,8 +322,9 @@ class Generator:
                         progress_bar: dict | None = None) -> Result:
         """`generate` for references already read as RGB PIL images (`read_subjects`). `sample`: sample the
         plans (default: when there are several branches; one branch decodes greedily). `given`: draw this plan
-        or layout (checked with `check_layout`) instead of the model's (see `GivenPlan`). `progress_bar`: tqdm
-        options for the bar over the four stages (`MusicPipeline.set_progress_bar_config`)."""
+        or layout (checked with `check_layout`, and against the checkpoint's ablation with `check_given`) instead
+        of the model's (see `GivenPlan`). `progress_bar`: tqdm options for the bar over the four stages
+        (`MusicPipeline.set_progress_bar_config`)."""
         import torch
         from tqdm.auto import tqdm
 
@@ -290,6 +333,8 @@ class Generator:
         from music_dagster.zoo.clip_similarity import image_text_scores
 
         prompt = check_request(prompt, branches)
+        if given is not None:
+            check_given(given, self.ablation, self.checkpoint)
         names = tuple(names or (f"<image {i}>" for i in range(1, len(images) + 1)))
         gen = self.config.profile.generate
         bar_options = {"desc": "music generate", "unit": "stage", "disable": not progress, **(progress_bar or {})}
@@ -298,15 +343,16 @@ class Generator:
             request = Sample(instruction=prompt, references=images)
             encoded = [self.model.encode(request, with_target=False)]
             sample = branches > 1 if sample is None else sample
-            if given is not None and given.cot is not None:
-                plans = [self.forced_plan(given.cot, given.layout)] * branches
+            writes_cot, _ = plan_parts(self.ablation)
+            if given is not None and (given.cot is not None or not writes_cot):  # the whole plan is given
+                plans = [self.forced_plan(given.cot or "", given.layout)] * branches
             else:
                 plans = self.model.plan([request], branches=branches, sample=sample,
                                         temperature=gen.temperature, top_k=gen.top_k,
                                         max_new_tokens=gen.max_plan_tokens, seed=seed, encoded=encoded,
                                         constrained=True)[0]
-            if given is not None and given.cot is None:
-                plans = [self.forced_plan(p.text.split(TEXT_PREFIX, 1)[0], given.layout) for p in plans]
+                if given is not None:  # a layout alone: the model's CoT, then the given layout
+                    plans = [self.forced_plan(p.text.split(TEXT_PREFIX, 1)[0], given.layout) for p in plans]
             bar.update()
             bar.set_postfix_str("image tokens")
             tokens = self.model.image_tokens([request] * branches, plans, encoded=encoded * branches)
@@ -321,6 +367,7 @@ class Generator:
         return Result(
             prompt=prompt, seed=seed, best=best, checkpoint=str(self.checkpoint), clip_model=str(self.clip.name),
             grid=self.model.settings.grid, subjects=names, plan_source=given.source if given else "model",
+            ablation=self.ablation,
             branches=tuple(Branch(text=p.text, cot=p.cot, layout=p.layout, clip_score=float(s), image=im)
                            for p, s, im in zip(plans, scores, pictures)),
         )
@@ -361,6 +408,8 @@ def cli_generate(args) -> None:
     given = (read_plan(args.plan, len(images), grid) if args.plan else
              read_layout(args.layout, len(images), grid) if args.layout else None)
     checkpoint = Path(args.checkpoint) if args.checkpoint else lora_dir(config)
+    if given is not None:
+        check_given(given, checkpoint_ablation(checkpoint), checkpoint)
     torch.set_num_threads(config.profile.torch_threads)
     pipe = MusicPipeline.from_pretrained(checkpoint, config)
     result = pipe(args.subject, prompt, args.branches, plan=given, generator=args.seed).result

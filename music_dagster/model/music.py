@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from music_dagster.config import MAX_SUBJECTS
+from music_dagster.config import ABLATIONS, MAX_SUBJECTS, plan_parts
 from music_dagster.errors import UserError
 from music_dagster.model.layout import TEXT_PREFIX, LayoutError, layout_from_text, layout_to_text
 from music_dagster.storage import file_sha256, read_json, resolve_stored, staged_dir
@@ -78,6 +78,8 @@ MODEL_CONFIG_SCHEMA = {
                 "lora_dropout": {"type": "number", "minimum": 0, "exclusiveMaximum": 1},
                 "lora_targets": {**_NAMES, "minItems": 1}, "modules_to_save": _NAMES,
                 "w1": {"type": "number", "minimum": 0}, "w2": {"type": "number", "minimum": 0},
+                # not required: a checkpoint saved before it was recorded was trained with the full plan ("none")
+                "ablation": {"enum": list(ABLATIONS)},
             },
         },
         "vision_hidden": _POSITIVE, "llm_hidden": _POSITIVE, "sha256": SHA256_SCHEMA,
@@ -114,6 +116,7 @@ class MusicSettings:
     w2: float = 0.5
     max_plan_tokens: int = 256
     grid: int = 8
+    ablation: str = "none"  # the `train.ablation` it was trained with: which parts its plans hold (`plan_text`)
 
     @classmethod
     def from_config(cls, train, grid: int = 8) -> "MusicSettings":
@@ -165,8 +168,9 @@ def plan_text(cot: str, layout: np.ndarray, ablation: str = "none") -> str:
     """The text the model learns to write: the CoT then the layout exactly as the data assets serialise it.
     The `train.ablation`s `no_cot`, `no_layout` and `neither` leave out the CoT, the layout or both (with
     neither, the plan is empty: the image queries follow the eos right after the prompt)."""
-    parts = [cot.strip()] if ablation not in ("no_cot", "neither") else []
-    if ablation not in ("no_layout", "neither"):
+    writes_cot, writes_layout = plan_parts(ablation)
+    parts = [cot.strip()] if writes_cot else []
+    if writes_layout:
         parts.append(layout_to_text(np.asarray(layout)))
     return "".join(f" {part}" for part in parts)
 
@@ -455,13 +459,17 @@ class MusicModel(nn.Module):
 
         Greedy when `sample` is False (then branches are identical); else multinomial sampling at
         `temperature` (top-k when > 0) from a generator seeded with `seed`. `constrained`: decode under the
-        plan's grammar for each prompt's subject count (`plan_grammar`: the layout always parses when the token
-        limit holds the shortest plan); inference does, training's teacher forcing and the experiment's ablations
-        (whose plans leave parts out) do not. Returns one list per prompt."""
+        plan's grammar for each prompt's subject count and the parts the model was trained to write
+        (`settings.ablation`: the CoT only, the layout only; `plan_grammar`: a layout always parses when the token
+        limit holds the shortest plan; `neither`'s plan is empty, so nothing is decoded); inference does,
+        training's teacher forcing and the procedural experiment (which scores what the model writes unguided)
+        do not. Returns one list per prompt."""
         if branches < 1:
             raise ModelInputError(f"branches must be >= 1, got {branches}")
         if sample and temperature <= 0:
             raise ModelInputError(f"temperature must be > 0 for sampling, got {temperature}")
+        if constrained and plan_parts(self.settings.ablation) == (False, False):
+            return [[Plan(text="", cot="", layout=None, token_ids=())] * branches for _ in prompts]
         was_training = self.training
         self.eval()
         encoded = encoded or [self.encode(p, with_target=False) for p in prompts]
@@ -475,7 +483,7 @@ class MusicModel(nn.Module):
             from music_dagster.model.plan_grammar import plan_processor
 
             processor = plan_processor(self.tokenizer, [len(p.references) for p in prompts for _ in range(branches)],
-                                       self.settings.grid, limit)
+                                       self.settings.grid, limit, self.settings.ablation)
         base = self.llm.get_base_model()
         emb = base.get_input_embeddings()
         h, cache = self.hidden(batch, use_cache=True)
@@ -603,12 +611,22 @@ class SavedModel:
     vision_hidden: int
     llm_hidden: int
     base_model_name: str | None
+    sha256: dict[str, str]  # weight file -> the content hash recorded at save time
 
 
 def check_checkpoint(directory: Path) -> SavedModel:
-    """What a MUSIC checkpoint folder's configs say, after checking that every file is there, both configs are
-    UTF-8 JSON of their schema and agree, and each weight file is a complete safetensors file with the sha256
-    `music_config.json` records. Any fault is one line naming the file; nothing is loaded."""
+    """What a MUSIC checkpoint folder's configs say (`read_saved`), after also checking that each weight file is a
+    complete safetensors file with the sha256 `music_config.json` records. Any fault is one line naming the file;
+    nothing is loaded."""
+    saved = read_saved(directory)
+    verify_weights(directory, saved.sha256, MODEL_CONFIG, CheckpointError)
+    return saved
+
+
+def read_saved(directory: Path) -> SavedModel:
+    """What a MUSIC checkpoint folder's configs say, after checking that every file is there and both configs are
+    UTF-8 JSON of their schema and agree; the weights are not read (a check before anything loads: a given plan
+    against the checkpoint's `ablation`). Any fault is one line naming the file."""
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint {directory} does not exist")
     for name in (*ADAPTER_FILES, MODULES_FILE, MODEL_CONFIG):
@@ -621,8 +639,8 @@ def check_checkpoint(directory: Path) -> SavedModel:
     for key, value in (("r", settings.lora_rank), ("lora_alpha", settings.lora_alpha)):
         if adapter[key] != value:
             raise CheckpointError(f"{adapter_config}: {key} is {adapter[key]} but {MODEL_CONFIG} says {value}")
-    verify_weights(directory, meta["sha256"], MODEL_CONFIG, CheckpointError)
-    return SavedModel(settings, meta["vision_hidden"], meta["llm_hidden"], adapter.get("base_model_name_or_path"))
+    return SavedModel(settings, meta["vision_hidden"], meta["llm_hidden"], adapter.get("base_model_name_or_path"),
+                      meta["sha256"])
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -37,8 +37,9 @@ if TYPE_CHECKING:  # pragma: no cover
 @dataclass
 class MusicPipelineOutput(BaseOutput):
     """One request's branches: `images[i]`, `plans[i]` (its text, CoT and layout, rows of subject ids or None
-    when the model's layout did not parse) and `scores[i]` (CLIP similarity to the prompt); `images[best]` is kept.
-    `result` is the whole record: `result.save(folder)` writes what `music generate` writes."""
+    when the model's layout did not parse or the checkpoint writes none: `MusicPipeline.ablation`) and
+    `scores[i]` (CLIP similarity to the prompt); `images[best]` is kept. `result` is the whole record:
+    `result.save(folder)` writes what `music generate` writes."""
 
     images: list[PIL.Image.Image]
     plans: list[dict]
@@ -90,6 +91,12 @@ class MusicPipeline:
     def device(self):
         return self.generator.model.device
 
+    @property
+    def ablation(self) -> str:
+        """The `train.ablation` the checkpoint records ("none" for one saved before it was recorded): which parts
+        of the plan it writes (`config.plan_parts`), so which it decodes and which a given plan may hold."""
+        return self.generator.ablation
+
     def set_progress_bar_config(self, **kwargs) -> None:
         """tqdm options for the progress bar over the stages of a call (planning, image tokens, decoding,
         scoring), e.g. `disable=True`, `leave=False`, `desc=...`."""
@@ -100,8 +107,9 @@ class MusicPipeline:
                  sample_plans: bool | None = None) -> MusicPipelineOutput:
         """Draw `prompt` from the reference `subjects` (PIL images or paths), keeping the best of `branches` by
         CLIP similarity. `plan`: a given plan instead of the model's, `{"cot": ..., "layout": rows}` (plan.json's
-        keys; without `cot` the model writes the CoT) or a `GivenPlan`. `generator`: its initial seed (or the int
-        itself) seeds the plan sampling and the de-tokenizer's noise, as `music generate --seed` does; None is 0.
+        keys; without `cot` the model writes the CoT) or a `GivenPlan`; a part the checkpoint was not trained to
+        write (`ablation`) is refused (`PlanError`). `generator`: its initial seed (or the int itself) seeds the
+        plan sampling and the de-tokenizer's noise, as `music generate --seed` does; None is 0.
         `sample_plans`: sample the model's plans (default: when there are several branches; one branch decodes
         greedily); `music bench generate` samples one branch too, so it does the work of one branch of N."""
         prompt = check_request(prompt, branches)

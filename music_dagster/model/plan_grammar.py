@@ -11,6 +11,10 @@ The grammar admits exactly the text form the model is trained on (`music.plan_te
   `layout:` is the layout's);
 - the layout is `layout.layout_to_text`'s form: one hex digit per cell, ids 0..N.
 
+A model trained with a `train.ablation` that leaves a part out (`MusicSettings.ablation`, recorded in its
+checkpoint) is decoded under the grammar of what it learned: " " CoT (`no_layout`) or " " layout (`no_cot`);
+`neither`'s plan is empty and is not decoded at all (`MusicModel.plan`).
+
 It is decoded with the data stages' machinery (`synthesis.structured`): `regex_index` compiles the pattern against
 the tokenizer's vocabulary (cached per tokenizer and pattern, i.e. per subject count and grid) and
 `GuidedLogitsProcessor` masks each row's logits to the tokens its guide accepts. One thing is added: a *token
@@ -27,6 +31,7 @@ import weakref
 from collections import OrderedDict, deque
 from typing import Sequence
 
+from music_dagster.config import plan_parts
 from music_dagster.model.layout import MAX_TEXT_ID, TEXT_PREFIX
 from music_dagster.synthesis.structured import GuidedLogitsProcessor, regex_index
 
@@ -47,15 +52,20 @@ def layout_pattern(subjects: int, grid: int) -> str:
     return f"{TEXT_PREFIX} {row}( {row}){{{grid - 1}}}" if grid > 1 else f"{TEXT_PREFIX} {row}"
 
 
-def plan_pattern(subjects: int, grid: int) -> str:
-    """The regex of a whole plan (`music.plan_text`'s form) for `subjects` subjects on a `grid x grid` layout."""
+def plan_pattern(subjects: int, grid: int, ablation: str = "none") -> str:
+    """The regex of a whole plan (`music.plan_text`'s form) for `subjects` subjects on a `grid x grid` layout, as
+    a model trained with `train.ablation` = `ablation` writes it (the CoT, the layout or both)."""
     from music_dagster.synthesis.decimation import tag
     from music_dagster.synthesis.schemas import regex_literal
 
+    writes_cot, writes_layout = plan_parts(ablation)
+    if not (writes_cot or writes_layout):
+        raise ValueError(f"a model trained with train.ablation {ablation} writes an empty plan: nothing to decode")
     tags = "(" + "|".join(regex_literal(tag(i)) for i in range(1, subjects + 1)) + ")"
     sentence = f"{tags}( ({COT_WORD}|{tags}))+\\."
     cot = sentence + (f"( {sentence}){{{subjects - 1}}}" if subjects > 1 else "")
-    return f" {cot} {layout_pattern(subjects, grid)}"
+    parts = ([cot] if writes_cot else []) + ([layout_pattern(subjects, grid)] if writes_layout else [])
+    return "".join(f" {part}" for part in parts)
 
 
 class _BudgetTable:
@@ -109,18 +119,20 @@ def _budget_table(tokenizer, regex: str, index) -> _BudgetTable:
     return table
 
 
-def plan_processor(tokenizer, subjects: Sequence[int], grid: int, limit: int) -> "BudgetedPlanProcessor":
-    """A logits processor for one plan decode: row i follows the plan grammar for `subjects[i]` subjects and ends
-    within `limit` new tokens (see the module doc). Stateful: one per decode."""
-    patterns = {n: plan_pattern(n, grid) for n in sorted(set(subjects))}
+def plan_processor(tokenizer, subjects: Sequence[int], grid: int, limit: int,
+                   ablation: str = "none") -> "BudgetedPlanProcessor":
+    """A logits processor for one plan decode: row i follows the plan grammar for `subjects[i]` subjects (and the
+    parts `ablation` writes) and ends within `limit` new tokens (see the module doc). Stateful: one per decode."""
+    patterns = {n: plan_pattern(n, grid, ablation) for n in sorted(set(subjects))}
     indexes = {n: regex_index(tokenizer, p) for n, p in patterns.items()}
     tables = {n: _budget_table(tokenizer, patterns[n], indexes[n]) for n in patterns}
     return BudgetedPlanProcessor([indexes[n] for n in subjects], [tables[n] for n in subjects], limit)
 
 
-def shortest_plan(tokenizer, subjects: int, grid: int) -> int:
-    """The fewest tokens a plan for `subjects` subjects takes with this tokenizer (eos not counted)."""
-    pattern = plan_pattern(subjects, grid)
+def shortest_plan(tokenizer, subjects: int, grid: int, ablation: str = "none") -> int:
+    """The fewest tokens a plan for `subjects` subjects (of the parts `ablation` writes) takes with this tokenizer
+    (eos not counted)."""
+    pattern = plan_pattern(subjects, grid, ablation)
     return _budget_table(tokenizer, pattern, regex_index(tokenizer, pattern)).shortest
 
 
