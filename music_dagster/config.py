@@ -24,7 +24,7 @@ PARAMS_FILE = PROJECT_ROOT / "params.yaml"
 
 ROLES = (
     "llm", "vlm", "t2i", "i2i", "detector", "segmenter", "clip", "dino", "eval_clip",
-    "music_llm", "music_vision", "music_unet",
+    "music_llm", "music_vision", "music_unet", "select_clip",
 )
 ZOO_COMMAND = "music zoo build"
 MAX_SUBJECTS = 12  # the paper's bound on subjects per sample (1..12): configs, records, the model, generation, MSIC

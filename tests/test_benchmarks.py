@@ -213,6 +213,49 @@ def test_msic_unreadable_image_is_a_recorded_failure(tmp_path, embedder, handles
     assert [s["key"] for s in result["samples"]] == ["s0/0"]
 
 
+def test_music_star_is_chosen_both_ways_from_one_generation(tmp_path, dreambench_root, embedder):
+    """MUSIC*'s branches are generated once per request and scored once: `music_star` keeps the branch the
+    selection encoder kept, `music_star_eval_clip` the branch whose evaluation CLIP-T is highest, so on the same
+    branches it never scores a lower CLIP-T."""
+    from music_dagster.synthesis.common import derive_seed
+
+    bench = dreambench.load_dreambench(dreambench_root).subset(2, 2)
+    calls = []
+
+    def generate(references, instruction, branches, seed):
+        calls.append(branches)
+        # distinct images per branch; the kept branch is set by the seed, independent of the evaluation's CLIP
+        return common.Generated(tuple(_noise(seed + i) for i in range(branches)), best=seed % branches)
+
+    folder = tmp_path / "out"
+    rep = dreambench.evaluate_dreambench(bench, generate, embedder, folder, branches=3, images_per_prompt=1, seed=0,
+                                         selector="models/tiny/select_clip")
+    assert sorted(calls) == [1] * 4 + [3] * 4  # 4 requests: once for MUSIC, once for both MUSIC* rows
+    methods = rep["methods"]
+    assert list(methods) == list(common.METHODS) and rep["selected_by"] == {
+        "music_star": "models/tiny/select_clip", "music_star_eval_clip": embedder.clip_name}
+    star, by_eval = methods["music_star"]["images"], methods["music_star_eval_clip"]["images"]
+    assert [r["key"] for r in star] == [r["key"] for r in by_eval] and len(star) == 4
+    differ = 0
+    for kept, best in zip(star, by_eval):
+        stem = common.Job(kept["key"], (), "", 0).file_name[:-len(".png")]
+        branches = [folder / "music_star" / "branches" / f"{stem}-{i}.png" for i in range(3)]
+        text = embedder.clip_texts([kept["prompt"]])[0]
+        clip_t = [float(embedder.clip_images([read_image(b)])[0] @ text) for b in branches]
+        assert kept["branch"] == derive_seed("dreambench", 0, kept["key"]) % 3
+        assert kept["clip_t"] == pytest.approx(clip_t[kept["branch"]], abs=1e-6)
+        assert (folder / "music_star" / f"{stem}.png").read_bytes() == branches[kept["branch"]].read_bytes()
+        assert best["branch"] == int(np.argmax(clip_t)) and best["clip_t"] == pytest.approx(max(clip_t), abs=1e-6)
+        assert best["clip_t"] >= kept["clip_t"]
+        differ += best["branch"] != kept["branch"]
+    assert differ > 0  # the two encoders disagree on some request: the rows differ
+    overall = {m: methods[m]["overall"]["clip_t"] for m in ("music_star", "music_star_eval_clip")}
+    assert overall["music_star_eval_clip"] > overall["music_star"]
+    assert overall["music_star_eval_clip"] == pytest.approx(np.mean([r["clip_t"] for r in by_eval]), abs=1e-12)
+    assert all(r["branch"] == 0 for r in methods["music"]["images"])
+    assert not (folder / "music" / "branches").exists()
+
+
 # ------------------------------------------------------------------------------------------------ MSIC loader
 def _shard(path, counts, split="msic"):
     from music_dagster.storage import ShardWriter, record_schema
@@ -263,15 +306,19 @@ def _report():
         return {"overall": {"dino": dino, "clip_i": 0.5, "clip_t": 0.1, "found_rate": 1.0, "n": n, "subjects": 2 * n},
                 "by_subject_count": rows, "samples": [], "failures": [{"key": "x", "error": "bad"}], "branches": 1}
     return {"benchmark": "msic", "encoders": {"dino_model": "d", "clip_variant": "c"}, "branches": 2,
-            "methods": {"music": result(3, 0.25), "music_star": result(3, 0.5)}}
+            "selected_by": {"music_star": "s", "music_star_eval_clip": "c"},
+            "methods": {"music": result(3, 0.25), "music_star": result(3, 0.5),
+                        "music_star_eval_clip": result(3, 0.75)}}
 
 
 def test_summary_table_and_range_check():
     rep = _report()
     s = report.summary(rep)
     assert s["music"]["overall"]["failures"] == 1 and s["music_star"]["by_subject_count"]["2"]["dino"] == 0.5
+    assert s["music_star_eval_clip"]["overall"]["dino"] == 0.75 and s["selected_by"]["music_star"] == "s"
     table = report.table_markdown(rep)
     assert table.splitlines()[0].startswith("| subjects | MUSIC DINO | MUSIC CLIP-I |")
+    assert "| MUSIC* (eval CLIP) CLIP-T |" in table.splitlines()[0]
     assert "| 2 | 0.2500 |" in table and table.splitlines()[-1].startswith("| all |")
     assert report.out_of_range(rep) == []
     rep["methods"]["music"]["by_subject_count"]["2"]["clip_t"] = float("nan")

@@ -25,6 +25,7 @@ PUBLISHED = {
     "IDEA-Research/grounding-dino-base": 233e6,
     "facebook/sam2.1-hiera-large": 224.4e6,  # with its video memory (the compared column)
     "timm/vit_large_patch14_clip_224.openai": 427.6e6,
+    "timm/vit_base_patch16_clip_224.openai": 149.6e6,  # select_clip
     "timm/vit_small_patch16_224.dino": 21.7e6,
     "google/siglip-so400m-patch14-384": 878e6,  # both towers (the compared column)
     "stabilityai/stable-diffusion-xl-base-1.0/unet": 2.57e9,
@@ -32,8 +33,9 @@ PUBLISHED = {
 # The class each role's handle holds (CONTRIBUTING.md, "Model handles").
 CLASSES = {
     "llm": "Qwen3ForCausalLM", "vlm": "Qwen2_5_VLForConditionalGeneration", "detector": "GroundingDinoForObjectDetection",
-    "segmenter": "Sam2Model", "clip": "CLIP", "dino": "VisionTransformer", "eval_clip": "CLIP", "music_llm": "Qwen3ForCausalLM",
-    "music_vision": "SiglipVisionModel", "music_unet": "UNet2DConditionModel",
+    "segmenter": "Sam2Model", "clip": "CLIP", "dino": "VisionTransformer", "eval_clip": "CLIP",
+    "music_llm": "Qwen3ForCausalLM", "music_vision": "SiglipVisionModel", "music_unet": "UNet2DConditionModel",
+    "select_clip": "CLIP",
 }
 LAST_LINE = re.compile(r"^full profile: (\d+) roles built without weights; MUSIC training at batch (\d+) needs "
                        r"(\d+\.\d) GiB per GPU \(fits 80 GiB: (yes|no)\)$")
@@ -142,10 +144,15 @@ def test_full_specs_class_and_revision_offline(report):
     for parts in report.roles.values():
         for part in parts:
             assert sources["parts"][part.folder]["class"] == part.cls, part.folder
-    assert set(HF_MODEL_CLASSES) | set(PIPELINE_CLASSES) | {"clip", "eval_clip", "dino", "music_unet"} == set(ROLES)
-    # the open_clip config asks for OpenAI's QuickGELU, as the checkpoint was trained with
-    clip = json.loads((CONFIGS / "timm/vit_large_patch14_clip_224.openai/open_clip_config.json").read_text())
-    assert clip["model_cfg"]["quick_gelu"] is True
+    assert set(HF_MODEL_CLASSES) | set(PIPELINE_CLASSES) | {"clip", "eval_clip", "dino", "music_unet",
+                                                           "select_clip"} == set(ROLES)
+    # each open_clip config asks for OpenAI's QuickGELU, as the checkpoints were trained with
+    for role in ("clip", "eval_clip", "select_clip"):
+        folder = CONFIGS / config.models[role].id.removeprefix("hf-hub:")
+        assert json.loads((folder / "open_clip_config.json").read_text())["model_cfg"]["quick_gelu"] is True, role
+    # MUSIC*'s selection encoder is not the CLIP that scores CLIP-T; dino is pinned to a full commit hash
+    assert config.models["select_clip"].id != config.models["eval_clip"].id
+    assert re.fullmatch(r"[0-9a-f]{40}", config.models["dino"].revision)
 
 
 def test_a_size_far_from_the_published_is_one_line():

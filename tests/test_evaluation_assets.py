@@ -56,9 +56,14 @@ def test_both_score_assets_materialize(project, materialize):
     expected_encoders = {"dino_model": "models/tiny/dino", "clip_variant": "models/tiny/eval_clip"}
     db, msic = metrics["dreambench"], metrics["msic"]
     assert db["encoders"] == msic["encoders"] == expected_encoders and db["branches"] == msic["branches"] == 2
-    assert db["music"]["n"] == db["music_star"]["n"] == 2 * 2  # 2 subjects x 2 prompts x 1 image
+    assert db["music"]["n"] == db["music_star"]["n"] == db["music_star_eval_clip"]["n"] == 2 * 2  # 2 x 2 prompts
     assert db["real_vs_real"]["n"] > 0 and db["real_vs_real"]["clip_t"] is None
-    for method in ("music", "music_star"):
+    selected_by = {"music_star": "models/tiny/select_clip", "music_star_eval_clip": "models/tiny/eval_clip"}
+    assert db["selected_by"] == msic["selected_by"] == selected_by
+    # MUSIC* chosen by the CLIP that scores CLIP-T, among the same branches: never a lower CLIP-T
+    assert db["music_star_eval_clip"]["clip_t"] >= db["music_star"]["clip_t"]
+    assert msic["music_star_eval_clip"]["overall"]["clip_t"] >= msic["music_star"]["overall"]["clip_t"]
+    for method in ("music", "music_star", "music_star_eval_clip"):
         assert db[method]["failures"] == 0 and msic[method]["overall"]["failures"] == 0
         for m in ("dino", "clip_i", "clip_t"):
             assert -1 <= db[method][m] <= 1 and -1 <= msic[method]["overall"][m] <= 1
@@ -67,8 +72,15 @@ def test_both_score_assets_materialize(project, materialize):
     records = json.loads((root / "datasets" / "msic_scores" / "scores.json").read_text())
     sample = records["methods"]["music_star"]["samples"][0]
     assert sample["clip_variant"] == "models/tiny/eval_clip" and "[" not in sample["text"]
+    for name in ("dreambench_scores", "msic_scores"):
+        methods = json.loads((root / "datasets" / name / "scores.json").read_text())["methods"]
+        rows = "images" if name == "dreambench_scores" else "samples"
+        for kept, best in zip(methods["music_star"][rows], methods["music_star_eval_clip"][rows]):
+            assert kept["key"] == best["key"] and best["clip_t"] >= kept["clip_t"] and 0 <= best["branch"] < 2
     assert sorted(p.name for p in (root / "datasets" / "dreambench_scores").iterdir()) == \
         ["music", "music_star", "scores.json"]  # no temporary folder left
+    # MUSIC*'s branches, generated once for both of its rows
+    assert len(list((root / "datasets" / "dreambench_scores" / "music_star" / "branches").iterdir())) == 2 * 4
     for name in ("dreambench", "msic"):
         assert (root / "metrics" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -78,6 +90,8 @@ def test_both_score_assets_materialize(project, materialize):
         assert "| subjects |" in meta["scores_by_subject_count"].value
         assert meta["plot"].value.startswith("![") and "base64," in meta["plot"].value
         assert meta["clip_variant"].value == "models/tiny/eval_clip"
+        assert meta["select_clip"].value == "models/tiny/select_clip"
+        assert meta["music_star_eval_clip/clip_t"].value >= meta["music_star/clip_t"].value
     checks = result.get_asset_check_evaluations()
     assert len(checks) == 2 and all(c.passed for c in checks)
 
@@ -89,7 +103,8 @@ def test_both_score_assets_materialize(project, materialize):
     for run in children:
         assert run.data.tags["eval.dino_model"] == "models/tiny/dino"
         assert run.data.tags["eval.clip_variant"] == "models/tiny/eval_clip"
-        assert {"music/dino", "music_star/clip_t"} <= set(run.data.metrics)
+        assert {"music/dino", "music_star/clip_t", "music_star_eval_clip/clip_t"} <= set(run.data.metrics)
+        assert run.data.params["select_clip"] == "models/tiny/select_clip"
         names = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {f"{run.info.run_name}.json", f"{run.info.run_name}.png", "scores.json"} <= names
     msic_run = next(r for r in children if r.info.run_name == "msic")

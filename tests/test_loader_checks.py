@@ -16,7 +16,8 @@ def test_evaluation_encoders_are_float32_on_a_bf16_gpu_profile():
     for role in ("dino", "eval_clip"):
         assert role_dtype(role, "bfloat16", cuda) == torch.float32
         assert role_dtype(role, "float16", cuda) == torch.float32
-    assert role_dtype("clip", "bfloat16", cuda) == torch.bfloat16  # the MUSIC* selector follows the profile
+    assert role_dtype("select_clip", "bfloat16", cuda) == torch.bfloat16  # the MUSIC* selector follows the profile
+    assert role_dtype("clip", "bfloat16", cuda) == torch.bfloat16
     assert role_dtype("music_llm", "bfloat16", cuda) == torch.bfloat16
     with pytest.raises(LoaderError, match="unknown dtype"):
         role_dtype("dino", "float8", cuda)

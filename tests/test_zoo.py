@@ -133,7 +133,7 @@ def test_sam2_mask_from_box(load):
     assert masks.shape == (1, 1, 96, 80) and masks.dtype == torch.bool
 
 
-@pytest.mark.parametrize("role", ["clip", "eval_clip"])
+@pytest.mark.parametrize("role", ["clip", "eval_clip", "select_clip"])
 def test_open_clip_embeds(load, role):
     import torch
 
@@ -147,9 +147,12 @@ def test_open_clip_embeds(load, role):
     assert torch.allclose(fi.norm(dim=-1), torch.ones(2), atol=1e-5)
 
 
-def test_clip_and_eval_clip_differ(load):
-    a, b = load("clip").model.state_dict(), load("eval_clip").model.state_dict()
-    assert not all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
+def test_the_three_clips_differ(load):
+    """The data stages' CLIP, the evaluation's and MUSIC*'s selection encoder are three random models: choosing
+    MUSIC*'s branch with `select_clip` is not choosing it with the CLIP that scores CLIP-T."""
+    weights = {r: load(r).model.state_dict() for r in ("clip", "eval_clip", "select_clip")}
+    for a, b in (("clip", "eval_clip"), ("clip", "select_clip"), ("eval_clip", "select_clip")):
+        assert not all(np.array_equal(weights[a][k].numpy(), weights[b][k].numpy()) for k in weights[a]), (a, b)
 
 
 def test_dino_cls_token_at_224(load):

@@ -1,11 +1,13 @@
 """Evaluation assets: `dreambench_scores` and `msic_scores` for MUSIC and MUSIC* (thin layers over `evaluation`).
 
-Each generates its images with the trained checkpoint into `datasets/<asset>/<method>/` (with every record in
-`scores.json`), writes `metrics/<benchmark>.json` (DVC metrics) and a plot of each metric against subject count,
-and logs an MLflow run nested under the training run that made the checkpoint, naming the encoders used. The
-config comes from the `project` resource; every model from its role's resource: the score encoders (`dino`,
-`eval_clip`, `detector`), and MUSIC's backbones and test-time CLIP (`music_llm`, `music_vision`, `clip`), which
-`MusicPipeline` loads fresh copies of.
+Each generates its images with the trained checkpoint into `datasets/<asset>/<music|music_star>/` (MUSIC*'s
+branches under `music_star/branches/`; every record in `scores.json`), writes `metrics/<benchmark>.json` (DVC
+metrics) and a plot of each metric against subject count, and logs an MLflow run nested under the training run
+that made the checkpoint, naming the encoders used. MUSIC* is reported twice from the same branches: chosen by its
+selection encoder (`select_clip`), and chosen by the evaluation's own CLIP-T (`music_star_eval_clip`, the paper's
+way). The config comes from the `project` resource; every model from its role's resource: the score encoders
+(`dino`, `eval_clip`, `detector`), and MUSIC's backbones and selection CLIP (`music_llm`, `music_vision`,
+`select_clip`), which `MusicPipeline` loads fresh copies of.
 """
 import base64
 from pathlib import Path
@@ -13,8 +15,8 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
-from music_dagster.resources.models import (ClipResource, DetectorResource, DinoResource, EvalClipResource,
-                                             MusicLLMResource, MusicVisionResource)
+from music_dagster.resources.models import (DetectorResource, DinoResource, EvalClipResource, MusicLLMResource,
+                                             MusicVisionResource, SelectClipResource)
 from music_dagster.resources.project import ProjectConfig
 from music_dagster.resources.storage import DatasetStore
 from music_dagster.resources.tracking import MlflowTracking
@@ -52,8 +54,9 @@ def _check_inputs(cfg, store: DatasetStore) -> None:
 
 
 def _setup(cfg, config: EvaluationConfig, music: dict, dino: DinoResource, eval_clip: EvalClipResource):
-    """The checkpoint folder, a generate function over it (MUSIC's backbones and CLIP from `music`, role ->
-    resource) and the score encoders."""
+    """The checkpoint folder, a generate function over it (MUSIC's backbones and selection CLIP from `music`, role
+    -> resource: every branch's image and the one `select_clip` kept) and the score encoders."""
+    from music_dagster.evaluation.common import Generated
     from music_dagster.evaluation.metrics import Embedder
     from music_dagster.model.pipeline import MusicPipeline
     from music_dagster.model.runtime import lora_dir
@@ -63,7 +66,8 @@ def _setup(cfg, config: EvaluationConfig, music: dict, dino: DinoResource, eval_
     pipe.set_progress_bar_config(disable=True)
 
     def generate(references, instruction, branches, seed):
-        return pipe(list(references), instruction, branches, generator=seed).result.image
+        out = pipe(list(references), instruction, branches, generator=seed)
+        return Generated(tuple(out.images), out.best)
 
     embedder = Embedder(dino.load(), eval_clip.load(), dino_name=dino.checkpoint,
                         batch_size=cfg.profile.eval.batch_size)
@@ -90,6 +94,7 @@ def _finish(context: dg.AssetExecutionContext, cfg, checkpoint: Path, report: di
         "records_file": dg.MetadataValue.path(str(details)),
         "dino_model": report["encoders"]["dino_model"],
         "clip_variant": report["encoders"]["clip_variant"],
+        "select_clip": report["selected_by"]["music_star"],
         "branches": dg.MetadataValue.int(report["branches"]),
         "checkpoint": dg.MetadataValue.path(str(checkpoint)),
         "mlflow_run": dg.MetadataValue.url(run["url"]),
@@ -109,14 +114,14 @@ def _finish(context: dg.AssetExecutionContext, cfg, checkpoint: Path, report: di
 @dg.asset(group_name="evaluation", pool="gpu", deps=["lora_checkpoint", "detokenizer"], kinds={"pytorch", "mlflow"},
           description="DreamBench DINO / CLIP-I / CLIP-T for MUSIC and MUSIC*, plus the real-vs-real row")
 def dreambench_scores(context: dg.AssetExecutionContext, config: EvaluationConfig, project: ProjectConfig,
-                      music_llm: MusicLLMResource, music_vision: MusicVisionResource, clip: ClipResource,
+                      music_llm: MusicLLMResource, music_vision: MusicVisionResource, select_clip: SelectClipResource,
                       dino: DinoResource, eval_clip: EvalClipResource, store: DatasetStore, tracking: MlflowTracking
                       ) -> dg.MaterializeResult:
     from music_dagster.evaluation.dreambench import evaluate_dreambench, load_dreambench
     from music_dagster.evaluation.report import write_report
     from music_dagster.model.runtime import with_models
 
-    music = {"music_llm": music_llm, "music_vision": music_vision, "clip": clip}
+    music = {"music_llm": music_llm, "music_vision": music_vision, "select_clip": select_clip}
     cfg = with_models(project.get(), music)
     _check_outputs(cfg, store, tracking)
     _check_inputs(cfg, store)
@@ -125,11 +130,12 @@ def dreambench_scores(context: dg.AssetExecutionContext, config: EvaluationConfi
     bench = bench.subset(ev.dreambench_subjects, ev.dreambench_prompts)
     checkpoint, generate, embedder = _setup(cfg, config, music, dino, eval_clip)
     context.log.info(f"DreamBench: {len(bench.subjects)} subjects, {bench.num_prompts} prompts, "
-                     f"{ev.dreambench_images_per_prompt} image(s) each, MUSIC and MUSIC* ({ev.branches} branches)")
+                     f"{ev.dreambench_images_per_prompt} image(s) each, MUSIC and MUSIC* ({ev.branches} branches, "
+                     "chosen by select_clip and by eval_clip)")
     final = store.asset_dir("dreambench_scores")
     with staged_dir(final) as folder:
         report = evaluate_dreambench(bench, generate, embedder, folder, ev.branches,
-                                     ev.dreambench_images_per_prompt, cfg.seed)
+                                     ev.dreambench_images_per_prompt, cfg.seed, cfg.models["select_clip"].id)
         write_report(folder, report)
     return _finish(context, cfg, checkpoint, report, final, tracking)
 
@@ -138,25 +144,26 @@ def dreambench_scores(context: dg.AssetExecutionContext, config: EvaluationConfi
           kinds={"pytorch", "mlflow"},
           description="MSIC (held-out, 1..12 subjects) DINO / CLIP-I on detected regions and CLIP-T, by subject count")
 def msic_scores(context: dg.AssetExecutionContext, config: EvaluationConfig, project: ProjectConfig,
-                music_llm: MusicLLMResource, music_vision: MusicVisionResource, clip: ClipResource,
+                music_llm: MusicLLMResource, music_vision: MusicVisionResource, select_clip: SelectClipResource,
                 dino: DinoResource, eval_clip: EvalClipResource, detector: DetectorResource, store: DatasetStore,
                 tracking: MlflowTracking) -> dg.MaterializeResult:
     from music_dagster.evaluation.msic import evaluate_msic, load_msic
     from music_dagster.evaluation.report import write_report
     from music_dagster.model.runtime import with_models
 
-    music = {"music_llm": music_llm, "music_vision": music_vision, "clip": clip}
+    music = {"music_llm": music_llm, "music_vision": music_vision, "select_clip": select_clip}
     cfg = with_models(project.get(), music)
     _check_outputs(cfg, store, tracking)
     _check_inputs(cfg, store)
     ev = cfg.profile.eval
     samples = load_msic(store.asset_dir("training_samples"), ev.msic_samples)
     checkpoint, generate, embedder = _setup(cfg, config, music, dino, eval_clip)
-    context.log.info(f"MSIC: {len(samples)} held-out samples, MUSIC and MUSIC* ({ev.branches} branches)")
+    context.log.info(f"MSIC: {len(samples)} held-out samples, MUSIC and MUSIC* ({ev.branches} branches, chosen by "
+                     "select_clip and by eval_clip)")
     final = store.asset_dir("msic_scores")
     with staged_dir(final) as folder:
         report = evaluate_msic(samples, generate, embedder, detector.load(), folder, ev.branches,
-                               ev.box_threshold, ev.text_threshold, cfg.seed)
+                               ev.box_threshold, ev.text_threshold, cfg.seed, cfg.models["select_clip"].id)
         write_report(folder, report)
     return _finish(context, cfg, checkpoint, report, final, tracking)
 

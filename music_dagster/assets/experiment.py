@@ -8,8 +8,8 @@ logs one MLflow run. `procedural_report` reads every row that exists, writes `me
 metric's mean, 95% interval and n per row), the table, a plot and the example figure, and logs the parent MLflow
 run that every row run is nested under. The Dagster UI shows the table, the plot and the image grid as metadata.
 The config comes from the `project` resource; the backbones and CLIP from the `music_llm`, `music_vision`,
-`music_unet` and `clip` resources (`experiment.procedural` loads fresh copies from them; their checkpoints key the
-trained models).
+`music_unet` and `select_clip` resources (`experiment.procedural` loads fresh copies from them; their checkpoints
+key the trained models).
 """
 import base64
 
@@ -17,7 +17,7 @@ import dagster as dg
 from pydantic import Field
 
 from music_dagster.experiment.procedural import ROWS
-from music_dagster.resources.models import ClipResource, MusicLLMResource, MusicUNetResource, MusicVisionResource
+from music_dagster.resources.models import MusicLLMResource, MusicUNetResource, MusicVisionResource, SelectClipResource
 from music_dagster.resources.project import ProjectConfig
 from music_dagster.resources.storage import DatasetStore
 from music_dagster.resources.tracking import MlflowTracking
@@ -43,14 +43,16 @@ def _png(path, title: str) -> dg.MetadataValue:
           description="one row of the procedural experiment: train, generate for held-out prompts, score pixels")
 def procedural_row(context: dg.AssetExecutionContext, config: ExperimentConfig, project: ProjectConfig,
                    music_llm: MusicLLMResource, music_vision: MusicVisionResource, music_unet: MusicUNetResource,
-                   clip: ClipResource, store: DatasetStore, tracking: MlflowTracking) -> dg.MaterializeResult:
+                   select_clip: SelectClipResource, store: DatasetStore, tracking: MlflowTracking
+                   ) -> dg.MaterializeResult:
     import json
 
     from music_dagster.experiment import procedural as ex
     from music_dagster.model.runtime import with_models, work_dir
     from music_dagster.storage import atomic_write_text
 
-    resources = {"music_llm": music_llm, "music_vision": music_vision, "music_unet": music_unet, "clip": clip}
+    resources = {"music_llm": music_llm, "music_vision": music_vision, "music_unet": music_unet,
+                 "select_clip": select_clip}
     cfg = with_models(project.get(), resources)
     name = context.partition_key
     work = config.work_dir or work_dir(cfg, WORK_FOLDER)

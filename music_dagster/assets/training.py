@@ -2,8 +2,8 @@
 
 Both train on what `train.source` selects: every complete `training_samples` shard (MSIC hold-out records are
 skipped by `training.collect_samples`), the procedural world, or both. The config comes from the `project`
-resource and the backbones from their resources (`music_llm`, `music_vision`, `music_unet`; `clip` for the logged
-sample generations): a launchpad or test that swaps one trains on it. The resumable training state lives in
+resource and the backbones from their resources (`music_llm`, `music_vision`, `music_unet`; `select_clip` for the
+logged sample generations): a launchpad or test that swaps one trains on it. The resumable training state lives in
 `<paths.work>/training/<asset>-<key>/` (`.cache/` by default), keyed by everything that decides the result (the
 training config, the backbones' checkpoints, the seed and the data version): a re-run after a crash resumes, a
 changed config, backbone or new shards start afresh. The final weights are published atomically to
@@ -26,7 +26,7 @@ import dagster as dg
 
 from music_dagster.config import PROJECT_ROOT, Config
 from music_dagster.model import runtime
-from music_dagster.resources.models import ClipResource, MusicLLMResource, MusicUNetResource, MusicVisionResource
+from music_dagster.resources.models import MusicLLMResource, MusicUNetResource, MusicVisionResource, SelectClipResource
 from music_dagster.resources.project import ProjectConfig
 from music_dagster.resources.storage import DatasetStore
 from music_dagster.resources.tracking import MlflowTracking
@@ -271,7 +271,7 @@ def detokenizer(context: dg.AssetExecutionContext, project: ProjectConfig, music
           deps=[dg.AssetKey(SAMPLES_ASSET), detokenizer],
           description="MUSIC's LoRA adapter and resamplers, trained on every training shard (never MSIC)")
 def lora_checkpoint(context: dg.AssetExecutionContext, project: ProjectConfig, music_llm: MusicLLMResource,
-                    music_vision: MusicVisionResource, clip: ClipResource, store: DatasetStore,
+                    music_vision: MusicVisionResource, select_clip: SelectClipResource, store: DatasetStore,
                     tracking: MlflowTracking) -> dg.MaterializeResult:
     from music_dagster.model.generate import check_detokenizer
     from music_dagster.training.train import train_music
@@ -285,7 +285,7 @@ def lora_checkpoint(context: dg.AssetExecutionContext, project: ProjectConfig, m
 
     def log_generations(trained: Trained) -> None:
         logged = log_sample_generations(config, trained.run, trained.sources, trained.target, detok,
-                                        {**models, "clip": clip})
+                                        {**models, "select_clip": select_clip})
         context.log.info(f"logged {logged} sample generations to MLflow run {trained.run.run_id}")
 
     trained = train_and_publish(context, project, models, store, tracking, "lora", train_music,

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from music_dagster.evaluation.common import (BenchmarkError, GenerateFn, Job, generate_images, group_summaries,
-                                             method_branches, read_generated, summarize)
+from music_dagster.evaluation.common import (BenchmarkError, GenerateFn, Job, evaluate_methods, group_summaries,
+                                             read_generated, summarize)
 from music_dagster.evaluation.metrics import Embedder, Embeddings, cosine, image_scores, mean, text_scores
 
 PROMPTS_FILE = "prompts_and_classes.txt"
@@ -137,12 +137,13 @@ def load_dreambench(root: str | Path, live_classes: Iterable[str] = ("cat", "dog
 
 @dataclass(frozen=True)
 class DreamItem:
-    """One generated DreamBench image: which subject and prompt it answers, and where it is."""
+    """One generated DreamBench image: which subject and prompt it answers, where it is, and its branch (MUSIC*)."""
 
     key: str
     subject: str
     prompt: str
     path: Path
+    branch: int = 0
 
 
 def score_dreambench(bench: DreamBench, items: Sequence[DreamItem], embedder: Embedder) -> dict:
@@ -158,14 +159,19 @@ def score_dreambench(bench: DreamBench, items: Sequence[DreamItem], embedder: Em
             refs = embedder.references(bench.subject(item.subject).images)
             row = Embeddings(generated.dino[i:i + 1], generated.clip[i:i + 1])
             scores = image_scores(row, refs)
-            records.append({"key": item.key, "subject": item.subject, "prompt": item.prompt,
+            records.append({"key": item.key, "subject": item.subject, "prompt": item.prompt, "branch": item.branch,
                             "dino": scores["dino"][0], "clip_i": scores["clip_i"][0], "clip_t": clip_t[i],
                             **embedder.encoders})
+    return dreambench_result(records, failures, embedder.encoders)
+
+
+def dreambench_result(records: Sequence[dict], failures: list[dict], encoders: dict) -> dict:
+    """Overall and per-subject means of scored images, with the images' records and the failures."""
     return {
-        "encoders": embedder.encoders,
+        "encoders": encoders,
         "overall": summarize(records),
         "per_subject": group_summaries(records, "subject", summarize),
-        "images": records,
+        "images": list(records),
         "failures": failures,
     }
 
@@ -192,30 +198,32 @@ def score_real_vs_real(bench: DreamBench, embedder: Embedder) -> dict:
 
 
 def evaluate_dreambench(bench: DreamBench, generate: GenerateFn, embedder: Embedder, folder: Path, branches: int,
-                        images_per_prompt: int, seed: int) -> dict:
-    """Generate every (subject, prompt, sample) image from the subject's fixed reference, for MUSIC and MUSIC*,
-    into `folder/<method>/`, and score them; plus the real-vs-real row. The subject is tagged `[1]` in the
-    unique token's place of the prompt."""
+                        images_per_prompt: int, seed: int, selector: str) -> dict:
+    """Generate every (subject, prompt, sample) image from the subject's fixed reference, for MUSIC and MUSIC*
+    (`common.evaluate_methods`: MUSIC*'s branch chosen by the selection encoder `selector` and by the evaluation's
+    CLIP), into `folder/<music|music_star>/`, and score them; plus the real-vs-real row. The subject is tagged `[1]`
+    in the unique token's place of the prompt."""
     from music_dagster.synthesis.common import derive_seed
     from music_dagster.synthesis.decimation import tag
 
-    jobs, items = [], []
+    jobs, asked = [], {}
     for s in bench.subjects:
         for i, prompt in enumerate(s.prompts):
             for k in range(images_per_prompt):
                 key = f"{s.name}/{i:02d}/{k}"
                 jobs.append(Job(key, (s.reference,), s.instruction(i, tag(1)), derive_seed("dreambench", seed, key)))
-                items.append((s.name, prompt))
-    methods = {}
-    for method, n in method_branches(branches).items():
-        failed = generate_images(jobs, generate, n, folder / method)
-        bad = {f["key"] for f in failed}
-        scored = [DreamItem(j.key, name, prompt, folder / method / j.file_name)
-                  for j, (name, prompt) in zip(jobs, items) if j.key not in bad]
-        result = score_dreambench(bench, scored, embedder)
-        methods[method] = {**result, "branches": n, "failures": failed + result["failures"]}
+                asked[key] = (s.name, prompt)
+
+    def score(images: list[tuple[Job, int, Path]]) -> tuple[list[dict], list[dict]]:
+        result = score_dreambench(bench, [DreamItem(job.key, *asked[job.key], path, branch)
+                                          for job, branch, path in images], embedder)
+        return result["images"], result["failures"]
+
+    methods = {method: {**dreambench_result(records, failures, embedder.encoders), "branches": n}
+               for method, (records, failures, n) in evaluate_methods(jobs, generate, score, folder, branches).items()}
     return {
         "benchmark": "dreambench", "encoders": embedder.encoders, "branches": branches,
+        "selected_by": {"music_star": selector, "music_star_eval_clip": embedder.clip_name},
         "subjects": [s.name for s in bench.subjects], "images_per_prompt": images_per_prompt,
         "prompts": {s.name: list(s.prompts) for s in bench.subjects},
         "methods": methods, "real_vs_real": score_real_vs_real(bench, embedder),

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Sequence
 
 from music_dagster.config import MAX_SUBJECTS
-from music_dagster.evaluation.common import (BenchmarkError, GenerateFn, Job, generate_images, group_summaries,
-                                             method_branches, read_generated, summarize)
+from music_dagster.evaluation.common import (BenchmarkError, GenerateFn, Job, evaluate_methods, group_summaries,
+                                             read_generated, summarize)
 from music_dagster.evaluation.metrics import Embedder, mean, text_scores
 from music_dagster.synthesis.decimation import TAG
 
@@ -44,10 +44,11 @@ class MsicSample:
 
 @dataclass(frozen=True)
 class MsicItem:
-    """A generated image for an MSIC sample."""
+    """A generated image for an MSIC sample, and its branch (MUSIC*)."""
 
     sample: MsicSample
     path: Path
+    branch: int = 0
 
     @property
     def key(self) -> str:
@@ -165,34 +166,43 @@ def score_msic(items: Sequence[MsicItem], embedder: Embedder, detector, box_thre
                                  "dino": dino[at], "clip_i": clip_i[at]})
                 at += 1
             samples.append({
-                "key": item.key, "num_subjects": len(subjects), "text": item.sample.text,
+                "key": item.key, "branch": item.branch, "num_subjects": len(subjects), "text": item.sample.text,
                 "dino": mean([s["dino"] for s in subjects]), "clip_i": mean([s["clip_i"] for s in subjects]),
                 "clip_t": clip_t[i], "found_rate": mean([float(s["found"]) for s in subjects]),
                 "subjects": subjects, **embedder.encoders,
             })
+    return msic_result(samples, failures, embedder.encoders)
+
+
+def msic_result(samples: Sequence[dict], failures: list[dict], encoders: dict) -> dict:
+    """Overall and per-subject-count means of scored samples, with the samples' records and the failures."""
     return {
-        "encoders": embedder.encoders,
+        "encoders": encoders,
         "overall": _msic_summary(samples),
         "by_subject_count": group_summaries(samples, "num_subjects", _msic_summary),
-        "samples": samples,
+        "samples": list(samples),
         "failures": failures,
     }
 
 
 def evaluate_msic(samples: Sequence[MsicSample], generate: GenerateFn, embedder: Embedder, detector, folder: Path,
-                  branches: int, box_threshold: float, text_threshold: float, seed: int) -> dict:
-    """Generate each MSIC sample from its references and instruction, for MUSIC and MUSIC*, into
-    `folder/<method>/`, and score the subjects on their detected regions."""
+                  branches: int, box_threshold: float, text_threshold: float, seed: int, selector: str) -> dict:
+    """Generate each MSIC sample from its references and instruction, for MUSIC and MUSIC*
+    (`common.evaluate_methods`: MUSIC*'s branch chosen by the selection encoder `selector` and by the evaluation's
+    CLIP), into `folder/<music|music_star>/`, and score the subjects on their detected regions."""
     from music_dagster.synthesis.common import derive_seed
 
     jobs = [Job(s.key, tuple(x.reference for x in s.subjects), s.instruction, derive_seed("msic", seed, s.key))
             for s in samples]
-    methods = {}
-    for method, n in method_branches(branches).items():
-        failed = generate_images(jobs, generate, n, folder / method)
-        bad = {f["key"] for f in failed}
-        scored = [MsicItem(s, folder / method / j.file_name) for s, j in zip(samples, jobs) if j.key not in bad]
-        result = score_msic(scored, embedder, detector, box_threshold, text_threshold)
-        methods[method] = {**result, "branches": n, "failures": failed + result["failures"]}
+    by_key = {s.key: s for s in samples}
+
+    def score(images: list[tuple[Job, int, Path]]) -> tuple[list[dict], list[dict]]:
+        result = score_msic([MsicItem(by_key[job.key], path, branch) for job, branch, path in images], embedder,
+                            detector, box_threshold, text_threshold)
+        return result["samples"], result["failures"]
+
+    methods = {method: {**msic_result(records, failures, embedder.encoders), "branches": n}
+               for method, (records, failures, n) in evaluate_methods(jobs, generate, score, folder, branches).items()}
     return {"benchmark": "msic", "encoders": embedder.encoders, "branches": branches,
+            "selected_by": {"music_star": selector, "music_star_eval_clip": embedder.clip_name},
             "samples": [s.key for s in samples], "methods": methods}

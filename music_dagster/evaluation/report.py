@@ -9,14 +9,17 @@ from typing import Sequence
 
 from music_dagster.evaluation.metrics import METRICS
 
-LABELS = {"music": "MUSIC", "music_star": "MUSIC*", "real_vs_real": "real vs real"}
+LABELS = {"music": "MUSIC", "music_star": "MUSIC*", "music_star_eval_clip": "MUSIC* (eval CLIP)",
+          "real_vs_real": "real vs real"}
 METRIC_LABELS = {"dino": "DINO", "clip_i": "CLIP-I", "clip_t": "CLIP-T"}
 
 
 def summary(report: dict) -> dict:
     """What goes to `metrics/<benchmark>.json` (DVC metrics): overall scores per method (MSIC: also by subject
-    count), failure counts, the encoders and the branch count."""
-    out = {"benchmark": report["benchmark"], "encoders": report["encoders"], "branches": report["branches"]}
+    count), failure counts, the encoders, the branch count and which encoder chose MUSIC*'s branch for each of its
+    two rows."""
+    out = {"benchmark": report["benchmark"], "encoders": report["encoders"], "branches": report["branches"],
+           "selected_by": report["selected_by"]}
     for method, result in report["methods"].items():
         entry = {**result["overall"], "failures": len(result["failures"])}
         if "by_subject_count" in result:
@@ -148,7 +151,8 @@ def log_mlflow_run(store, checkpoint: Path, report: dict, files: Sequence[Path])
         run_cm = tracking.start_run(store, name, {tracking.TAG_KIND: "evaluation", **tags})
     with run_cm as run:
         run.log_params({"dino_model": enc["dino_model"], "clip_variant": enc["clip_variant"],
-                        "branches": report["branches"], "checkpoint": str(checkpoint)})
+                        "select_clip": report["selected_by"]["music_star"], "branches": report["branches"],
+                        "checkpoint": str(checkpoint)})
         metrics = {}
         for method, result in report["methods"].items():
             metrics.update({f"{method}/{k}": v for k, v in result["overall"].items() if v is not None})

@@ -12,7 +12,7 @@ plans are scored by `experiment.metrics`. Rows (`ROWS`):
 | no_cot, no_layout, neither, no_decimation | trained with that `train.ablation` | greedy plan |
 | shuffled_references | full | each subject gets another prompt's reference image |
 | gt_tokens | none | the de-tokenizer decodes the target's own visual tokens (the ceiling MUSIC can reach) |
-| music_star_clip | full | `BRANCHES` sampled plans, the highest CLIP image-text score kept (MUSIC*) |
+| music_star_clip | full | `BRANCHES` sampled plans, the highest CLIP image-text score kept (MUSIC*, `select_clip`) |
 | music_star_oracle | full | the same branches, the one with the best placement + identity kept (what selection could gain) |
 
 One de-tokenizer serves every row. Trained models are kept under `root/<name>-<hash>/` (the hash covers what decides
@@ -308,7 +308,7 @@ def load_models(config, names: Sequence[str], root: Path, log: Callable[[str], N
         music["untrained"] = untrained.eval()
     clip = None
     if any(ROWS[n].select == "clip" for n in names):
-        clip = load_model(config, "clip", resources)
+        clip = load_model(config, "select_clip", resources)
     return Models(detok, music, load_model(config, "music_vision", resources), clip)
 
 
@@ -533,7 +533,7 @@ def run_experiment(config, names: Sequence[str], root: str | os.PathLike, held_o
 # ---------------------------------------------------------------------------------------------------------------
 # `music demo procedural`
 DEMO_PROFILE = "procedural"
-DEMO_ROLES = ("music_llm", "music_vision", "music_unet", "clip")
+DEMO_ROLES = ("music_llm", "music_vision", "music_unet", "select_clip")
 
 
 def run_demo(profile: str = DEMO_PROFILE, rows: Sequence[str] = DEMO_ROWS, held_out: int = 48,

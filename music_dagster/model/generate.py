@@ -1,8 +1,8 @@
 """Generation with a trained MUSIC checkpoint: reference subjects + instruction -> CoT + layout -> image.
 
 MUSIC* (test-time scaling): N plans are sampled as one batch, their image tokens predicted in one batched forward,
-decoded by the de-tokenizer as one batch, and scored by CLIP text similarity against the instruction (the `clip`
-role) in one batch; the highest score wins (ties: the lower branch). One branch decodes the plan greedily.
+decoded by the de-tokenizer as one batch, and scored by CLIP text similarity against the instruction (the
+`select_clip` role) in one batch; the highest score wins (ties: the lower branch). One branch decodes the plan greedily.
 
 Editable plans: a `GivenPlan` (`--plan plan.json`: CoT and layout; `--layout grid.json`: the layout only) is
 drawn instead of the model's plan (see `GivenPlan` for how each is fed to the image stage); `read_plan` /
@@ -267,7 +267,7 @@ class Generator:
     """A loaded MUSIC checkpoint, de-tokenizer and CLIP scorer, reused across `generate` calls: `MusicPipeline`'s
     internal (callers outside `model/` use the pipeline).
 
-    The backbones (`music_llm`, `music_vision`) and the CLIP scorer (`clip`) are fresh copies loaded from their
+    The backbones (`music_llm`, `music_vision`) and the CLIP scorer (`select_clip`) are fresh copies loaded from their
     resources: `models` (role -> `ModelResource`, what an asset received), else the config's (`runtime.load_model`).
     """
 
@@ -282,14 +282,14 @@ class Generator:
         self.checkpoint = Path(checkpoint) if checkpoint is not None else lora_dir(config)
         detokenizer = Path(detokenizer) if detokenizer is not None else detokenizer_dir(config)
         saved, detok_settings = check_checkpoints(self.checkpoint, detokenizer)
-        config.check_models([r for r in ("music_llm", "music_vision", "music_unet", "clip") if r not in models])
+        config.check_models([r for r in ("music_llm", "music_vision", "music_unet", "select_clip") if r not in models])
         device = device_of(config)
         self.model = MusicModel.from_pretrained(self.checkpoint, load_model(config, "music_llm", models),
                                                 load_model(config, "music_vision", models), saved=saved)
         detok_cfg = config.profile.detokenizer
         vae = load_vae(detok_cfg.vae, device) if detok_cfg.vae is not None else None
         self.detokenizer = Detokenizer.from_pretrained(detokenizer, vae=vae, device=device, settings=detok_settings)
-        self.clip = load_model(config, "clip", models)
+        self.clip = load_model(config, "select_clip", models)
 
     @property
     def ablation(self) -> str:

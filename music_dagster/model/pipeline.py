@@ -62,9 +62,9 @@ class MusicPipeline:
         """Load the LoRA checkpoint `checkpoint_dir` (default: the project's latest, `models/lora`). The
         de-tokenizer is `detokenizer_dir_`, else the `detokenizer/` folder beside the checkpoint (where the
         training assets write it), else the project's; the backbones and the CLIP scorer come from their
-        resources, `models` (role -> `ModelResource`: `music_llm`, `music_vision`, `clip`, what an asset received)
-        else the ones the project's params make (`config`, default `default_config()`), and are checked against
-        the sizes the checkpoint records."""
+        resources, `models` (role -> `ModelResource`: `music_llm`, `music_vision`, `select_clip`, what an asset
+        received) else the ones the project's params make (`config`, default `default_config()`), and are checked
+        against the sizes the checkpoint records."""
         from music_dagster.config import default_config
 
         config = config or default_config()

@@ -264,6 +264,7 @@ _LOADERS = {
     "music_llm": _load_causal_lm,
     "music_vision": _load_with_processor("AutoImageProcessor"),
     "music_unet": _load_unet,
+    "select_clip": _load_open_clip,
 }
 assert tuple(_LOADERS) == ROLES
 

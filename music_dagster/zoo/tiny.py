@@ -457,6 +457,7 @@ BUILDERS = {
     "llm": _build_llm, "vlm": _build_vlm, "t2i": _build_t2i, "i2i": _build_i2i, "detector": _build_detector,
     "segmenter": _build_segmenter, "clip": _build_clip, "dino": _build_dino, "eval_clip": _build_clip,
     "music_llm": _build_music_llm, "music_vision": _build_music_vision, "music_unet": _build_music_unet,
+    "select_clip": _build_clip,
 }
 assert tuple(BUILDERS) == ROLES
 
