@@ -2,9 +2,11 @@
 
 Upload 1..12 subjects, write an instruction, pick a branch count and Generate: the page shows the kept branch's CoT,
 its layout as a coloured 8x8 grid of subject ids, every branch with its CLIP score, and the kept image. Edit the
-CoT or the layout (one text row per grid row, ids separated by spaces) and "Redraw with this plan" draws that plan
-(`pipe(..., plan={"cot": ..., "layout": ...})`: planning skipped). A bad request (not an image, 13 subjects, an
-empty prompt, a layout that does not fit) is shown as its one-line `UserError` in the page, never a traceback.
+CoT, or reassign cells of the layout grid (an editable 8x8 table of subject ids, its coloured preview redrawn at
+each edit), and "Redraw with this plan" draws that plan (`pipe(..., plan={"cot": ..., "layout": ...})`: planning
+skipped; the layout alone for a checkpoint trained without the CoT). A bad request (not an image, 13 subjects, an
+empty prompt, a cell that is not a subject id, a plan part the checkpoint was never trained to write) is shown as
+its one-line `UserError` in the page, never a traceback.
 
 gradio is the optional `demo` extra (`make demo-web` installs it) and is imported inside functions.
 """
@@ -12,12 +14,13 @@ from __future__ import annotations
 
 import html
 import os
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from music_dagster.config import MAX_SUBJECTS
+from music_dagster.config import MAX_SUBJECTS, plan_parts
 from music_dagster.errors import UserError
 from music_dagster.model.generate import PlanError, check_layout
 
@@ -33,20 +36,24 @@ class DemoError(UserError):
     """The web demo cannot start: gradio is not installed."""
 
 
-def layout_text(layout) -> str:
-    """The grid as the page's editable text: one line per row, ids separated by spaces."""
-    return "\n".join(" ".join(str(int(v)) for v in row) for row in np.asarray(layout))
+def layout_cells(layout) -> list[list[str]]:
+    """The grid as the page's editable table: rows of subject ids, as text (what the table edits)."""
+    return [[str(int(v)) for v in row] for row in np.asarray(layout)]
 
 
-def parse_layout(text: str, subjects: int, grid: int) -> np.ndarray:
-    """The page's layout text as a checked `grid x grid` array (`check_layout`); a one-line PlanError otherwise."""
+def parse_layout(cells, subjects: int, grid: int) -> np.ndarray:
+    """The page's table (rows of cells, each a subject id as text) as a checked `grid x grid` array
+    (`check_layout`); a one-line PlanError otherwise."""
     rows = []
-    for r, line in enumerate(line for line in text.strip().splitlines() if line.strip()):
-        cells = line.replace(",", " ").split()
-        bad = [c for c in cells if not c.isdigit()]
-        if bad:
-            raise PlanError(f"layout: row {r} holds {bad[0]!r}, not a subject id (0 = background, 1..{subjects})")
-        rows.append([int(c) for c in cells])
+    for r, row in enumerate(cells or []):
+        ids = []
+        for c, cell in enumerate(row):
+            text = str(cell).strip()
+            if not (text.isascii() and text.isdigit()):
+                raise PlanError(f"layout: cell (row {r}, column {c}) holds {text!r}, not a subject id "
+                                f"(0 = background, 1..{subjects})")
+            ids.append(int(text))
+        rows.append(ids)
     return check_layout(rows, subjects, grid, "layout")
 
 
@@ -73,19 +80,27 @@ def _paths(files) -> list[str]:
 
 class WebDemo:
     """The page's two actions over one loaded pipeline. Each returns the page's outputs: status, CoT, layout
-    text, coloured grid, branch gallery, kept image; on a UserError only the status changes."""
+    table, coloured grid, branch gallery, kept image; on a UserError only the status changes."""
 
     def __init__(self, pipe: MusicPipeline):
         self.pipe = pipe
+        self.grid = pipe.generator.model.settings.grid
+
+    def blank(self) -> list[list[str]]:
+        """The table before a layout exists: every cell background, for the user to paint subjects on."""
+        return layout_cells(np.zeros((self.grid, self.grid), np.int64))
 
     def _show(self, out: MusicPipelineOutput) -> tuple:
         best = out.plans[out.best]
         layout = best["layout"]
         gallery = [(im, f"branch {i}: CLIP {score:.4f}{' (kept)' if i == out.best else ''}")
                    for i, (im, score) in enumerate(zip(out.images, out.scores))]
-        status = (f"Branch {out.best} of {len(out.images)} kept (plan: {out.result.plan_source})."
-                  + ("" if layout is not None else " Its layout did not parse: write one and redraw."))
-        return (_message(status), best["cot"], layout_text(layout) if layout is not None else "",
+        status = f"Branch {out.best} of {len(out.images)} kept (plan: {out.result.plan_source})."
+        if layout is None:
+            status += (" Its layout did not parse: set subject ids in the grid and redraw."
+                       if plan_parts(self.pipe.ablation)[1] else
+                       f" This checkpoint (train.ablation {self.pipe.ablation}) writes no layout.")
+        return (_message(status), best["cot"], layout_cells(layout) if layout is not None else self.blank(),
                 grid_html(layout) if layout is not None else "", gallery, out.images[out.best])
 
     def _run(self, files, prompt: str, branches, seed, plan: dict | None) -> tuple:
@@ -97,15 +112,17 @@ class WebDemo:
         return self._run(files, prompt, branches, seed, plan=None)
 
     def redraw(self, files, prompt, branches, seed, cot, layout) -> tuple:
-        """The plan as edited on the page: the CoT box and the layout text."""
-        grid = self.pipe.generator.model.settings.grid
-        plan = {"cot": cot or "", "layout": parse_layout(layout or "", len(_paths(files)), grid).tolist()}
+        """The plan as edited on the page: the CoT box (unless the checkpoint writes no CoT: the layout is then
+        the whole plan) and the layout table."""
+        plan = {"layout": parse_layout(layout, len(_paths(files)), self.grid).tolist()}
+        if plan_parts(self.pipe.ablation)[0]:
+            plan["cot"] = cot or ""
         return self._run(files, prompt, branches, seed, plan=plan)
 
     def preview(self, files, layout) -> str:
-        """The coloured grid for the layout text as it is typed (the problem instead while it does not fit)."""
+        """The coloured grid for the layout table as it is edited (the problem instead while it does not fit)."""
         try:
-            return grid_html(parse_layout(layout or "", len(_paths(files)), self.pipe.generator.model.settings.grid))
+            return grid_html(parse_layout(layout, len(_paths(files)), self.grid))
         except UserError as e:
             return _message(str(e), error=True)
 
@@ -136,8 +153,8 @@ def build_app(pipe: MusicPipeline):
     demo = WebDemo(pipe)
     with gr.Blocks(title="MUSIC web demo") as app:
         gr.Markdown("# MUSIC: multi-subject generation with a plan you can edit\n"
-                    "Subject ids follow the upload order (1 = first file). Edit the CoT or the layout grid "
-                    "(one line per row, 0 = background) and redraw.")
+                    "Subject ids follow the upload order (1 = first file). Edit the CoT, or double-click a cell of "
+                    "the layout grid and type another subject id (0 = background), then redraw.")
         with gr.Row():
             with gr.Column():
                 files = gr.File(label=f"Subjects (1-{MAX_SUBJECTS} images)", file_count="multiple", type="filepath",
@@ -149,9 +166,19 @@ def build_app(pipe: MusicPipeline):
                     seed = gr.Number(value=0, precision=0, label="Seed", elem_id="seed")
                 generate = gr.Button("Generate", variant="primary", elem_id="generate")
                 status = gr.HTML(elem_id="status")
-                cot = gr.Textbox(label="CoT (editable)", lines=4, elem_id="cot")
-                layout = gr.Textbox(label="Layout (editable: 8 rows of subject ids)", lines=8, elem_id="layout")
-                preview = gr.HTML(elem_id="layout-preview")  # the layout as typed; #grid is the one drawn
+                writes_cot = plan_parts(pipe.ablation)[0]
+                cot = gr.Textbox(label="CoT (editable)" if writes_cot else
+                                 f"CoT (none: the checkpoint was trained with train.ablation {pipe.ablation})",
+                                 lines=4, interactive=writes_cot, elem_id="cot")
+                with warnings.catch_warnings():
+                    # A fixed grid x grid table: gradio 6's table honours only the (count, "fixed") form, which it
+                    # marks deprecated for rows (its `row_limits` is "not yet implemented").
+                    warnings.filterwarnings("ignore", "Passing a tuple to 'row_count'", DeprecationWarning)
+                    layout = gr.Dataframe(value=demo.blank(), headers=[str(c) for c in range(demo.grid)],
+                                          row_count=(demo.grid, "fixed"), column_count=(demo.grid, "fixed"),
+                                          datatype="str", type="array", interactive=True, elem_id="layout",
+                                          label="Layout (double-click a cell, type a subject id, Enter)")
+                preview = gr.HTML(elem_id="layout-preview")  # the layout as edited; #grid is the one drawn
                 redraw = gr.Button("Redraw with this plan", elem_id="redraw")
             with gr.Column():
                 grid = gr.HTML(label="Layout drawn", elem_id="grid")
@@ -160,7 +187,7 @@ def build_app(pipe: MusicPipeline):
         outputs = [status, cot, layout, grid, gallery, chosen]
         generate.click(_guarded(demo.generate, len(outputs)), [files, prompt, branches, seed], outputs)
         redraw.click(_guarded(demo.redraw, len(outputs)), [files, prompt, branches, seed, cot, layout], outputs)
-        layout.input(demo.preview, [files, layout], preview)
+        layout.change(demo.preview, [files, layout], preview)
     return app
 
 
