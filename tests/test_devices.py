@@ -1,5 +1,6 @@
 """One device per concurrent model-heavy step: two processes holding a device at once hold two distinct ones, a
-third waits and gives up in one line, a killed holder frees its device, and the `gpu` pool gets one slot per device."""
+third waits and gives up in one line, a killed holder frees its device, a launch takes its devices all at once or
+none, and the `gpu` pool gets one slot per device."""
 import multiprocessing
 import time
 
@@ -12,7 +13,7 @@ CPUS = ["cpu", "cpu"]
 
 def _hold(home, ready, release, slots):
     """A step's process: lease a device, say which, hold it until told to let go."""
-    with devices.lease(home, CPUS, wait_s=60) as (slot, device):
+    with devices.lease(home, CPUS, wait_s=60) as [(slot, device)]:
         assert devices.current() == device
         slots.put((slot, device))
         ready.set()
@@ -38,7 +39,7 @@ def test_two_concurrent_steps_hold_two_distinct_devices_and_a_third_waits(tmp_pa
         for worker in workers:
             worker.join(60)
     assert [w.exitcode for w in workers] == [0, 0]
-    with devices.lease(tmp_path, CPUS, wait_s=1) as (slot, device):  # released: free again
+    with devices.lease(tmp_path, CPUS, wait_s=1) as [(slot, device)]:  # released: free again
         assert device == "cpu" and slot in (0, 1)
     assert devices.current() is None
 
@@ -53,11 +54,33 @@ def test_a_killed_holder_frees_its_device(tmp_path):
     worker.kill()
     worker.join(30)
     taken = []
-    with devices.lease(tmp_path, ["cpu"] * 2, wait_s=1) as first:
-        taken.append(first[0])
-        with devices.lease(tmp_path, ["cpu"] * 2, wait_s=1) as second:
-            taken.append(second[0])
+    with devices.lease(tmp_path, ["cpu"] * 2, wait_s=1) as [(first, _)]:
+        taken.append(first)
+        with devices.lease(tmp_path, ["cpu"] * 2, wait_s=1) as [(second, _)]:
+            taken.append(second)
     assert sorted(taken) == [0, 1] and slot in taken
+
+
+def test_a_launch_takes_its_devices_all_at_once_or_none(tmp_path):
+    """A training launched over n processes leases n devices: while fewer are free it holds none of them (two
+    such steps never wait on each other holding a part each), and gives up in one line."""
+    three = ["cpu"] * 3
+    with devices.lease(tmp_path, three, wait_s=1) as [(held, _)]:
+        with pytest.raises(devices.DeviceWaitError, match=r"^no 3 devices of \['cpu', 'cpu', 'cpu'\] came free"):
+            with devices.lease(tmp_path, three, wait_s=0.5, count=3):
+                pass
+        with devices.lease(tmp_path, three, wait_s=1, count=2) as pair:  # the failed wait left nothing taken
+            assert sorted(slot for slot, _ in pair) == sorted({0, 1, 2} - {held})
+            assert devices.current() == pair[0][1]
+        with pytest.raises(ValueError, match="4 devices asked of"):
+            with devices.lease(tmp_path, three, wait_s=1, count=4):
+                pass
+    assert devices.current() is None
+
+
+def test_launched_processes_see_only_their_gpus():
+    assert devices.cuda_visible_devices(["cuda:3", "cuda:1"]) == "3,1"
+    assert devices.cuda_visible_devices(["cpu", "cpu"]) == ""  # CPU devices: the processes see no GPU
 
 
 def test_the_gpu_pool_has_one_slot_per_device():

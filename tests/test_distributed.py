@@ -132,8 +132,9 @@ def test_the_detokenizer_trains_in_two_processes_and_resumes(tmp_path, tiny_zoo)
 
 @pytest.mark.slow
 def test_the_asset_launches_the_processes_through_pipes(two_processes):
-    """`lora_checkpoint` with num_processes 2: rank 0's steps reach the step's log through Pipes, its result the
-    materialization; the step publishes the launch's weights and logs every step to MLflow."""
+    """`lora_checkpoint` with num_processes 2: it holds 2 devices of `devices` ([cpu, cpu]) and hands them to the
+    launch (CUDA_VISIBLE_DEVICES: none of them a GPU); rank 0's steps reach the step's log through Pipes, its result
+    the materialization; the step publishes the launch's weights and logs every step to MLflow."""
     import dagster as dg
 
     from music_dagster.assets import training as assets
@@ -146,6 +147,7 @@ def test_the_asset_launches_the_processes_through_pipes(two_processes):
     raw["paths"].update(models=str(root / "models"), datasets=str(root / "datasets"), work=str(root / "asset-work"),
                         mlflow_tracking_uri=f"sqlite:///{root / 'mlruns.db'}", mlflow_artifacts=str(root / "artifacts"))
     raw["profiles"]["tiny"]["generate"]["logged_samples"] = 0
+    raw["profiles"]["tiny"]["devices"] = ["cpu", "cpu"]  # one device per process
     params = root / "asset-params.yaml"
     params.write_text(yaml.safe_dump(raw))
     project = ProjectConfig(params=str(params), profile="tiny")  # the launched processes read it too
@@ -161,4 +163,6 @@ def test_the_asset_launches_the_processes_through_pipes(two_processes):
     assert sum(f"lora step {s}: " in m for m in logged for s in range(1, STEPS + 1)) == STEPS  # rank 0 only
     meta = result.asset_materializations_for_node("lora_checkpoint")[0].metadata
     assert meta["steps"].value == STEPS and meta["resumed_from"].value == 0 and meta["samples"].value > 0
+    assert (meta["devices"].value, meta["device_slots"].value) == (["cpu", "cpu"], [0, 1])
+    assert sum(m.startswith("launching on CUDA_VISIBLE_DEVICES='': ") for m in logged) == 1
     assert sorted(m.step for m in losses) == list(range(1, STEPS + 1))

@@ -92,6 +92,7 @@ def test_both_score_assets_materialize(project, materialize):
         assert meta["clip_variant"].value == "models/tiny/eval_clip"
         assert meta["select_clip"].value == "models/tiny/select_clip"
         assert meta["music_star_eval_clip/clip_t"].value >= meta["music_star/clip_t"].value
+        assert (meta["device"].value, meta["device_slot"].value) == ("cpu", 0)  # the device it held: auto, [cpu]
     checks = result.get_asset_check_evaluations()
     assert len(checks) == 2 and all(c.passed for c in checks)
 

@@ -1,6 +1,6 @@
 """The `detokenizer` and `lora_checkpoint` assets with `dg.materialize` on a tiny budget: what they write, what the
-MLflow run holds, MSIC hold-out never trained on, a re-run resuming from the last checkpoint, and a backbone
-resource swapped in one line taking effect."""
+MLflow run holds, MSIC hold-out never trained on, a re-run resuming from the last checkpoint, a backbone
+resource swapped in one line taking effect, and the devices a training holds (one per process on this machine)."""
 import json
 
 import dagster as dg
@@ -74,6 +74,10 @@ def test_assets_write_checkpoints_and_pass_checks(setup, first):
     assert meta["mlflow_run_id"].value == tracking.read_run_ref(lora)["run_id"]
     assert meta["mlflow_url"].value.endswith(f"/runs/{meta['mlflow_run_id'].value}")
     assert all(meta[k].value > 0 for k in ("final_L1", "final_L2", "final_loss"))
+    # One process each: it held one device of the profile's `devices` (auto: [cpu] here) and trained there.
+    for name in ("detokenizer", "lora_checkpoint"):
+        meta = first.asset_materializations_for_node(name)[0].metadata
+        assert (meta["device"].value, meta["device_slot"].value) == ("cpu", 0), name
 
 
 @pytest.mark.slow
@@ -198,3 +202,61 @@ def test_a_backbone_resource_swapped_in_one_line_is_what_trains(tmp_path, tiny_z
     run = tracking.client(tracking.store_from_config(project.get())).get_run(
         tracking.read_run_ref(detokenizer_dir(project.get()))["run_id"])
     assert run.data.params["profile.models.music_unet.id"] == str(other)
+
+
+def _devices_project(make_project, root, devices, num_processes):
+    """A procedural-source project on `devices` (waiting at most 0.5 s for them), the de-tokenizer trained over
+    `num_processes`."""
+    project = make_project(root, outputs=True, train={"source": "procedural", "procedural_samples": 4},
+                           detokenizer={"num_processes": num_processes})
+    raw = yaml.safe_load(open(project.params).read())
+    raw["profiles"]["tiny"].update(devices=devices, pool_wait_s=0.5)
+    open(project.params, "w").write(yaml.safe_dump(raw))
+    return project
+
+
+def _step_error(result) -> str:
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE").step_failure_data.error
+    while failure.cause is not None:
+        failure = failure.cause
+    return failure.message.strip()
+
+
+def test_a_launch_over_more_processes_than_devices_is_one_line(tmp_path, make_project):
+    project = _devices_project(make_project, tmp_path, ["cpu"], num_processes=2)
+    result = dg.materialize([assets.detokenizer], resources=build_resources(project), raise_on_error=False)
+    assert not result.success
+    assert _step_error(result).endswith("TrainingError: detokenizer.num_processes: 2 processes on this machine, but "
+                                        "devices has 1 (cpu): one device per process")
+    assert not detokenizer_dir(project.get()).exists()
+
+
+def test_a_launch_waits_for_all_its_devices_before_training(tmp_path, make_project):
+    """num_processes 2 on [cpu, cpu] while another step holds one of them: the training waits for both (the same
+    locks as the data steps'), gives up after pool_wait_s in one line, and nothing was trained or published."""
+    from music_dagster.zoo import devices
+
+    project = _devices_project(make_project, tmp_path, ["cpu", "cpu"], num_processes=2)
+    instance = dg.DagsterInstance.ephemeral()
+    with devices.lease(instance.root_directory, ["cpu", "cpu"], wait_s=1):
+        result = dg.materialize([assets.detokenizer], resources=build_resources(project), instance=instance,
+                                raise_on_error=False)
+    assert not result.success
+    assert _step_error(result).startswith("music_dagster.zoo.devices.DeviceWaitError: no 2 devices of ['cpu', 'cpu'] "
+                                          "came free in 0.5 s")
+    assert not detokenizer_dir(project.get()).exists() and not (tmp_path / "work" / "training").exists()
+
+
+def test_a_launch_on_several_machines_holds_this_machines_share(tmp_path):
+    """With an accelerate config of 2 machines, 4 processes are 2 here: 2 devices to hold."""
+    from music_dagster.config import load_config
+    from music_dagster.training.entry import local_processes
+    from music_dagster.training.train import TrainingError
+
+    accelerate = tmp_path / "accelerate.yaml"
+    accelerate.write_text("num_machines: 2\nnum_processes: 4\nmachine_rank: 0\n")
+    config = load_config(profile="tiny").with_values("train", num_processes=4, accelerate_config=str(accelerate))
+    assert local_processes(config, "lora") == 2 and local_processes(config, "detokenizer") == 1
+    accelerate.write_text("num_machines: none\n")
+    with pytest.raises(TrainingError, match="accelerate.yaml: expected an accelerate config with num_machines >= 1"):
+        local_processes(config, "lora")

@@ -27,6 +27,7 @@ from dagster._core.definitions.asset_checks.asset_check_evaluation import (
 )
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
+from music_dagster.assets.device_lease import POOL, step_devices
 from music_dagster.resources.project import ProjectConfig
 from music_dagster.resources.storage import DatasetStore
 from music_dagster.synthesis.common import shard_key
@@ -34,7 +35,6 @@ from music_dagster.synthesis.stages import STAGE_NAMES, STAGES, ShardInputs, Sta
 
 SHARDS = dg.DynamicPartitionsDefinition(name="shards")
 GROUP = "data"
-GPU_POOL = "gpu"
 # On Kubernetes (deploy/k8s/, dagster-k8s's k8s_job_executor) each step is a pod: a model-heavy one asks for one GPU.
 GPU_STEP_TAGS = {"dagster-k8s/config": {"container_config": {"resources": {"limits": {"nvidia.com/gpu": 1}}}}}
 DROPPED_FILE = "dropped.json"
@@ -122,7 +122,8 @@ def _stage(context: dg.AssetExecutionContext, stage: Stage) -> Iterator:
     failures: dict[str, UserError] = {}
     verdicts: dict[str, list] = {}
     versions: dict[str, str] = {}
-    with _step_device(context, config.profile) as summary:
+    lease = step_devices(context, config.profile) if stage.gpu else contextlib.nullcontext(([], {}))
+    with lease as (_, summary):  # the step's metadata so far: the device it holds, if any
         for key in keys:
             _publish_or_record(context, config, store, stage, prepared, key, failures, verdicts, versions,
                                fingerprint)
@@ -181,20 +182,6 @@ def _publish_or_record(context, config, store, stage, prepared, key, failures, v
     context.add_asset_metadata(metadata, partition_key=key)
     for name, verdict in shard_verdicts.items():
         verdicts.setdefault(name, []).append((key, verdict))
-
-
-@contextlib.contextmanager
-def _step_device(context: dg.AssetExecutionContext, profile):
-    """A model-heavy step leases one device of the profile's `devices` for its whole range (`devices.lease`);
-    yields the step's metadata so far: the device and its slot."""
-    from music_dagster.zoo import devices
-    if context.assets_def.node_def.pool != GPU_POOL:
-        yield {}
-        return
-    with devices.lease(context.instance.root_directory, devices.visible_devices(profile.devices),
-                       profile.pool_wait_s) as (slot, device):
-        context.log.info(f"{context.op_def.name}: device {device} (slot {slot})")
-        yield {"device": dg.MetadataValue.text(device), "device_slot": dg.MetadataValue.int(slot)}
 
 
 def _publish_shard(context: dg.AssetExecutionContext, config, store: DatasetStore, stage: Stage, prepared,
@@ -278,7 +265,7 @@ def _stage_asset(stage: Stage) -> dg.AssetsDefinition:
         warnings.simplefilter("ignore", dg.PreviewWarning)
         return dg.asset(
             name=stage.name, partitions_def=SHARDS, group_name=GROUP, deps=[stage.parent] if stage.parent else None,
-            description=stage.description, pool=GPU_POOL if stage.gpu else None,
+            description=stage.description, pool=POOL if stage.gpu else None,
             kinds={"pytorch"} if stage.gpu else {"python"},
             check_specs=[*(dg.AssetCheckSpec(check.name, asset=stage.name, description=check.description,
                                              blocking=True) for check in stage.checks),

@@ -7,7 +7,9 @@ that made the checkpoint, naming the encoders used. MUSIC* is reported twice fro
 selection encoder (`select_clip`), and chosen by the evaluation's own CLIP-T (`music_star_eval_clip`, the paper's
 way). The config comes from the `project` resource; every model from its role's resource: the score encoders
 (`dino`, `eval_clip`, `detector`), and MUSIC's backbones and selection CLIP (`music_llm`, `music_vision`,
-`select_clip`), which `MusicPipeline` loads fresh copies of.
+`select_clip`), which `MusicPipeline` loads fresh copies of. Each holds one device of the profile's `devices`
+while it generates and scores (`device_lease.step_devices`), its models loaded there, and records it in its
+metadata.
 """
 import base64
 from pathlib import Path
@@ -15,6 +17,7 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
+from music_dagster.assets.device_lease import POOL, step_devices
 from music_dagster.resources.models import (DetectorResource, DinoResource, EvalClipResource, MusicLLMResource,
                                              MusicVisionResource, SelectClipResource)
 from music_dagster.resources.project import ProjectConfig
@@ -75,7 +78,7 @@ def _setup(cfg, config: EvaluationConfig, music: dict, dino: DinoResource, eval_
 
 
 def _finish(context: dg.AssetExecutionContext, cfg, checkpoint: Path, report: dict, folder: Path,
-            tracking: MlflowTracking) -> dg.MaterializeResult:
+            tracking: MlflowTracking, device_metadata: dict) -> dg.MaterializeResult:
     from music_dagster.evaluation.report import LABELS, log_mlflow_run, table_markdown, write_outputs
 
     details = folder / "scores.json"
@@ -102,6 +105,7 @@ def _finish(context: dg.AssetExecutionContext, cfg, checkpoint: Path, report: di
         "failures": dg.MetadataValue.int(sum(len(v) for v in failures.values())),
         # the `evaluate` stage in dvc.lock (once both score folders exist), so `dvc repro` agrees with this run
         **record_output(folder).metadata(),
+        **device_metadata,
     }
     for method, result in report["methods"].items():
         for key, value in result["overall"].items():
@@ -111,7 +115,7 @@ def _finish(context: dg.AssetExecutionContext, cfg, checkpoint: Path, report: di
     return dg.MaterializeResult(metadata=meta)
 
 
-@dg.asset(group_name="evaluation", pool="gpu", deps=["lora_checkpoint", "detokenizer"], kinds={"pytorch", "mlflow"},
+@dg.asset(group_name="evaluation", pool=POOL, deps=["lora_checkpoint", "detokenizer"], kinds={"pytorch", "mlflow"},
           description="DreamBench DINO / CLIP-I / CLIP-T for MUSIC and MUSIC*, plus the real-vs-real row")
 def dreambench_scores(context: dg.AssetExecutionContext, config: EvaluationConfig, project: ProjectConfig,
                       music_llm: MusicLLMResource, music_vision: MusicVisionResource, select_clip: SelectClipResource,
@@ -128,19 +132,20 @@ def dreambench_scores(context: dg.AssetExecutionContext, config: EvaluationConfi
     ev = cfg.profile.eval
     bench = load_dreambench(cfg.dreambench_dir, ev.dreambench_live_classes)
     bench = bench.subset(ev.dreambench_subjects, ev.dreambench_prompts)
-    checkpoint, generate, embedder = _setup(cfg, config, music, dino, eval_clip)
-    context.log.info(f"DreamBench: {len(bench.subjects)} subjects, {bench.num_prompts} prompts, "
-                     f"{ev.dreambench_images_per_prompt} image(s) each, MUSIC and MUSIC* ({ev.branches} branches, "
-                     "chosen by select_clip and by eval_clip)")
     final = store.asset_dir("dreambench_scores")
-    with staged_dir(final) as folder:
-        report = evaluate_dreambench(bench, generate, embedder, folder, ev.branches,
-                                     ev.dreambench_images_per_prompt, cfg.seed, cfg.models["select_clip"].id)
-        write_report(folder, report)
-    return _finish(context, cfg, checkpoint, report, final, tracking)
+    with step_devices(context, cfg.profile) as (_, device_metadata):
+        checkpoint, generate, embedder = _setup(cfg, config, music, dino, eval_clip)
+        context.log.info(f"DreamBench: {len(bench.subjects)} subjects, {bench.num_prompts} prompts, "
+                         f"{ev.dreambench_images_per_prompt} image(s) each, MUSIC and MUSIC* ({ev.branches} branches, "
+                         "chosen by select_clip and by eval_clip)")
+        with staged_dir(final) as folder:
+            report = evaluate_dreambench(bench, generate, embedder, folder, ev.branches,
+                                         ev.dreambench_images_per_prompt, cfg.seed, cfg.models["select_clip"].id)
+            write_report(folder, report)
+    return _finish(context, cfg, checkpoint, report, final, tracking, device_metadata)
 
 
-@dg.asset(group_name="evaluation", pool="gpu", deps=["lora_checkpoint", "detokenizer", "training_samples"],
+@dg.asset(group_name="evaluation", pool=POOL, deps=["lora_checkpoint", "detokenizer", "training_samples"],
           kinds={"pytorch", "mlflow"},
           description="MSIC (held-out, 1..12 subjects) DINO / CLIP-I on detected regions and CLIP-T, by subject count")
 def msic_scores(context: dg.AssetExecutionContext, config: EvaluationConfig, project: ProjectConfig,
@@ -157,15 +162,16 @@ def msic_scores(context: dg.AssetExecutionContext, config: EvaluationConfig, pro
     _check_inputs(cfg, store)
     ev = cfg.profile.eval
     samples = load_msic(store.asset_dir("training_samples"), ev.msic_samples)
-    checkpoint, generate, embedder = _setup(cfg, config, music, dino, eval_clip)
-    context.log.info(f"MSIC: {len(samples)} held-out samples, MUSIC and MUSIC* ({ev.branches} branches, chosen by "
-                     "select_clip and by eval_clip)")
     final = store.asset_dir("msic_scores")
-    with staged_dir(final) as folder:
-        report = evaluate_msic(samples, generate, embedder, detector.load(), folder, ev.branches,
-                               ev.box_threshold, ev.text_threshold, cfg.seed, cfg.models["select_clip"].id)
-        write_report(folder, report)
-    return _finish(context, cfg, checkpoint, report, final, tracking)
+    with step_devices(context, cfg.profile) as (_, device_metadata):
+        checkpoint, generate, embedder = _setup(cfg, config, music, dino, eval_clip)
+        context.log.info(f"MSIC: {len(samples)} held-out samples, MUSIC and MUSIC* ({ev.branches} branches, chosen by "
+                         "select_clip and by eval_clip)")
+        with staged_dir(final) as folder:
+            report = evaluate_msic(samples, generate, embedder, detector.load(), folder, ev.branches,
+                                   ev.box_threshold, ev.text_threshold, cfg.seed, cfg.models["select_clip"].id)
+            write_report(folder, report)
+    return _finish(context, cfg, checkpoint, report, final, tracking, device_metadata)
 
 
 def _check(store: DatasetStore, asset: str) -> dg.AssetCheckResult:

@@ -8,7 +8,9 @@ logged sample generations): a launchpad or test that swaps one trains on it. The
 training config, the backbones' checkpoints, the seed and the data version): a re-run after a crash resumes, a
 changed config, backbone or new shards start afresh. The final weights are published atomically to
 `models/detokenizer/` and `models/lora/` (`runtime.detokenizer_dir` / `runtime.lora_dir`: what `music generate`
-reads); `models/lora/mlflow_run.json` names the training run so evaluation can nest its runs under it.
+reads); `models/lora/mlflow_run.json` names the training run so evaluation can nest its runs under it. A training
+holds one device of the profile's `devices` per process it runs on this machine (`device_lease.step_devices`): its
+own, or, for a launch, the ones the launched processes see (CUDA_VISIBLE_DEVICES).
 
 `select_sources`, `work_dir` and `publish` are plain Python; `train_and_publish` is the run both assets share.
 """
@@ -24,6 +26,7 @@ from typing import TYPE_CHECKING, Callable
 
 import dagster as dg
 
+from music_dagster.assets.device_lease import POOL, step_devices
 from music_dagster.config import PROJECT_ROOT, Config
 from music_dagster.model import runtime
 from music_dagster.resources.models import MusicLLMResource, MusicUNetResource, MusicVisionResource, SelectClipResource
@@ -159,17 +162,20 @@ def weights_finite(folder: Path) -> dict[str, int]:
 
 
 def train_in_processes(context: dg.AssetExecutionContext, model: str, command: list[str], work: Path,
-                       env: dict[str, str] | None = None) -> "TrainResult":
+                       env: dict[str, str]) -> "TrainResult":
     """Run the training loop as `command` (`train_entry.launch_command`: `accelerate launch` of
     `music_dagster.training.entry` over the section's `num_processes`) through Dagster Pipes: rank 0's log lines and
     per-step losses stream into this step's log, and the result comes back as its reported materialization (the
     history is read from `work`). `env`: what the processes need to read the step's config
-    (`ProjectConfig.environment`). A cluster runs the same command in a pod with `dagster_k8s.PipesK8sClient`."""
+    (`ProjectConfig.environment`) and the devices they may use (CUDA_VISIBLE_DEVICES). A cluster runs the same
+    command in a pod with `dagster_k8s.PipesK8sClient`."""
     from dagster._core.errors import DagsterPipesExecutionError  # not exported at dagster's top level
 
     from music_dagster.training.train import HISTORY, MODEL_DIR, TrainingError, TrainResult
 
-    context.log.info("launching: " + shlex.join(command))  # other machines run it too (README: 2 nodes)
+    # other machines run it too (README: 2 nodes); the devices are this machine's
+    context.log.info(f"launching on CUDA_VISIBLE_DEVICES={shlex.quote(env['CUDA_VISIBLE_DEVICES'])}: "
+                     + shlex.join(command))
     try:
         invocation = dg.PipesSubprocessClient(cwd=str(PROJECT_ROOT), env=env).run(context=context, command=command)
     except DagsterPipesExecutionError as error:
@@ -191,6 +197,7 @@ class Trained:
     result: "TrainResult"
     run: runs.ActiveRun
     dvc_record: DvcRecord  # its md5 is the checkpoint's content hash (metadata, MLflow tag, Dagster data version)
+    devices: dict  # the devices it held, as metadata (`device_lease.step_devices`)
 
     def metadata(self, names) -> dict:
         result, history = self.result, self.result.history
@@ -203,7 +210,7 @@ class Trained:
             "data_version": self.version,
             "partitions": ", ".join(self.keys) or "none",
             "mlflow_run_id": self.run.run_id, "mlflow_url": dg.MetadataValue.url(self.run.url),
-            **self.dvc_record.metadata(),
+            **self.dvc_record.metadata(), **self.devices,
         }
 
 
@@ -214,28 +221,37 @@ def train_and_publish(context: dg.AssetExecutionContext, project: ProjectConfig,
     folder; publish the weights to `target`, record them with DVC, log them under `artifact_path`, and call
     `then` while the run is still open. The config is `project`'s with the checkpoints of `models` (the
     backbones' resources, role -> `ModelResource`), which the training loads its backbones from (in this process,
-    or, with `num_processes` above 1, in every launched one). A read-only `target` or a damaged or read-only
-    MLflow store is refused before training; a store failing after `target` is published names it and the
-    command that logs it again."""
+    or, with `num_processes` above 1, in every launched one). It holds a device of the profile's `devices` per
+    process on this machine while it trains and publishes (a launch's processes see only theirs). A read-only
+    `target`, more processes than `devices`, or a damaged or read-only MLflow store is refused before training; a
+    store failing after `target` is published names it and the command that logs it again."""
     from music_dagster.storage import check_replaceable
+    from music_dagster.training.entry import launch_command, local_processes
+    from music_dagster.training.train import TrainingError
+    from music_dagster.zoo.devices import cuda_visible_devices, visible_devices
 
     config = runtime.with_models(project.get(), models)
     sources, keys, version = select_sources(config, store.asset_dir(SAMPLES_ASSET))
     work = work_dir(config, model, version)
     check_replaceable(target, "paths.models")
+    section = "train" if model == "lora" else "detokenizer"
+    processes, available = local_processes(config, model), visible_devices(config.profile.devices)
+    if processes > len(available):
+        raise TrainingError(f"{section}.num_processes: {processes} processes on this machine, but devices has "
+                            f"{len(available)} ({', '.join(available)}): one device per process")
     launch = None
-    if (config.profile.train if model == "lora" else config.profile.detokenizer).num_processes > 1:
-        from music_dagster.training.entry import launch_command
-
+    if getattr(config.profile, section).num_processes > 1:
         shards = [s for s in sources if isinstance(s, Path)]  # the procedural world is rebuilt in every process
         launch = launch_command(config, model, work, shards, procedural=len(shards) < len(sources))
-    with tracking.training_run(config, context, keys, version) as run:  # probes the store first
+    with step_devices(context, config.profile, processes) as (held, device_metadata), \
+            tracking.training_run(config, context, keys, version) as run:  # probes the store first
         run.set_tags({runs.TAG_MODEL: model})
-        if launch is None:  # one process: this one (docs/design.md says why)
+        if launch is None:  # one process: this one (docs/design.md says why), on its device
             result = train_fn(config, sources, work, resume=True, on_step=run.log_step, models=models)
             log_steps(run, result.history[:result.resumed_from])
         else:  # rank 0 of the launch streams its steps to the step's log; MLflow gets them all from here
-            result = train_in_processes(context, model, launch, work, env=project.environment())
+            env = {**project.environment(), "CUDA_VISIBLE_DEVICES": cuda_visible_devices(held)}
+            result = train_in_processes(context, model, launch, work, env=env)
             log_steps(run, result.history)
         publish(result.model_dir, target, result.history, run)
         run.keep(target, f"music stage {STAGES[model]}")
@@ -244,7 +260,7 @@ def train_and_publish(context: dg.AssetExecutionContext, project: ProjectConfig,
         dvc_record = record_output(target)  # dvc.lock + push, so another clone can `dvc pull` it
         run.set_tags(dvc_record.tags())
         run.log_artifacts(target, artifact_path)
-        trained = Trained(sources, keys, version, target, result, run, dvc_record)
+        trained = Trained(sources, keys, version, target, result, run, dvc_record, device_metadata)
         if then is not None:
             then(trained)
     return trained
@@ -252,7 +268,7 @@ def train_and_publish(context: dg.AssetExecutionContext, project: ProjectConfig,
 
 # ---------------------------------------------------------------------------------------------------------------
 # Assets
-@dg.asset(group_name="training", pool="gpu", kinds={"pytorch", "mlflow"}, deps=[dg.AssetKey(SAMPLES_ASSET)],
+@dg.asset(group_name="training", pool=POOL, kinds={"pytorch", "mlflow"}, deps=[dg.AssetKey(SAMPLES_ASSET)],
           description="The de-tokenizer (visual tokens -> image), trained by reconstruction on the target images")
 def detokenizer(context: dg.AssetExecutionContext, project: ProjectConfig, music_vision: MusicVisionResource,
                 music_unet: MusicUNetResource, store: DatasetStore, tracking: MlflowTracking) -> dg.MaterializeResult:
@@ -267,7 +283,7 @@ def detokenizer(context: dg.AssetExecutionContext, project: ProjectConfig, music
                                 data_version=dg.DataVersion(trained.dvc_record.md5))
 
 
-@dg.asset(group_name="training", pool="gpu", kinds={"pytorch", "mlflow"},
+@dg.asset(group_name="training", pool=POOL, kinds={"pytorch", "mlflow"},
           deps=[dg.AssetKey(SAMPLES_ASSET), detokenizer],
           description="MUSIC's LoRA adapter and resamplers, trained on every training shard (never MSIC)")
 def lora_checkpoint(context: dg.AssetExecutionContext, project: ProjectConfig, music_llm: MusicLLMResource,

@@ -31,21 +31,50 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch_command(config, model: str, work: Path, shards: list[Path], procedural: bool) -> list[str]:
-    """`accelerate launch` of this module over the `num_processes` of `model`'s config section: one machine, or
-    the machines, ranks and rendezvous address of `accelerate_config` (relative to the project root)."""
+def _section(config, model: str) -> tuple[str, object]:
+    name = "train" if model == "lora" else "detokenizer"
+    return name, getattr(config.profile, name)
+
+
+def _accelerate_config(name: str, section) -> Path:
     from music_dagster.config import PROJECT_ROOT
     from music_dagster.training.train import TrainingError
 
-    name = "train" if model == "lora" else "detokenizer"
-    section = getattr(config.profile, name)
+    path = PROJECT_ROOT / section.accelerate_config
+    if not path.is_file():
+        raise TrainingError(f"{name}.accelerate_config: {path}: no such file")
+    return path
+
+
+def local_processes(config, model: str) -> int:
+    """How many processes of `model`'s training run on this machine, one device each: `num_processes`, shared out
+    over the `num_machines` of its `accelerate_config`."""
+    import yaml
+
+    from music_dagster.training.train import TrainingError
+
+    name, section = _section(config, model)
+    if section.accelerate_config is None:
+        return section.num_processes
+    path = _accelerate_config(name, section)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise TrainingError(f"{name}.accelerate_config: {path}: not YAML ({str(error).splitlines()[0]})") from None
+    machines = raw.get("num_machines", 1) if isinstance(raw, dict) else None
+    if not isinstance(machines, int) or isinstance(machines, bool) or machines < 1:
+        raise TrainingError(f"{name}.accelerate_config: {path}: expected an accelerate config with num_machines >= 1")
+    return max(1, section.num_processes // machines)
+
+
+def launch_command(config, model: str, work: Path, shards: list[Path], procedural: bool) -> list[str]:
+    """`accelerate launch` of this module over the `num_processes` of `model`'s config section: one machine, or
+    the machines, ranks and rendezvous address of `accelerate_config` (relative to the project root)."""
+    name, section = _section(config, model)
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(section.num_processes),
               "--mixed_precision", section.mixed_precision, "--dynamo_backend", "no"]
     if section.accelerate_config is not None:
-        path = PROJECT_ROOT / section.accelerate_config
-        if not path.is_file():
-            raise TrainingError(f"{name}.accelerate_config: {path}: no such file")
-        launch += ["--config_file", str(path)]
+        launch += ["--config_file", str(_accelerate_config(name, section))]
     else:
         launch += ["--num_machines", "1"]
         if section.num_processes > 1:  # torchrun on this machine; on CPUs Accelerator(cpu=True) makes gloo ranks

@@ -3,9 +3,11 @@
 `devices` lists where models run (`[cuda:0, cuda:1, ...]`, or `[cpu, cpu]` to test on a CPU box); `auto` is every
 visible GPU, or `[cpu]` without one. The `gpu` pool gets one slot per device when the project's instance is
 prepared (`prepare_instance`), so at most that many model-heavy steps run at once, and a step holding a slot also
-holds one device: an exclusive OS lock on `<instance home>/devices/<i>.lock` (the first free one, the one this
-process held last tried first, since its models are loaded there). The OS frees the lock of a killed process, so a
-device is never left taken. Inside the lease, `current()` names the device; model resources load there.
+holds a device: an exclusive OS lock on `<instance home>/devices/<i>.lock` (the first free one, the one this
+process held last tried first, since its models are loaded there). A training launched over several processes
+holds one device per process, all taken at once or none. The OS frees the lock of a killed process, so a device is
+never left taken. Inside the lease, `current()` names the (first) device and a bare `cuda` means it: model
+resources load there.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from music_dagster.errors import UserError
 POOL = "gpu"
 _POLL_S = 0.2
 _current: contextvars.ContextVar[str | None] = contextvars.ContextVar("music_device", default=None)
-_last_slot: dict[tuple[str, ...], int] = {}  # device list -> slot this process held last
+_last_slots: dict[tuple[str, ...], tuple[int, ...]] = {}  # device list -> slots this process held last
 
 
 class DeviceWaitError(UserError):
@@ -45,37 +47,73 @@ def prepare_instance(instance, devices: list[str] | str) -> int:
 
 
 def current() -> str | None:
-    """The device leased by the step running in this thread, None outside a lease."""
+    """The device leased by the step running in this thread (its first one), None outside a lease."""
     return _current.get()
 
 
+def cuda_visible_devices(devices: list[str]) -> str:
+    """CUDA_VISIBLE_DEVICES for processes launched on `devices`: their GPU indices in order, "" for CPUs (the
+    processes then see no GPU)."""
+    return ",".join(d.removeprefix("cuda:") for d in devices if d.startswith("cuda:"))
+
+
+def _lock_all(folder: Path, order: list[int], count: int) -> list[tuple[int, int]]:
+    """(slot, locked fd) of the first `count` free slots in `order`, or [] (nothing left locked) if fewer are free."""
+    held = []
+    for slot in order:
+        fd = os.open(folder / f"{slot}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        held.append((slot, fd))
+        if len(held) == count:
+            return held
+    _unlock(held)
+    return []
+
+
+def _unlock(held: list[tuple[int, int]]) -> None:
+    for _, fd in held:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _cuda_current(device: str):
+    """Inside: a bare `cuda` (accelerate, `device_of`) is `device`, when it is a GPU."""
+    if not device.startswith("cuda:"):
+        return contextlib.nullcontext()
+    import torch
+
+    return torch.cuda.device(torch.device(device))
+
+
 @contextlib.contextmanager
-def lease(home: str | os.PathLike, devices: list[str], wait_s: float):
-    """Hold one device of `devices` for the duration: yields (slot index, device)."""
+def lease(home: str | os.PathLike, devices: list[str], wait_s: float, count: int = 1):
+    """Hold `count` distinct devices of `devices` for the duration: yields [(slot index, device), ...]. All or
+    none: while fewer than `count` are free it holds none, so two steps that each want several never wait on each
+    other, each holding a part."""
+    if not 1 <= count <= len(devices):
+        raise ValueError(f"{count} devices asked of {devices}")
     folder = Path(home) / "devices"
     folder.mkdir(parents=True, exist_ok=True)
     key = tuple(devices)
-    preferred = _last_slot.get(key, 0)
-    order = [preferred] + [i for i in range(len(devices)) if i != preferred]
+    preferred = _last_slots.get(key, ())
+    order = [*preferred, *(i for i in range(len(devices)) if i not in preferred)]
     deadline = time.monotonic() + wait_s
-    while True:
-        for slot in order:
-            fd = os.open(folder / f"{slot}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                continue
-            _last_slot[key] = slot
-            token = _current.set(devices[slot])
-            try:
-                yield slot, devices[slot]
-            finally:
-                _current.reset(token)
-                fcntl.flock(fd, fcntl.LOCK_UN)
-                os.close(fd)
-            return
+    while not (held := _lock_all(folder, order, count)):
         if time.monotonic() > deadline:
-            raise DeviceWaitError(f"no device of {devices} came free in {wait_s:g} s (locks in {folder}; "
-                                  f"pool_wait_s in params.yaml sets the wait)")
+            wanted = "device" if count == 1 else f"{count} devices"
+            raise DeviceWaitError(f"no {wanted} of {devices} came free in {wait_s:g} s (locks in {folder}; "
+                                  "pool_wait_s in params.yaml sets the wait)")
         time.sleep(_POLL_S)
+    slots = [slot for slot, _ in held]
+    _last_slots[key] = tuple(slots)
+    token = _current.set(devices[slots[0]])
+    try:
+        with _cuda_current(devices[slots[0]]):
+            yield [(slot, devices[slot]) for slot in slots]
+    finally:
+        _current.reset(token)
+        _unlock(held)

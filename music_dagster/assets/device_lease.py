@@ -1,0 +1,26 @@
+"""The devices a model-heavy step holds. Every asset in the Dagster pool `gpu` (the data stages with a model, the
+training and evaluation assets) leases devices of the profile's `devices` while it works (`zoo.devices.lease`: an
+OS lock per device, as many devices as pool slots) and records them in its materialization metadata."""
+import contextlib
+
+import dagster as dg
+
+from music_dagster.zoo import devices
+
+POOL = devices.POOL  # the Dagster pool of every model-heavy asset: `prepare_instance` gives it a slot per device
+
+
+@contextlib.contextmanager
+def step_devices(context: dg.AssetExecutionContext, profile, count: int = 1):
+    """Hold `count` devices of `profile.devices` (a training launch: one per process) while the block runs, waiting
+    at most `profile.pool_wait_s` for them. Yields (the devices, in rank order; their metadata: `device` and
+    `device_slot`, or with several devices `devices` and `device_slots`)."""
+    with devices.lease(context.instance.root_directory, devices.visible_devices(profile.devices),
+                       profile.pool_wait_s, count) as held:
+        slots, names = [slot for slot, _ in held], [device for _, device in held]
+        if count == 1:
+            metadata = {"device": dg.MetadataValue.text(names[0]), "device_slot": dg.MetadataValue.int(slots[0])}
+        else:
+            metadata = {"devices": dg.MetadataValue.json(names), "device_slots": dg.MetadataValue.json(slots)}
+        context.log.info(f"{context.op_def.name}: {', '.join(names)} (slot {', '.join(map(str, slots))})")
+        yield names, metadata
