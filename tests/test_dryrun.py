@@ -10,7 +10,8 @@ import pytest
 
 from music_dagster.config import ROLES, load_config
 from music_dagster.zoo.dryrun import (
-    CONFIGS, DryRunError, build_role, check_budgets, check_full, check_sizes, format_report, read_sources,
+    CONFIGS, GIB, DryRunError, SavedTensors, build_role, check_budgets, check_full, check_sizes, compute_dtype,
+    detokenizer_step, format_report, quiet_libraries, read_sources,
 )
 from music_dagster.zoo.loaders import HF_MODEL_CLASSES, PIPELINE_CLASSES
 
@@ -39,6 +40,8 @@ CLASSES = {
 }
 LAST_LINE = re.compile(r"^full profile: (\d+) roles built without weights; MUSIC training at batch (\d+) needs "
                        r"(\d+\.\d) GiB per GPU \(fits 80 GiB: (yes|no)\)$")
+DETOKENIZER_LINE = re.compile(r"^de-tokenizer training at batch (\d+) needs (\d+\.\d) GiB per GPU "
+                              r"\(fits 80 GiB: (yes|no)\)$")
 
 
 @pytest.fixture(scope="module")
@@ -104,13 +107,76 @@ def test_last_line_says_music_fits_with_the_profiles_checkpointing(report):
 
 
 def test_memory_terms_follow_the_formula(report):
+    full = load_config(profile="full").profile
+    assert full.train.num_processes > 1 and full.detokenizer.num_processes > 1
+    assert full.train.mixed_precision == full.detokenizer.mixed_precision == "bf16"
+    for mem in (report.music, report.detokenizer):
+        # fp32 master weights' gradients, DDP's all-reduce buckets (8 processes), AdamW's two fp32 moments
+        assert (mem.gradients, mem.buckets, mem.optimizer) == (4 * mem.trainable, 4 * mem.trainable, 8 * mem.trainable)
+        # bf16 autocast: a 2-byte copy of every trainable matrix, convolution and bias (not the norms' scales,
+        # the queries and markers)
+        assert 0.99 * 2 * mem.trainable < mem.casts < 2 * mem.trainable
+        assert mem.total(True) == (mem.weights + mem.gradients + mem.buckets + mem.optimizer + mem.casts
+                                   + mem.activations_checkpointed)
     music = report.music
-    assert music.gradients == 4 * music.trainable and music.optimizer == 8 * music.trainable
     # bf16 frozen backbones (Qwen3-8B + SigLIP vision) plus fp32 trainables
     assert music.weights == 2 * music.frozen + 4 * music.trainable
     # LoRA r=64 on every projection of 36 layers (174.6 M) plus the two resamplers
     assert 0.5e9 < music.trainable < 0.7e9
-    assert report.detokenizer.trainable > 2.56e9  # the whole SDXL UNet trains
+    detok = report.detokenizer
+    assert detok.trainable > 2.56e9  # the whole SDXL UNet trains, with its resampler and pooled projection
+    # frozen: the SDXL VAE in fp32 (83.7 M) and SigLIP's vision tower in bf16 (428.2 M)
+    assert detok.weights == 4 * detok.trainable + 4 * 83_653_863 + 2 * (detok.frozen - 83_653_863)
+
+
+def _autocast_step(device: str, mixed_precision: str):
+    """Saved bytes of a small fp32 step, each weight used twice: on `device` "cpu" under torch's own autocast (CPU),
+    on "meta" under the dry run's CUDA rules (which agree with the CPU's for linear, GELU and MSE)."""
+    import torch
+    import torch.nn.functional as F
+
+    first, second = torch.nn.Linear(32, 64, bias=False), torch.nn.Linear(64, 32, bias=False)
+    model = torch.nn.Sequential(first, torch.nn.GELU(), second).to(device)
+    saved = SavedTensors(model, [], compute_dtype(mixed_precision) if device == "meta" else None)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=device == "cpu" and mixed_precision == "bf16")
+    with autocast, saved.counting():
+        h = second(first(model(torch.ones(8, 32, device=device))))
+        loss = F.mse_loss(h, torch.zeros(8, 32, device=device))
+    loss.backward()
+    return saved
+
+
+def test_the_meta_steps_mixed_precision_saves_what_autocast_saves():
+    cpu, meta = _autocast_step("cpu", "bf16"), _autocast_step("meta", "bf16")
+    weights = 32 * 64 + 64 * 32
+    # each weight cast to bf16 once per forward (autocast's cache), though used twice; on the CPU its copy is among
+    # what the matmuls save, in the dry run it is its own term
+    assert meta.casts == 2 * weights and cpu.casts == 0
+    assert cpu.total == meta.total + meta.casts
+    # activations: the matmuls' 4 inputs and GELU's in bf16 (the first input cast), MSE's two operands in fp32
+    assert meta.total == 2 * (2 * 8 * 32 + 3 * 8 * 64) + 4 * 2 * 8 * 32
+    # mixed_precision "no": everything in fp32, nothing cast
+    plain, meta_plain = _autocast_step("cpu", "no"), _autocast_step("meta", "no")
+    assert meta_plain.casts == 0 and meta_plain.total == plain.total > meta.total
+
+
+def test_the_detokenizer_estimate_follows_its_precision_and_process_count(report):
+    import torch
+
+    torch.set_num_threads(1)
+    config = load_config(profile="full").with_values("detokenizer", mixed_precision="no", num_processes=1)
+    with quiet_libraries():
+        plain = detokenizer_step(config)
+    mixed = report.detokenizer
+    assert (plain.trainable, plain.weights, plain.optimizer) == (mixed.trainable, mixed.weights, mixed.optimizer)
+    assert plain.casts == plain.buckets == 0
+    # fp32 activations: more than bf16's, though autocast keeps the norms' inputs and outputs in fp32 too
+    assert 1.3 * mixed.activations < plain.activations < 2 * mixed.activations
+    assert 1.3 * mixed.activations_checkpointed < plain.activations_checkpointed
+    line = next(line for line in format_report(report) if line.startswith("de-tokenizer training"))
+    batch, gib, fits = DETOKENIZER_LINE.match(line).groups()
+    assert (int(batch), fits) == (report.detokenizer_batch, "yes")
+    assert float(gib) == round(mixed.total(True) / GIB, 1) and mixed.total(False) / GIB > 80
 
 
 def test_cli_prints_the_table_and_the_last_line(report):

@@ -14,21 +14,30 @@ weights can be checked, though:
   `data.cot_words_per_subject` words, then the layout) must fit `train.max_plan_tokens`, at which the step is
   measured, and the VLM's longest instruction + CoT answer must fit `data.max_new_tokens` (`plan_tokens`: an
   estimate in Qwen's BPE, as no tokenizer is kept here);
-- while that step runs, every tensor autograd saves for the backward pass is counted (`saved_tensors_hooks`, each
-  storage once, parameters excluded): the activations of the step. With that, the peak training memory per GPU is
+- that step runs under the section's `mixed_precision` as CUDA autocast runs it (`torch.autocast` has no meta
+  device, so `MixedPrecision` applies its casting rules): matmuls and convolutions in bf16 (fp16), norms, softmax
+  and losses in fp32, each fp32 trainable weight cast once per forward and its copy held (autocast's cache);
+- while it runs, every tensor autograd saves for the backward pass is counted (`saved_tensors_hooks`, each storage
+  once, parameters and the weights' autocast copies excluded): the activations of the step. With that, the peak
+  training memory per GPU is
 
-      weights + gradients + optimizer states + activations
+      weights + gradients + DDP buckets + optimizer states + autocast copies + activations
 
-  weights: every parameter at its own dtype (frozen backbone bf16; trainable fp32); gradients: 4 bytes per
-  trainable parameter; AdamW: 8 bytes per trainable parameter (two fp32 moments); activations: the saved tensors
-  of one step. With gradient checkpointing each checkpointed unit (a decoder layer, a UNet resnet or transformer
-  block) keeps only its inputs, and the backward pass recomputes one unit at a time:
+  weights: every parameter at its own dtype (frozen backbones bf16; trainable fp32, the master weights the
+  optimizer updates); gradients: 4 bytes per trainable parameter; DDP buckets: 4 more per trainable parameter with
+  more than one process (DistributedDataParallel's all-reduce buffers, a second copy of the gradients, as accelerate
+  makes it: `gradient_as_bucket_view` off); AdamW: 8 bytes per trainable parameter (two fp32 moments); autocast
+  copies: the compute-dtype copy of every trainable weight a matmul or convolution reads, held until the forward
+  ends; activations: the saved tensors of one step. With gradient checkpointing each checkpointed unit (a decoder
+  layer, a UNet resnet or transformer block) keeps only its inputs, and the backward pass recomputes one unit at a
+  time:
 
       activations = saved outside the units + the units' inputs + the largest unit's saved tensors
 
   Attention is counted as a GPU's fused kernel keeps it (queries, keys, values, output, log-sum-exp), not as the
   CPU's math path, which would keep the full attention matrix. Not counted: the CUDA context and allocator slack
-  (a few GiB), temporaries inside one op, and the frozen VAE's and vision encoder's no-grad forwards.
+  (a few GiB), temporaries inside one op (AdamW's foreach step allocates 4 bytes per trainable parameter, while no
+  activation is held), and the frozen VAE's and vision encoder's no-grad forwards.
 
 Heavy imports happen inside functions.
 """
@@ -36,7 +45,7 @@ from __future__ import annotations
 
 import json
 import math
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -80,7 +89,9 @@ class Memory:
 
     weights: int
     gradients: int
+    buckets: int  # DistributedDataParallel's all-reduce buffers (more than one process)
     optimizer: int
+    casts: int  # autocast's compute-dtype copies of the trainable weights
     activations: int
     activations_checkpointed: int
     trainable: int
@@ -88,7 +99,7 @@ class Memory:
 
     def total(self, checkpointing: bool) -> int:
         act = self.activations_checkpointed if checkpointing else self.activations
-        return self.weights + self.gradients + self.optimizer + act
+        return self.weights + self.gradients + self.buckets + self.optimizer + self.casts + act
 
 
 @dataclass
@@ -106,6 +117,10 @@ class Report:
     @property
     def music_gib(self) -> float:
         return self.music.total(self.music_checkpointing) / GIB
+
+    @property
+    def detokenizer_gib(self) -> float:
+        return self.detokenizer.total(self.detokenizer_checkpointing) / GIB
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -235,12 +250,89 @@ def fused_attention():
         yield
 
 
+# CUDA autocast's casting rules (torch.amp's op reference), by function name
+LOWER_PRECISION_OPS = frozenset({
+    "linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "prelu",
+    "matmul", "__matmul__", "__rmatmul__", "mm", "bmm", "baddbmm", "addmm", "addbmm", "addmv", "addr", "mv",
+    "einsum", "chain_matmul", "multi_dot", "scaled_dot_product_attention",
+    "multi_head_attention_forward",  # its projections and attention, which a function mode does not see inside
+})
+FLOAT32_OPS = frozenset({
+    "group_norm", "layer_norm", "softmax", "log_softmax", "softmin", "mse_loss", "cross_entropy", "nll_loss",
+    "l1_loss", "smooth_l1_loss", "kl_div", "binary_cross_entropy_with_logits", "pow", "__pow__", "__rpow__",
+    "__rdiv__", "__rtruediv__", "exp", "expm1", "log", "log1p", "log2", "log10", "rsqrt", "reciprocal", "sum",
+    "prod", "cumsum", "cumprod", "norm", "normalize", "softplus", "erfinv", "acos", "asin", "cosh", "sinh", "tan",
+    "cosine_similarity", "dist", "cdist", "pdist", "renorm",
+})
+COMPUTE_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}  # accelerate's `mixed_precision`; "no": none
+
+
+def compute_dtype(mixed_precision: str):
+    """The dtype accelerate's autocast computes matmuls in for a section's `mixed_precision`; None for "no"."""
+    import torch
+
+    name = COMPUTE_DTYPES.get(mixed_precision)
+    return getattr(torch, name) if name else None
+
+
+class MixedPrecision:
+    """CUDA autocast's casting on meta tensors, where `torch.autocast` does not run: the floating arguments of a
+    matmul-like function cast to `dtype`, of a norm, softmax, reduction or loss to fp32 (the cast is an autograd op,
+    so what the function saves is the cast copy, as on a GPU). An fp32 trainable leaf (a weight) is cast once per
+    forward and its copy kept, as autocast's cache keeps it until the forward ends; `on_weight_cast(copy)` is called
+    for each."""
+
+    def __init__(self, dtype, on_weight_cast):
+        self.dtype, self.on_weight_cast = dtype, on_weight_cast
+        self.cache: dict[int, object] = {}
+
+    def cast(self, value, dtype):
+        import torch
+
+        if isinstance(value, (list, tuple)):
+            return type(value)(self.cast(v, dtype) for v in value)
+        if not isinstance(value, torch.Tensor) or value.dtype not in (torch.float32, torch.bfloat16, torch.float16) \
+                or value.dtype == dtype:
+            return value
+        weight = value.is_leaf and value.requires_grad and value.dtype == torch.float32 and dtype == self.dtype
+        if not weight:
+            return value.to(dtype)
+        if id(value) not in self.cache:
+            self.cache[id(value)] = copy = value.to(dtype)
+            self.on_weight_cast(copy)
+        return self.cache[id(value)]
+
+    @contextmanager
+    def active(self):
+        import torch
+        from torch.overrides import TorchFunctionMode
+
+        rules = self
+
+        class Autocast(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                name = getattr(func, "__name__", "")
+                target = rules.dtype if name in LOWER_PRECISION_OPS else \
+                    torch.float32 if name in FLOAT32_OPS and kwargs.get("dtype") is None else None
+                if target is not None:
+                    args = tuple(rules.cast(a, target) for a in args)
+                    kwargs = {k: rules.cast(v, target) for k, v in kwargs.items()}
+                return func(*args, **kwargs)
+
+        with Autocast():
+            yield
+
+
 class SavedTensors:
     """Bytes autograd saves for backward while active, each storage once, parameters excluded, split between the
-    checkpointable `units` (by unit) and the rest; plus each unit's input bytes."""
+    checkpointable `units` (by unit) and the rest; plus each unit's input bytes. With a `compute_dtype` the step
+    runs under `MixedPrecision`, whose weight copies are counted in `casts` instead."""
 
-    def __init__(self, model, units):
+    def __init__(self, model, units, compute_dtype=None):
         self.params = {p.untyped_storage()._cdata for p in model.parameters()}
+        self.compute_dtype = compute_dtype
+        self.casts = 0
         self.units = list(units)
         self.seen: set[int] = set()
         self.outside = 0
@@ -273,10 +365,15 @@ class SavedTensors:
         def leave(module, args, output):
             self._current = None
 
+        def weight_cast(copy):
+            self.params.add(copy.untyped_storage()._cdata)
+            self.casts += copy.untyped_storage().nbytes()
+
         handles = [h for i, u in enumerate(self.units) for h in (
             u.register_forward_pre_hook(enter(i), with_kwargs=True), u.register_forward_hook(leave))]
+        autocast = MixedPrecision(self.compute_dtype, weight_cast).active() if self.compute_dtype else nullcontext()
         try:
-            with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t), fused_attention():
+            with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t), fused_attention(), autocast:
                 yield self
         finally:
             for h in handles:
@@ -291,16 +388,17 @@ class SavedTensors:
         return self.outside + sum(self.inputs) + max(self.inside, default=0)
 
 
-def memory(modules, saved: SavedTensors) -> Memory:
-    """The formula of the module doc over the parameters of `modules` (each counted once)."""
+def memory(modules, saved: SavedTensors, processes: int = 1) -> Memory:
+    """The formula of the module doc over the parameters of `modules` (each counted once), after `saved` counted a
+    step; `processes`: the training's process count (DDP's buckets from 2 on)."""
     params = {id(p): p for m in modules for p in m.parameters()}.values()
     trainable = [p for p in params if p.requires_grad]
     frozen = [p for p in params if not p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
     return Memory(
         weights=sum(p.numel() * p.element_size() for p in params),
-        gradients=4 * n_trainable, optimizer=8 * n_trainable,
-        activations=saved.total, activations_checkpointed=saved.checkpointed,
+        gradients=4 * n_trainable, buckets=4 * n_trainable if processes > 1 else 0, optimizer=8 * n_trainable,
+        casts=saved.casts, activations=saved.total, activations_checkpointed=saved.checkpointed,
         trainable=n_trainable, frozen=sum(p.numel() for p in frozen))
 
 
@@ -348,7 +446,7 @@ def music_step(config):
     from music_dagster.zoo.loaders import ModelHandle
 
     models, train = config.models, config.profile.train
-    dtype = torch.bfloat16 if config.profile.dtype == "bfloat16" else torch.float32
+    dtype = getattr(torch, config.profile.dtype)  # the backbones' weights, as `load_role` loads them on a GPU
     llm = build(config_folder(models["music_llm"]), "music_llm", dtype=dtype)
     vision = build(config_folder(models["music_vision"]), "music_vision", dtype=dtype)
     tokenizer = SimpleNamespace(eos_token_id=llm.config.eos_token_id, bos_token_id=None)
@@ -356,14 +454,7 @@ def music_step(config):
     with torch.device("meta"):
         model = MusicModel(ModelHandle("music_llm", "meta", dtype, model=llm, tokenizer=tokenizer),
                            ModelHandle("music_vision", "meta", dtype, model=vision, processor=None), settings)
-    model.train()
-    weights = memory([model], SavedTensors(model, []))  # LoRA and resamplers in fp32, the backbones in bf16
-    # Under the profile's bf16 autocast the LoRA matmuls run in bf16; peft would otherwise keep an fp32 copy of
-    # each adapted layer's input for backward. The activations are counted with the adapters in the LLM's dtype.
-    for module in model.llm.modules():
-        if hasattr(module, "lora_A"):
-            module.lora_A.to(model.llm_dtype)
-            module.lora_B.to(model.llm_dtype)
+    model.train()  # LoRA and resamplers in fp32, the backbones in bf16
 
     B, n, q_in, q_out = train.batch_size, config.profile.data.max_subjects, train.input_queries, train.image_queries
     vcfg = vision.config
@@ -373,7 +464,7 @@ def music_step(config):
     tokens = text + n * (q_in + 2) + q_out
     meta = {"device": "meta"}
     base = model.llm.get_base_model()
-    saved = SavedTensors(model, base.model.layers)
+    saved = SavedTensors(model, base.model.layers, compute_dtype(train.mixed_precision))
     with saved.counting():
         # The pieces of a sequence as `MusicModel.embed` places them (their order does not change any shape).
         ids = torch.zeros(B, text, dtype=torch.long, **meta)
@@ -393,14 +484,13 @@ def music_step(config):
     missing = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
     if missing:
         raise DryRunError(f"MUSIC dry run: trainable {missing[0]} gets no gradient")
-    weights.activations, weights.activations_checkpointed = saved.total, saved.checkpointed
-    return weights, tokens
+    return memory([model], saved, train.num_processes), tokens
 
 
 def detokenizer_step(config):
     """The de-tokenizer built on meta at full size (SDXL's UNet trained whole in fp32, its token resampler, the
-    frozen VAE and vision encoder), and one training step at `detokenizer.batch_size` at the UNet's sample size.
-    Activations are counted with the UNet in bf16 (what the profile's bf16 autocast computes in)."""
+    frozen VAE and vision encoder), and one training step at `detokenizer.batch_size` at the UNet's sample size,
+    under `detokenizer.mixed_precision`."""
     import torch
 
     from music_dagster.model.detokenizer import Detokenizer, DetokenizerSettings
@@ -408,19 +498,17 @@ def detokenizer_step(config):
     detok_cfg, models = config.profile.detokenizer, config.models
     unet = build(config_folder(models["music_unet"]), "music_unet")
     vae = build(config_folder(detok_cfg.vae), None) if detok_cfg.vae is not None else None
-    vision = build(config_folder(models["music_vision"]), "music_vision", dtype=torch.bfloat16)
+    vision = build(config_folder(models["music_vision"]), "music_vision", dtype=getattr(torch, config.profile.dtype))
     settings = DetokenizerSettings.from_config(detok_cfg, vision.config.hidden_size)
     with torch.device("meta"):
         detok = Detokenizer(unet.float(), settings, vae=vae)
     detok.train()
-    weights = memory([detok, vision.requires_grad_(False)], SavedTensors(detok, []))
 
     from diffusers.models.attention import BasicTransformerBlock
     from diffusers.models.resnet import ResnetBlock2D
 
-    detok.unet.to(torch.bfloat16)  # the replica the activations are counted on (the weights are counted above)
     units = [m for m in detok.unet.modules() if isinstance(m, (ResnetBlock2D, BasicTransformerBlock))]
-    saved = SavedTensors(detok, units)
+    saved = SavedTensors(detok, units, compute_dtype(detok_cfg.mixed_precision))
     B, size = detok_cfg.batch_size, unet.config.sample_size
     meta = {"device": "meta"}
     with saved.counting():
@@ -428,8 +516,7 @@ def detokenizer_step(config):
         tokens = torch.zeros(B, config.profile.train.image_queries, vision.config.hidden_size, **meta)
         loss = detok.noise_loss(x0, tokens, torch.zeros(B, dtype=torch.long, **meta), torch.zeros_like(x0))
     loss.backward()
-    weights.activations, weights.activations_checkpointed = saved.total, saved.checkpointed
-    return weights
+    return memory([detok, vision.requires_grad_(False)], saved, detok_cfg.num_processes)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -489,17 +576,19 @@ def format_report(report: Report) -> list[str]:
                  "SigLIP's its text tower)")
     lines.append("")
     lines.append(f"{'training (per GPU)':<30} {'trainable':>10} {'frozen':>10} {'weights':>9} {'grads':>9} "
-                 f"{'AdamW':>9} {'act.':>9} {'act.+ckpt':>9} {'peak':>9} {'peak+ckpt':>9}")
-    for name, mem, batch in (
-            (f"MUSIC, batch {report.music_batch} x {report.music_tokens} tok", report.music, report.music_batch),
-            (f"de-tokenizer, batch {report.detokenizer_batch}", report.detokenizer, report.detokenizer_batch)):
-        gib = [f"{v / GIB:.1f}G" for v in (mem.weights, mem.gradients, mem.optimizer, mem.activations,
-                                          mem.activations_checkpointed, mem.total(False), mem.total(True))]
+                 f"{'DDP':>9} {'AdamW':>9} {'autocast':>9} {'act.':>9} {'act.+ckpt':>9} {'peak':>9} {'peak+ckpt':>9}")
+    for name, mem in ((f"MUSIC, batch {report.music_batch} x {report.music_tokens} tok", report.music),
+                      (f"de-tokenizer, batch {report.detokenizer_batch}", report.detokenizer)):
+        gib = [f"{v / GIB:.1f}G" for v in (mem.weights, mem.gradients, mem.buckets, mem.optimizer, mem.casts,
+                                          mem.activations, mem.activations_checkpointed, mem.total(False),
+                                          mem.total(True))]
         lines.append(f"{name:<30} {_b(mem.trainable):>10} {_b(mem.frozen):>10} " + " ".join(f"{g:>9}" for g in gib))
     if report.plan:
         lines.append(report.plan)
     lines.append(f"gradient checkpointing in the profile: MUSIC {'on' if report.music_checkpointing else 'off'}, "
                  f"de-tokenizer {'on' if report.detokenizer_checkpointing else 'off'}")
+    lines.append(f"de-tokenizer training at batch {report.detokenizer_batch} needs {report.detokenizer_gib:.1f} GiB "
+                 f"per GPU (fits {GPU_GIB} GiB: {'yes' if report.detokenizer_gib <= GPU_GIB else 'no'})")
     gib = report.music_gib
     lines.append(f"full profile: {len(report.roles)} roles built without weights; MUSIC training at batch "
                  f"{report.music_batch} needs {gib:.1f} GiB per GPU (fits {GPU_GIB} GiB: "
@@ -508,8 +597,8 @@ def format_report(report: Report) -> list[str]:
 
 
 def run_check(profile: str) -> int:
-    """`music check <profile>`: print the report; exit status 1 when MUSIC training does not fit."""
+    """`music check <profile>`: print the report; exit status 1 when MUSIC or de-tokenizer training does not fit."""
     report = check_full(load_config(profile=profile))
     for line in format_report(report):
         print(line, flush=True)
-    return 0 if report.music_gib <= GPU_GIB else 1
+    return 0 if max(report.music_gib, report.detokenizer_gib) <= GPU_GIB else 1
