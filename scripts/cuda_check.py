@@ -1,9 +1,10 @@
-"""Device and dtype check of every model role on a GPU machine: `python scripts/cuda_check.py` (dry run on a
-laptop: `--device cpu`, where weights stay float32 by design).
+"""Device and dtype check of every model role of the tiny zoo on a GPU machine.
 
-Builds the tiny zoo if needed, loads each role through its Dagster resource on `--device` with `--dtype`, runs one
-forward pass, checks every parameter sits on the device with the expected dtype (except the modules a library keeps
-in float32 on purpose), prints a table and exits 1 when a role fails.
+`python scripts/cuda_check.py` (dry run on a laptop: `--device cpu`, where weights stay float32 by design). Builds
+the tiny zoo if needed, loads each role through its Dagster resource on `--device` with `--dtype`, runs one forward
+pass as the project uses the role, checks every parameter sits on the device in the dtype the loader gives the role
+(`loaders.role_dtype`: the evaluation encoders `dino` and `eval_clip` always in float32; the modules a library keeps
+in float32 on purpose left out), prints a table and exits 1 when a role fails.
 """
 from __future__ import annotations
 
@@ -84,6 +85,14 @@ def _vision(h):
     return f"tokens {tuple(out.last_hidden_state.shape)}"
 
 
+def _dino(h):
+    """timm's ViT as the evaluation runs it: the DINO protocol's preprocessing, the CLS token of `forward_features`."""
+    from music_dagster.evaluation.metrics import dino_preprocess
+
+    cls = h.model.forward_features(dino_preprocess(_image(256, 256)).unsqueeze(0).to(h.device, h.dtype))[:, 0]
+    return f"CLS {tuple(cls.shape)}"
+
+
 def _unet(h):
     import torch
 
@@ -95,8 +104,8 @@ def _unet(h):
 
 FORWARD = {
     "llm": _causal_lm, "vlm": _vlm, "t2i": _flux, "i2i": _flux, "detector": _detector, "segmenter": _segmenter,
-    "clip": _clip, "dino": _vision, "eval_clip": _clip, "music_llm": _causal_lm, "music_vision": _vision,
-    "music_unet": _unet,
+    "clip": _clip, "dino": _dino, "eval_clip": _clip, "music_llm": _causal_lm, "music_vision": _vision,
+    "music_unet": _unet, "select_clip": _clip,
 }
 
 
@@ -126,6 +135,7 @@ def main(argv=None) -> int:
 
     from music_dagster.config import ROLES, default_config
     from music_dagster.resources.models import RESOURCE_CLASSES
+    from music_dagster.zoo.loaders import role_dtype
     from music_dagster.zoo.tiny import ensure_zoo
 
     torch.set_num_threads(max(1, min(8, os.cpu_count() or 1)))
@@ -143,12 +153,14 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             h = res.load()
             t1 = time.perf_counter()
+            if role not in FORWARD:
+                raise AssertionError(f"scripts/cuda_check.py has no forward pass for {role}")
             with torch.inference_mode():
                 result = FORWARD[role](h)
             if h.device.type == "cuda":
                 torch.cuda.synchronize()
             t2 = time.perf_counter()
-            expected = getattr(torch, args.dtype) if h.device.type == "cuda" else torch.float32
+            expected = role_dtype(role, args.dtype, h.device)
             bad = misplaced(h, h.device.type, expected)
             if h.dtype != expected or bad:
                 raise AssertionError(f"handle dtype {h.dtype}, expected {expected}; misplaced: {bad[:3]}")
