@@ -324,10 +324,25 @@ def _range_run(job, instance, keys: list[str]):
 @pytest.mark.slow
 def test_a_range_run_writes_the_bytes_of_one_shard_runs_and_loads_each_model_once(tmp_path, tiny_zoo,
                                                                                     monkeypatch):
+    from music_dagster.resources import models
+    from music_dagster.resources.models import ModelResource
     from music_dagster.zoo import loaders
-    loads = []
-    real = loaders.load_role
-    monkeypatch.setattr(loaders, "load_role", lambda role, *a: loads.append(role) or real(role, *a))
+    loads, held = [], []  # the roles loaded; ("load"|"unload", role) in the order the run held and freed them
+    real_load, real_unload = loaders.load_role, ModelResource.unload
+
+    def load(role, *a):
+        loads.append(role)
+        held.append(("load", role))
+        return real_load(role, *a)
+
+    def unload(resource):
+        cached = len(models._CACHE)
+        real_unload(resource)
+        if len(models._CACHE) < cached:
+            held.append(("unload", resource.role))
+
+    monkeypatch.setattr(loaders, "load_role", load)
+    monkeypatch.setattr(ModelResource, "unload", unload)
     instance = _instance(2)
     keys = ["shard-00000", "shard-00001"]
     roots = {"one": tmp_path / "one", "range": tmp_path / "range"}
@@ -336,10 +351,17 @@ def test_a_range_run_writes_the_bytes_of_one_shard_runs_and_loads_each_model_onc
     for key in keys:
         assert jobs["one"].execute_in_process(partition_key=key, instance=instance).success
     loads.clear()
+    held.clear()
     result = _range_run(jobs["range"], instance, keys)
     assert result.success
     heavy_roles = {"llm", "t2i", "detector", "vlm", "i2i", "segmenter", "clip"}
     assert sorted(loads) == sorted(heavy_roles)  # one load per model for the whole run, both shards
+    # Each model is freed after the last stage that loads it: only the VLM (box verification, then the CoT) is
+    # held across other stages, so at most the I2I model, or the segmenter and CLIP, sit beside it.
+    assert held == [("load", "llm"), ("unload", "llm"), ("load", "t2i"), ("unload", "t2i"),
+                    ("load", "detector"), ("unload", "detector"), ("load", "vlm"), ("load", "i2i"),
+                    ("unload", "i2i"), ("load", "segmenter"), ("load", "clip"), ("unload", "segmenter"),
+                    ("unload", "clip"), ("unload", "vlm")]
     for key in keys:
         one = _file_hashes(roots["one"], key)
         assert len(one) > 40 and _file_hashes(roots["range"], key) == one

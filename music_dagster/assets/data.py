@@ -127,6 +127,7 @@ def _stage(context: dg.AssetExecutionContext, stage: Stage) -> Iterator:
         for key in keys:
             _publish_or_record(context, config, store, stage, prepared, key, failures, verdicts, versions,
                                fingerprint)
+    _unload_models_done_with(context, stage)
     if len(failures) == len(keys):
         yield from _published_verdicts(context, failures)
         raise next(iter(failures.values()))
@@ -182,6 +183,16 @@ def _publish_or_record(context, config, store, stage, prepared, key, failures, v
     context.add_asset_metadata(metadata, partition_key=key)
     for name, verdict in shard_verdicts.items():
         verdicts.setdefault(name, []).append((key, verdict))
+
+
+def _unload_models_done_with(context: dg.AssetExecutionContext, stage: Stage) -> None:
+    """Unload this stage's models that no later stage of the graph loads. A run keeps each model from its first
+    stage to its last, never longer: at full size the data roles together (about 85 GB in bf16) exceed an 80 GB
+    GPU, while the most held at once is the I2I model beside the VLM, which the CoT stage still needs."""
+    later = {role for s in STAGES[STAGES.index(stage) + 1:] for role in s.roles}
+    for role in stage.roles:
+        if role not in later:
+            getattr(context.resources, role).unload()
 
 
 def _publish_shard(context: dg.AssetExecutionContext, config, store: DatasetStore, stage: Stage, prepared,
