@@ -50,7 +50,8 @@ def run_range(first: str, last: str, dagster_home: str, params: str) -> tuple[st
 def run_ranges(ranges: list[tuple[str, str]], at_once: int, home: str, params: str) -> tuple[float, list[str]]:
     """Each range in its own fresh process, `at_once` at a time: (wall seconds, run ids)."""
     start = time.perf_counter()
-    with ProcessPoolExecutor(max_workers=at_once, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(max_workers=at_once, mp_context=multiprocessing.get_context("spawn"),
+                             max_tasks_per_child=1) as pool:  # a fresh process per run, as Dagster starts one
         futures = [pool.submit(run_range, first, last, home, params) for first, last in ranges]
         run_ids = [f.result()[0] for f in futures]
     return time.perf_counter() - start, run_ids

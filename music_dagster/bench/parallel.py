@@ -56,7 +56,8 @@ def run_shard(key: str, dagster_home: str, params: str) -> tuple[str, float]:
 def run_shards(keys: list[str], at_once: int, dagster_home: str, params: str) -> tuple[float, list[str], list[float]]:
     """Every shard of `keys` in its own process, `at_once` runs at a time: (wall seconds, run ids, run seconds)."""
     start = time.perf_counter()
-    with ProcessPoolExecutor(max_workers=at_once, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(max_workers=at_once, mp_context=multiprocessing.get_context("spawn"),
+                             max_tasks_per_child=1) as pool:  # a fresh process per run, as Dagster starts one
         results = list(pool.map(run_shard, keys, [dagster_home] * len(keys), [params] * len(keys)))
     return time.perf_counter() - start, [r for r, _ in results], [s for _, s in results]
 
