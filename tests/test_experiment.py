@@ -74,6 +74,7 @@ def test_assets_write_the_table_and_nest_the_row_runs(tiny_zoo, tmp_path, make_p
                                 run_config=run_config)
         meta = result.asset_materializations_for_node("procedural_row")[0].metadata
         assert f"| {row} |" in meta["scores"].value and "placement" in meta
+        assert (meta["device"].value, meta["device_slot"].value) == ("cpu", 0)  # the device its models ran on
     assert "data:image/png;base64," in meta["examples"].value
     assert (tmp_path / "work" / experiment.WORK_FOLDER).is_dir()  # the trained models, under paths.work
     result = dg.materialize([experiment.procedural_report], resources=resources,

@@ -3,10 +3,11 @@
 `procedural_row` has one static partition per row of the table (the full method, its ablations, test-time
 variants, the untrained model, the ground-truth-token ceiling). Each partition trains what it needs on the
 procedural world (models shared between rows are trained once, under `<paths.work>/experiment/`), generates for the
-held-out prompts end to end, scores the pixels against ground truth, writes `datasets/procedural_row/<row>/` and
-logs one MLflow run. `procedural_report` reads every row that exists, writes `metrics/procedural.json` (each
-metric's mean, 95% interval and n per row), the table, a plot and the example figure, and logs the parent MLflow
-run that every row run is nested under. The Dagster UI shows the table, the plot and the image grid as metadata.
+held-out prompts end to end on the device it leased (`device_lease.step_devices`, recorded in its metadata),
+scores the pixels against ground truth, writes `datasets/procedural_row/<row>/` and logs one MLflow run.
+`procedural_report` reads every row that exists, writes `metrics/procedural.json` (each metric's mean, 95% interval
+and n per row), the table, a plot and the example figure, and logs the parent MLflow run that every row run is
+nested under. The Dagster UI shows the table, the plot and the image grid as metadata.
 The config comes from the `project` resource; the backbones and CLIP from the `music_llm`, `music_vision`,
 `music_unet` and `select_clip` resources (`experiment.procedural` loads fresh copies from them; their checkpoints
 key the trained models).
@@ -16,6 +17,7 @@ import base64
 import dagster as dg
 from pydantic import Field
 
+from music_dagster.assets.device_lease import POOL, step_devices
 from music_dagster.experiment.procedural import ROWS
 from music_dagster.resources.models import MusicLLMResource, MusicUNetResource, MusicVisionResource, SelectClipResource
 from music_dagster.resources.project import ProjectConfig
@@ -39,7 +41,7 @@ def _png(path, title: str) -> dg.MetadataValue:
     return dg.MetadataValue.md(f"![{title}](data:image/png;base64,{data})")
 
 
-@dg.asset(group_name="experiment", pool="gpu", partitions_def=rows_partitions, kinds={"pytorch", "mlflow"},
+@dg.asset(group_name="experiment", pool=POOL, partitions_def=rows_partitions, kinds={"pytorch", "mlflow"},
           description="one row of the procedural experiment: train, generate for held-out prompts, score pixels")
 def procedural_row(context: dg.AssetExecutionContext, config: ExperimentConfig, project: ProjectConfig,
                    music_llm: MusicLLMResource, music_vision: MusicVisionResource, music_unet: MusicUNetResource,
@@ -56,12 +58,14 @@ def procedural_row(context: dg.AssetExecutionContext, config: ExperimentConfig, 
     cfg = with_models(project.get(), resources)
     name = context.partition_key
     work = config.work_dir or work_dir(cfg, WORK_FOLDER)
-    results = ex.run_experiment(cfg, [name], work, config.held_out, log=context.log.info, resources=resources)
+    with step_devices(context, cfg.profile) as (_, device_metadata):  # its models train and run there
+        results = ex.run_experiment(cfg, [name], work, config.held_out, log=context.log.info, resources=resources)
     folder = ex.save_row(results[name], store.asset_dir(ROW_ASSET) / name)
     run = ex.log_row_run(tracking.store, cfg, results[name], folder, {"dagster.run_id": context.run_id})
     atomic_write_text(folder / RUN_FILE, json.dumps(run, sort_keys=True) + "\n")
     summary = results[name].summary
     meta = {
+        **device_metadata,
         "scores": dg.MetadataValue.md(ex.table_markdown(results)),
         "mlflow_run": dg.MetadataValue.url(run["url"]),
         "path": dg.MetadataValue.path(str(folder)),
