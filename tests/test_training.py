@@ -1,5 +1,8 @@
-"""The training loops: resuming gives the same losses as not stopping, MSIC is never trained on, the saved folders."""
+"""The training loops: resuming gives the same losses as not stopping, MSIC is never trained on, the saved folders,
+the de-tokenizer's targets (each image once, held only for its step)."""
+import gc
 import json
+import weakref
 
 import pytest
 import torch
@@ -9,7 +12,9 @@ from music_dagster.model.detokenizer import Detokenizer
 from music_dagster.model.music import MusicModel
 from music_dagster.model.procedural import procedural_samples, write_procedural_shard
 from music_dagster.model.runtime import flush_denormals, load_model
-from music_dagster.training.train import CHECKPOINTS, TrainingError, train_detokenizer, train_music
+from music_dagster.synthesis.decimation import decimate
+from music_dagster.training.train import (CHECKPOINTS, TrainingError, collect_samples, collect_targets,
+                                          train_detokenizer, train_music)
 
 
 class Stop(Exception):
@@ -136,3 +141,67 @@ def test_detokenizer_resumes_and_loads(config, samples, tmp_path):
     detok = Detokenizer.from_pretrained(whole.model_dir)
     images = detok.decode(torch.zeros(2, 4, 64), seed=0, steps=2)
     assert [im.size for im in images] == [(32, 32)] * 2
+
+
+def _decimated_shard(path, n):
+    """A procedural shard of `n` world images whose records are decimated down to 1 subject, as the data assets'
+    `training_samples` write them: several records per target image file."""
+    write_procedural_shard(path, n, seed=0)
+    manifest = path / "manifest.jsonl"
+    records = []
+    for record in map(json.loads, manifest.read_text().splitlines()):
+        for item in decimate(record, min_subjects=1):
+            k = len(item["subjects"])
+            records.append({**item, "sample_id": f"{record['sample_id']}-n{k:02d}", "num_subjects": k})
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_the_detokenizer_trains_on_each_target_image_once_per_epoch(config, tmp_path, monkeypatch):
+    import music_dagster.images as images
+
+    shard = _decimated_shard(tmp_path / "datasets" / "training_samples" / "shard-0", 4)
+    assert len(collect_samples([shard])[0]) > 4 and len(collect_targets([shard])[0]) == 4
+    in_memory = procedural_samples(4, seed=0, decimated=True)
+    targets = collect_targets([in_memory])[0]
+    assert len(in_memory) > 4 and len(targets) == 4
+    assert [t().tobytes() for t in targets] == [s.target.tobytes() for s in procedural_samples(4, seed=0)]
+
+    reads = []
+    read = images.read_image
+    monkeypatch.setattr(images, "read_image", lambda p: reads.append(p.parent.name) or read(p))
+    result = train_detokenizer(config, [shard], tmp_path / "run")  # batch 2: 2 steps per epoch, 3 epochs
+    assert result.samples == 4 and result.steps == 6
+    # only the target is read (no reference), at each use: each of the 4 images twice per 2 steps, once per epoch
+    for epoch in range(3):
+        assert sorted(reads[4 * epoch:4 * epoch + 4]) == [f"procedural-0-{i:06d}" for i in range(4)], reads
+
+
+def test_detokenizer_training_holds_no_more_targets_with_more_samples(config, tmp_path, monkeypatch):
+    """Host memory does not grow with the data set: at most one batch of target images is alive at once, and no
+    target's pixels outlive its step (before: every sample's pixels stayed for the whole run)."""
+    import music_dagster.images as images
+
+    side = json.loads((config.models["music_unet"].local_path / "config.json").read_text())["sample_size"]
+    read = images.read_image
+    for n in (4, 12):
+        alive, most_alive, pixels_after_step = [0], [], []
+
+        def counted(path):
+            image = read(path)
+            alive[0] += 1
+            weakref.finalize(image, lambda: alive.__setitem__(0, alive[0] - 1))
+            most_alive.append(alive[0])
+            return image
+
+        def on_step(step, metrics):
+            gc.collect()
+            pixels_after_step.append(sum(torch.is_tensor(o) and tuple(o.shape) == (3, side, side)
+                                         for o in gc.get_objects()))
+
+        monkeypatch.setattr(images, "read_image", counted)
+        shard = _decimated_shard(tmp_path / f"datasets-{n}" / "training_samples" / "shard-0", n)
+        cfg = config.with_values("detokenizer", max_steps=None, epochs=1)
+        result = train_detokenizer(cfg, [shard], tmp_path / f"run-{n}", on_step=on_step)
+        assert result.steps == n // 2 and len(most_alive) == n
+        assert max(most_alive) <= 2 and pixels_after_step == [0] * (n // 2), (most_alive, pixels_after_step)

@@ -278,7 +278,7 @@ def detokenizer(context: dg.AssetExecutionContext, project: ProjectConfig, music
     trained = train_and_publish(context, project, models, store, tracking, "detokenizer", train_detokenizer,
                                 runtime.detokenizer_dir(project.get()), "detokenizer")
     result = trained.result
-    context.log.info(f"de-tokenizer: {result.steps} steps on {result.samples} samples -> {trained.target}")
+    context.log.info(f"de-tokenizer: {result.steps} steps on {result.samples} target images -> {trained.target}")
     return dg.MaterializeResult(metadata=trained.metadata(("loss",)),
                                 data_version=dg.DataVersion(trained.dvc_record.md5))
 

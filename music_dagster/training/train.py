@@ -54,7 +54,7 @@ class TrainResult:
     model_dir: Path  # the final weights (`save_pretrained` folder)
     steps: int  # optimizer steps done in total
     epochs: float
-    samples: int  # training samples used
+    samples: int  # training samples used (the de-tokenizer: distinct target images)
     skipped_msic: int  # MSIC hold-out samples seen in the sources and skipped
     resumed_from: int  # the checkpoint step this run started from (0: from scratch)
     history: list[dict] = field(repr=False, default_factory=list)  # {"step", "L1", "L2", "loss", "lr"} per step
@@ -68,9 +68,9 @@ class TrainResult:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Samples
-def _record_sample(stored: StoredRecord) -> Callable[[], Sample]:
-    """The loader of the sample of a stored record; its image paths are resolved now, so a path outside the
-    datasets root is refused before anything trains."""
+def _record_sample(stored: StoredRecord) -> tuple[Callable[[], Sample], Path]:
+    """(the loader of the sample of a stored record, its target image's file); its image paths are resolved now,
+    so a path outside the datasets root is refused before anything trains."""
     record, subjects = stored.fields, stored.subjects()
     references = [stored.resolve(s["reference"]) for s in subjects]
     target = stored.resolve(record["image"])
@@ -84,13 +84,40 @@ def _record_sample(stored: StoredRecord) -> Callable[[], Sample]:
             id=record["sample_id"], meta={"split": record["split"], "shard": str(stored.shard),
                                           "subjects": [{k: s[k] for k in ("id", "category", "box")} for s in subjects]},
         )
-    return load
+    return load, target
 
 
 def collect_samples(sources: Iterable, full_only: bool = False) -> tuple[list[Callable[[], Sample]], int]:
     """(loaders of the training samples, number of MSIC samples skipped) of `sources`: `training_samples` shard
     folders (str or PathLike; records validated against the asset's schema, image paths kept inside the datasets
     root), `Sample`s, or iterables of `Sample`s. Shard images are read when a sample is loaded."""
+    found, skipped = _training_samples(sources, full_only)
+    return [load for load, _ in found], skipped
+
+
+def collect_targets(sources: Iterable) -> tuple[list[Callable], int]:
+    """(loaders of the distinct target images of the training samples of `sources`, number of MSIC samples
+    skipped), in the order of each image's first sample (`sources` as `collect_samples`'s). Decimation makes
+    several samples of one target image; each image comes once: a stored sample's target is its image file (read
+    each time its loader is called), an in-memory sample's is its pixels."""
+    import hashlib
+
+    from music_dagster.images import read_image
+
+    found, skipped = _training_samples(sources)
+    targets: dict[tuple, Callable] = {}
+    for load, path in found:
+        if path is not None:
+            targets.setdefault(("file", path), lambda p=path: read_image(p))
+        else:
+            image = load().target
+            pixels = (image.mode, image.size, hashlib.sha256(image.tobytes()).hexdigest())
+            targets.setdefault(("pixels", pixels), lambda im=image: im)
+    return list(targets.values()), skipped
+
+
+def _training_samples(sources: Iterable, full_only: bool = False) -> tuple[list[tuple[Callable, Path | None]], int]:
+    """`collect_samples`, with each loader's target image file (None for a sample in memory)."""
     from jsonschema import Draft202012Validator
 
     from music_dagster.storage import read_shard, schema_problem
@@ -104,7 +131,7 @@ def collect_samples(sources: Iterable, full_only: bool = False) -> tuple[list[Ca
         if sample.meta.get("split") == "msic":
             skipped += 1
         elif not (full_only and sample.meta.get("source_subjects", len(sample.references)) > len(sample.references)):
-            items.append(lambda s=sample: s)
+            items.append((lambda s=sample: s, None))
 
     for source in sources:
         if isinstance(source, (str, os.PathLike)):
@@ -114,13 +141,13 @@ def collect_samples(sources: Iterable, full_only: bool = False) -> tuple[list[Ca
                 problem = schema_problem(validator, record)
                 if problem is not None:
                     raise TrainingError(f"{shard.path}: record {stored.line - 1}: {problem}")
-                load = _record_sample(stored)  # every row's paths checked, MSIC ones too
+                loaded = _record_sample(stored)  # every row's paths checked, MSIC ones too
                 if record["split"] == "msic":
                     skipped += 1
                 elif full_only and record["num_subjects"] < record["source_subjects"]:
                     continue  # `full_only` (the no_decimation ablation): full subject counts only
                 else:
-                    items.append(load)
+                    items.append(loaded)
         elif isinstance(source, Sample):
             add(source)
         else:
@@ -151,12 +178,11 @@ def _checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _start(config, sample_sources: Iterable, out_dir: Path, mixed_precision: str, full_only: bool = False):
-    """(sample loaders, MSIC samples skipped, accelerator) of a training run, with the torch threads and seeds set."""
+def _start(config, items: list, skipped: int, out_dir: Path, mixed_precision: str):
+    """The accelerator of a training run on `items` (`skipped` MSIC samples), with the torch threads and seeds set."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
 
-    items, skipped = collect_samples(sample_sources, full_only)
     if not items:
         raise TrainingError(f"no training samples (skipped {skipped} MSIC hold-out samples)")
     torch.set_num_threads(config.profile.torch_threads)  # float sums differ with the thread count
@@ -166,7 +192,7 @@ def _start(config, sample_sources: Iterable, out_dir: Path, mixed_precision: str
                               cpu=device_of(config) == "cpu",
                               project_config=ProjectConfiguration(project_dir=str(out_dir)))
     set_seed(config.seed)
-    return items, skipped, accelerator
+    return accelerator
 
 
 def _run(*, accelerator, model, n_items: int, cfg, seed: int, out_dir: Path, resume: bool,
@@ -305,8 +331,8 @@ def train_music(config, sample_sources: Iterable, out_dir: str | os.PathLike, re
     """
     train = config.profile.train
     out_dir = Path(out_dir)
-    items, skipped, accelerator = _start(config, sample_sources, out_dir, train.mixed_precision,
-                                         full_only=train.ablation == "no_decimation")
+    items, skipped = collect_samples(sample_sources, full_only=train.ablation == "no_decimation")
+    accelerator = _start(config, items, skipped, out_dir, train.mixed_precision)
     model = build_model(config, llm, vision, models)
     cache: dict[int, dict] = {}
 
@@ -368,24 +394,25 @@ def build_detokenizer(config, unet=None, vision=None, models=None):
 def train_detokenizer(config, sample_sources: Iterable, out_dir: str | os.PathLike, resume: bool = True,
                       on_step: Callable[[int, dict], None] | None = None, unet=None, vision=None,
                       models=None) -> TrainResult:
-    """Train the de-tokenizer by reconstruction on the target images of `sample_sources`: DDPM noise prediction
+    """Train the de-tokenizer by reconstruction on the distinct target images of `sample_sources`
+    (`collect_targets`: each image once per epoch, however many decimated samples share it): DDPM noise prediction
     conditioned on each image's own visual tokens (vision features pooled to `train.image_queries`).
     `on_step(step, {"loss", "lr"})`. Same checkpointing and resuming as `train_music`; the final folder loads
-    with `Detokenizer.from_pretrained`. `unet` / `vision` / `models`: as `train_music`'s backbones."""
+    with `Detokenizer.from_pretrained`; `TrainResult.samples` counts target images. `unet` / `vision` / `models`:
+    as `train_music`'s backbones."""
     detok_cfg = config.profile.detokenizer
     out_dir = Path(out_dir)
-    items, skipped, accelerator = _start(config, sample_sources, out_dir, detok_cfg.mixed_precision)
+    targets, skipped = collect_targets(sample_sources)
+    accelerator = _start(config, targets, skipped, out_dir, detok_cfg.mixed_precision)
     vision = vision or load_model(config, "music_vision", models)
     detok = build_detokenizer(config, unet, vision, models)
     q = config.profile.train.image_queries
-    cache: dict[int, tuple] = {}
 
     def encoded(i: int):
-        if i not in cache:
-            image = items[i]().target
-            tokens = target_tokens(vision.model, vision.processor, [image], q)[0]
-            cache[i] = (detok.preprocess([image])[0], tokens.cpu())
-        return cache[i]
+        # read and encoded for its batch only, never kept: at 1024 px a target's pixels are 12 MiB, so keeping
+        # every target would grow host memory with the data set. Tokens image by image: a batch changes no bit.
+        image = targets[i]()
+        return detok.preprocess([image])[0], target_tokens(vision.model, vision.processor, [image], q)[0]
 
     def step(wrapped, indices):
         pixels, tokens = zip(*(encoded(i) for i in indices))
@@ -396,8 +423,8 @@ def train_detokenizer(config, sample_sources: Iterable, out_dir: str | os.PathLi
 
     with flush_denormals():
         core, history, steps, start, seconds, epochs = _run(
-            accelerator=accelerator, model=detok, n_items=len(items), cfg=detok_cfg, seed=config.seed,
+            accelerator=accelerator, model=detok, n_items=len(targets), cfg=detok_cfg, seed=config.seed,
             out_dir=out_dir, resume=resume, step_fn=step, save_fn=save, load_fn=lambda m, d: m.load_trainable(d),
             on_step=on_step, metric_names=("loss",))
     target = _finish(accelerator, out_dir, history, core.save_pretrained)
-    return TrainResult(target, steps, epochs, len(items), skipped, start, history, seconds)
+    return TrainResult(target, steps, epochs, len(targets), skipped, start, history, seconds)
