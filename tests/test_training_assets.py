@@ -70,6 +70,8 @@ def test_assets_write_checkpoints_and_pass_checks(setup, first):
     # 4 training-shard samples + 6 procedural world samples with their decimations down to 2 subjects (15);
     # the 3 MSIC samples are counted and skipped
     assert meta["samples"].value == 19 and meta["skipped_msic"].value == 3
+    # the de-tokenizer trains on each distinct target image once: the 4 shard images and the 6 world images
+    assert first.asset_materializations_for_node("detokenizer")[0].metadata["samples"].value == 10
     assert meta["dvc_md5"].value == dvc_md5(lora)  # the checkpoint's one content hash
     assert meta["mlflow_run_id"].value == tracking.read_run_ref(lora)["run_id"]
     assert meta["mlflow_url"].value.endswith(f"/runs/{meta['mlflow_run_id'].value}")
