@@ -130,8 +130,11 @@ def read_sources() -> dict:
 
 
 def config_folder(spec) -> Path:
-    """The repository's copy of a full-profile spec's Hub folder (`configs/full/<org>/<repo>[/<subfolder>]`)."""
-    folder = CONFIGS / spec.id.removeprefix("hf-hub:")
+    """The folder holding a spec's config: the repository's copy of a Hub folder (`configs/full/<org>/<repo>
+    [/<subfolder>]`), or a local checkpoint's own folder (the tiny zoo's, which `scripts/gpu_full_size_check.py`
+    builds at the tiny profile's sizes)."""
+    local = spec.local_path
+    folder = local if local is not None else CONFIGS / spec.id.removeprefix("hf-hub:")
     return folder / spec.subfolder if spec.subfolder else folder
 
 
@@ -153,27 +156,27 @@ def _json(path: Path) -> dict:
         raise DryRunError(f"{path.relative_to(PROJECT_ROOT)}: not readable JSON ({e})") from None
 
 
-def build(folder: Path, role: str | None = None, cls: str | None = None, dtype=None):
-    """The architecture a config folder describes, on the meta device (no weights, no memory). A role's own folder
-    is built with the class its loader uses (`loaders.HF_MODEL_CLASSES`); `cls` asks for another class of the same
-    config (the published figure's scope)."""
+def build(folder: Path, role: str | None = None, cls: str | None = None, dtype=None, device="meta"):
+    """The architecture a config folder describes, on the meta device (no weights, no memory), or on `device` with
+    its library's random initialisation. A role's own folder is built with the class its loader uses
+    (`loaders.HF_MODEL_CLASSES`); `cls` asks for another class of the same config (the published figure's scope)."""
     import torch
 
     if (folder / "open_clip_config.json").is_file():
         import open_clip
 
-        with torch.device("meta"):
+        with torch.device(device):
             return open_clip.CLIP(**_json(folder / "open_clip_config.json")["model_cfg"])
     config = _json(folder / "config.json")
     if "_class_name" in config:
         import diffusers
 
-        with torch.device("meta"):
+        with torch.device(device):
             return getattr(diffusers, config["_class_name"]).from_config(config)
     if "architecture" in config:  # a timm model's config: its architecture and arguments, as `load_role` reads it
         import timm
 
-        with torch.device("meta"):
+        with torch.device(device):
             return timm.create_model(f"local-dir:{folder}", pretrained=False)
     import transformers
 
@@ -186,7 +189,7 @@ def build(folder: Path, role: str | None = None, cls: str | None = None, dtype=N
     hf_config = (transformers.AutoConfig if auto else klass.config_class).from_pretrained(folder)
     if dtype is not None:
         extra = {**extra, "dtype": dtype}
-    with torch.device("meta"):
+    with torch.device(device):
         return klass.from_config(hf_config, **extra) if auto else klass._from_config(hf_config, **extra)
 
 
