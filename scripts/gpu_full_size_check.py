@@ -166,15 +166,16 @@ def synthetic_samples(model, config, count: int) -> list:
 # ---------------------------------------------------------------------------------------------------------------
 # Measuring
 class PeakMemory:
-    """A phase's peak memory in GiB: on CUDA its own tensors' (`max_memory_allocated` since `restart`, less what
-    was allocated when the phase began); on a CPU, which keeps no allocator statistics, the process's peak RSS."""
+    """A phase's peak memory in GiB: on CUDA `max_memory_allocated` since `restart`, less what was allocated when
+    the phase began when `own` (the phase's own tensors); on a CPU, which keeps no allocator statistics, the
+    process's peak RSS."""
 
-    def __init__(self, device):
+    def __init__(self, device, own: bool = True):
         import torch
 
         self.device = device
         self.cuda = device.type == "cuda"
-        self.base = torch.cuda.memory_allocated(device) if self.cuda else 0
+        self.base = torch.cuda.memory_allocated(device) if self.cuda and own else 0
 
     def restart(self) -> None:
         import torch
@@ -255,8 +256,9 @@ def accelerator_for(config, section, device, project_dir: Path):
 
 
 def train_steps(config, section, model, step, args, device, metric_names) -> list[float]:
-    """`args.steps` optimizer steps of the training loop (`train._run`) at `section.batch_size`; the seconds of
-    each step after the first `args.warmup` (the first also holds the loop's set-up)."""
+    """`args.steps` optimizer steps of the training loop (`train._run`) at `section.batch_size`, over one batch of
+    samples, an epoch each (so from the second step on what the loop caches is cached, as in a long run); the
+    seconds of each step after the first `args.warmup` (the first also holds the loop's set-up)."""
     from music_dagster.model.runtime import flush_denormals
     from music_dagster.training.train import _run
 
@@ -268,8 +270,9 @@ def train_steps(config, section, model, step, args, device, metric_names) -> lis
 
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as out, flush_denormals():
         accelerator = accelerator_for(config, section, device, Path(out))
-        _run(accelerator=accelerator, model=model, n_items=section.batch_size * args.steps,
-             cfg=section.model_copy(update={"max_steps": args.steps}), seed=config.seed, out_dir=Path(out),
+        _run(accelerator=accelerator, model=model, n_items=section.batch_size,
+             cfg=section.model_copy(update={"epochs": args.steps, "max_steps": args.steps}), seed=config.seed,
+             out_dir=Path(out),
              resume=False, step_fn=step(accelerator), save_fn=lambda m, d: None, load_fn=lambda m, d: None,
              on_step=on_step, metric_names=metric_names)
         accelerator.free_memory()
@@ -304,13 +307,13 @@ def measure_detokenizer(config, device, args, estimate_gib, peak):
     # `build_detokenizer` loads the VAE from the Hub: here it is the one just built with random weights
     with mock.patch.object(detokenizer_module, "load_vae", lambda spec, device="cpu", dtype=None: vae):
         detok = build_detokenizer(config, unet=build_role(config, "music_unet", device), vision=vision)
-    images = [noise_image(config.profile.data.image_size, i) for i in range(4)]
+    images = [noise_image(config.profile.data.image_size, i) for i in range(section.batch_size)]
     queries = config.profile.train.image_queries
     cache: dict[int, tuple] = {}
 
     def encoded(i: int):  # `train_detokenizer`'s: pixels and tokens of a target, cached for the run
         if i not in cache:
-            image = images[i % len(images)]
+            image = images[i]
             tokens = target_tokens(vision.model, vision.processor, [image], queries)[0]
             cache[i] = (detok.preprocess([image])[0], tokens.cpu())
         return cache[i]
@@ -337,7 +340,7 @@ def measure_music(config, device, tokenizer, args, estimate_gib, peak):
     memory = PeakMemory(device)
     model = build_model(config, build_role(config, "music_llm", device, tokenizer=tokenizer),
                         vision_role(config, device))
-    samples = synthetic_samples(model, config, train.batch_size * args.steps)
+    samples = synthetic_samples(model, config, train.batch_size)
     cache: dict[int, dict] = {}
 
     def encoded(i: int) -> dict:  # `train_music`'s
@@ -371,7 +374,7 @@ def measure_generation(model, detok, config, device, branches: int) -> str:
     references = [noise_image(data.reference_size, 100 + i) for i in range(data.max_subjects)]
     request = Sample(instruction="put " + " and ".join(f"[{i}]" for i in range(1, data.max_subjects + 1)) +
                      " on a table", references=references)
-    memory = PeakMemory(device)
+    memory = PeakMemory(device, own=False)
     memory.restart()
     with flush_denormals():
         t0 = time.perf_counter()
@@ -390,7 +393,7 @@ def measure_generation(model, detok, config, device, branches: int) -> str:
     steps = gen.decode_steps or detok.settings.decode_steps
     return (f"generation, {branches} branches of {data.max_subjects} subjects: plan {t1 - t0:.2f} s ({longest} "
             f"tokens), image tokens {t2 - t1:.2f} s, decode {t3 - t2:.2f} s ({steps} steps); total {t3 - t0:.2f} s; "
-            f"peak {memory.gib():.1f} GiB with both models (random weights: the plans and images are noise)")
+            f"peak {memory.gib():.3g} GiB, both models included (random weights: the plans and images are noise)")
 
 
 # ---------------------------------------------------------------------------------------------------------------
