@@ -14,10 +14,12 @@ each model and one generation, stopped at `--budget-s`, 450 s by default, with e
 - each runs `--steps` optimizer steps of the training loop itself (`train._run`: accelerate at the section's
   `mixed_precision`, AdamW, clipping, warm-up) at the section's `batch_size`, on synthetic samples of the shapes
   `music check full` steps: `data.max_subjects` references of `data.reference_size` px, an instruction of
-  `dryrun.INSTRUCTION_TOKENS` tokens, a plan of `train.max_plan_tokens` tokens, targets of `data.image_size` px,
-  each encoded by the model's own `encode` at every step where training encodes (MUSIC's `train.cache_features`).
-  The loop's checkpoint is not written (an accelerator whose `save_state` does nothing);
-- it prints, per model: the measured peak memory (on CUDA `max_memory_allocated` over the steps, less what was
+  `dryrun.INSTRUCTION_TOKENS` tokens, a plan of `train.max_plan_tokens` tokens, targets of `data.image_size` px.
+  Each step encodes its batch as the loops do (the de-tokenizer always; MUSIC unless `train.cache_features`, which
+  keeps a sample's features after its first step: one batch of samples makes an epoch). The loop's checkpoint is
+  not written (an accelerator whose `save_state` does nothing);
+- it prints a row per model as soon as it is measured (the seconds its phase took, building included): the
+  measured peak memory (on CUDA `max_memory_allocated` over the steps, less what was
   allocated before the model was built: the model's own; on a CPU, which keeps no allocator statistics, the
   process's peak RSS) beside `music check full`'s estimate for one process (its figure less DDP's buckets, which
   only several processes allocate); the mean step time after `--warmup` steps; model FLOPs per step and MFU;
@@ -34,7 +36,7 @@ peak dense bf16 FLOPS (`PEAK_BF16_TFLOPS` by device name, or `--peak-tflops`).
 
 Stand-in: `configs/full/` keeps no tokenizer, so text is tokenised by the tiny zoo's MUSIC BPE (512 tokens, made in
 memory, ids valid in Qwen's vocabulary). The training step's text has the real token counts; a decoded plan's
-grammar runs over 512 tokens instead of Qwen's 151,669, so its per-token mask costs less than a real decode's.
+grammar runs over 512 tokens instead of Qwen's 151k, so its per-token mask costs less than a real decode's.
 """
 from __future__ import annotations
 
@@ -73,6 +75,7 @@ class TrainingFigures:
     batch: int
     sample: str  # a MUSIC sample's tokens, a de-tokenizer sample's pixels
     steps: int
+    phase_s: float  # the whole phase: building, the FLOP count, the steps
     peak_gib: float
     estimate_gib: float
     step_s: float
@@ -176,6 +179,7 @@ class PeakMemory:
         self.device = device
         self.cuda = device.type == "cuda"
         self.base = torch.cuda.memory_allocated(device) if self.cuda and own else 0
+        self.started = time.perf_counter()
 
     def restart(self) -> None:
         import torch
@@ -257,8 +261,8 @@ def accelerator_for(config, section, device, project_dir: Path):
 
 def train_steps(config, section, model, step, args, device, metric_names) -> list[float]:
     """`args.steps` optimizer steps of the training loop (`train._run`) at `section.batch_size`, over one batch of
-    samples, an epoch each (so from the second step on what the loop caches is cached, as in a long run); the
-    seconds of each step after the first `args.warmup` (the first also holds the loop's set-up)."""
+    samples, an epoch each (what a loop caches is cached from the second step on, as in a long run); the seconds
+    of each step after the first `args.warmup` (the first also holds the loop's set-up)."""
     from music_dagster.model.runtime import flush_denormals
     from music_dagster.training.train import _run
 
@@ -283,8 +287,8 @@ def train_steps(config, section, model, step, args, device, metric_names) -> lis
 
 def figures(name, batch, sample, args, memory, estimate_gib, times, flops, peak) -> TrainingFigures:
     step_s = sum(times) / len(times)
-    return TrainingFigures(name, batch, sample, args.steps, memory.gib(), estimate_gib, step_s, flops / 1e12,
-                           flops / step_s / (peak * 1e12) if peak else None)
+    return TrainingFigures(name, batch, sample, args.steps, time.perf_counter() - memory.started, memory.gib(),
+                           estimate_gib, step_s, flops / 1e12, flops / step_s / (peak * 1e12) if peak else None)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -309,14 +313,10 @@ def measure_detokenizer(config, device, args, estimate_gib, peak):
         detok = build_detokenizer(config, unet=build_role(config, "music_unet", device), vision=vision)
     images = [noise_image(config.profile.data.image_size, i) for i in range(section.batch_size)]
     queries = config.profile.train.image_queries
-    cache: dict[int, tuple] = {}
 
-    def encoded(i: int):  # `train_detokenizer`'s: pixels and tokens of a target, cached for the run
-        if i not in cache:
-            image = images[i]
-            tokens = target_tokens(vision.model, vision.processor, [image], queries)[0]
-            cache[i] = (detok.preprocess([image])[0], tokens.cpu())
-        return cache[i]
+    def encoded(i: int):  # `train_detokenizer`'s: a target's pixels and tokens, made for its batch (from memory here)
+        image = images[i]
+        return detok.preprocess([image])[0], target_tokens(vision.model, vision.processor, [image], queries)[0]
 
     def step(accelerator):
         def run(wrapped, indices):  # `train_detokenizer`'s step
@@ -324,7 +324,6 @@ def measure_detokenizer(config, device, args, estimate_gib, peak):
             return {"loss": wrapped(torch.stack(pixels), torch.stack(tokens))}
         return run
 
-    encoded(0)  # cached before the count, as the loop caches it: not a step's work
     flops = step_flops(detok, step(None), section.batch_size)
     memory.restart()
     times = train_steps(config, section, detok, step, args, device, ("loss",))
@@ -397,14 +396,14 @@ def measure_generation(model, detok, config, device, branches: int) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-def table(rows: list[TrainingFigures]) -> list[str]:
-    lines = [f"{'model':<14}{'batch':>6}{'sample':>9}{'steps':>6}{'peak GiB':>10}{'est. GiB':>10}{'step s':>9}"
-             f"{'TFLOP/step':>12}{'MFU':>8}"]
-    for r in rows:
-        mfu = f"{100 * r.mfu:.3g}%" if r.mfu is not None else "n/a"
-        lines.append(f"{r.name:<14}{r.batch:>6}{r.sample:>9}{r.steps:>6}{r.peak_gib:>10.3g}{r.estimate_gib:>10.3g}"
-                     f"{r.step_s:>9.3g}{r.tflop_per_step:>12.4g}{mfu:>8}")
-    return lines
+HEADER = (f"{'model':<14}{'batch':>6}{'sample':>9}{'steps':>6}{'phase s':>9}{'peak GiB':>10}{'est. GiB':>10}"
+          f"{'step s':>9}{'TFLOP/step':>12}{'MFU':>8}")
+
+
+def row(r: TrainingFigures) -> str:
+    mfu = f"{100 * r.mfu:.3g}%" if r.mfu is not None else "n/a"
+    return (f"{r.name:<14}{r.batch:>6}{r.sample:>9}{r.steps:>6}{r.phase_s:>9.3g}{r.peak_gib:>10.3g}"
+            f"{r.estimate_gib:>10.3g}{r.step_s:>9.3g}{r.tflop_per_step:>12.4g}{mfu:>8}")
 
 
 def check(args) -> None:
@@ -432,25 +431,18 @@ def check(args) -> None:
         ("de-tokenizer", detok_estimate, detok_cfg.gradient_checkpointing))}
     print(f"music check full's estimates in {time.perf_counter() - t0:.0f} s", flush=True)
 
-    rows = []
+    print(HEADER, flush=True)
     with dryrun.quiet_libraries():
-        t0 = time.perf_counter()
-        detok, row = measure_detokenizer(config, device, args, estimates["de-tokenizer"], peak)
-        rows.append(row)
-        print(f"de-tokenizer built and trained in {time.perf_counter() - t0:.0f} s", flush=True)
-        t0 = time.perf_counter()
-        model, row = measure_music(config, device, plan_tokenizer(), args, estimates["MUSIC"], peak)
-        rows.append(row)
-        print(f"MUSIC built and trained in {time.perf_counter() - t0:.0f} s", flush=True)
+        detok, detok_figures = measure_detokenizer(config, device, args, estimates["de-tokenizer"], peak)
+        print(row(detok_figures), flush=True)
+        model, music_figures = measure_music(config, device, plan_tokenizer(), args, estimates["MUSIC"], peak)
+        print(row(music_figures), flush=True)
+        measured = "each model's own tensors (max_memory_allocated)" if device.type == "cuda" else "the process's RSS"
+        print(f"(peak: {measured}; est.: music check full for one process, without DDP buckets; step s: mean after "
+              f"{args.warmup} warm-up step(s); checkpointing: MUSIC {'on' if train.gradient_checkpointing else 'off'}, "
+              f"de-tokenizer {'on' if detok_cfg.gradient_checkpointing else 'off'}; mixed precision: "
+              f"{train.mixed_precision}, {detok_cfg.mixed_precision})", flush=True)
         generation = measure_generation(model, detok, config, device, args.branches)
-    for line in table(rows):
-        print(line)
-    measured = "each model's own tensors (max_memory_allocated)" if device.type == "cuda" else "the process's RSS"
-    print(f"(peak: {measured};"
-          f" est.: music check full for one process, without DDP buckets; step s: mean after {args.warmup} warm-up "
-          f"step(s); checkpointing: MUSIC {'on' if train.gradient_checkpointing else 'off'}, de-tokenizer "
-          f"{'on' if detok_cfg.gradient_checkpointing else 'off'}; mixed precision: {train.mixed_precision}, "
-          f"{detok_cfg.mixed_precision})")
     print(generation)
 
 

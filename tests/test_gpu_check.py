@@ -39,17 +39,18 @@ def test_cpu_mode_prints_each_models_figures_and_a_generation(tiny_zoo, make_pro
     assert done.returncode == 0, done.stderr[-2000:]
     lines = done.stdout.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("model "))
-    assert lines[header].split() == ["model", "batch", "sample", "steps", "peak", "GiB", "est.", "GiB", "step", "s",
-                                     "TFLOP/step", "MFU"]
+    assert lines[header].split() == ["model", "batch", "sample", "steps", "phase", "s", "peak", "GiB", "est.", "GiB",
+                                     "step", "s", "TFLOP/step", "MFU"]
     rows = {line.split()[0]: line.split()[1:] for line in lines[header + 1:header + 3]}
     assert rows.keys() == {"de-tokenizer", "MUSIC"}
     sizes = {"de-tokenizer": (config.profile.detokenizer.batch_size, "32px"),
              "MUSIC": (config.profile.train.batch_size, None)}
-    for name, (batch, sample, steps, peak, estimate, step_s, tflop, mfu) in rows.items():
+    for name, (batch, sample, steps, phase_s, peak, estimate, step_s, tflop, mfu) in rows.items():
         assert int(batch) == sizes[name][0] and int(steps) == 3
         assert sample == sizes[name][1] if sizes[name][1] else re.fullmatch(r"\d+tok", sample)
         assert mfu.endswith("%")
-        figures = [float(v) for v in (peak, estimate, step_s, tflop, mfu.rstrip("%"))]
+        figures = [float(v) for v in (phase_s, peak, estimate, step_s, tflop, mfu.rstrip("%"))]
+        assert float(phase_s) > 2 * float(step_s)  # the phase holds the steps
         assert all(v > 0 for v in figures), (name, figures)
     # the plan holds train.max_plan_tokens: the sequence is at least that long
     assert int(rows["MUSIC"][1].removesuffix("tok")) > config.profile.train.max_plan_tokens
