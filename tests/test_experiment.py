@@ -1,5 +1,8 @@
 """The procedural experiment: every row runs end to end and is reported; the assets write the table, nest the MLflow
-runs and show the table and image grid; and (slow) the method measurably works on held-out prompts."""
+runs and show the table and image grid. Whether the method beats its baselines is measured by `make demo`, not
+asserted here: a run cut to CI's budget (MUSIC 500 steps, de-tokenizer 400, 24 held-out prompts) showed no margin
+that holds across seeds (full - untrained placement +0.09 with seed 0, -0.03 with seed 1; identity against shuffled
+references +0.00 and +0.00; docs/design.md)."""
 import json
 
 import pytest
