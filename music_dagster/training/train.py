@@ -40,6 +40,8 @@ from music_dagster.training.records import StoredRecord, shard_records
 
 CHECKPOINTS = "checkpoints"
 MODEL_DIR = "model"
+MUSIC_METRICS = ("L1", "L2", "loss")  # what `run_loop` reports of each step
+DETOKENIZER_METRICS = ("loss",)
 HISTORY = "history.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
@@ -169,7 +171,7 @@ def procedural_source(config, n: int | None = None, start: int = 0) -> list[Samp
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The loop shared by both trainers
+# The loop shared by both trainers (and `scripts/gpu_full_size_check.py`)
 def _checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
     folder = out_dir / CHECKPOINTS
     if not folder.is_dir():
@@ -178,28 +180,36 @@ def _checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _start(config, items: list, skipped: int, out_dir: Path, mixed_precision: str):
-    """The accelerator of a training run on `items` (`skipped` MSIC samples), with the torch threads and seeds set."""
+def make_accelerator(config, mixed_precision: str, device: str | None = None):
+    """A training run's accelerator (one process, or this process of an `accelerate launch`) at `mixed_precision`
+    on `device` (default: the configured one), with the torch threads and seeds set."""
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
+    from accelerate.utils import set_seed
 
-    if not items:
-        raise TrainingError(f"no training samples (skipped {skipped} MSIC hold-out samples)")
     torch.set_num_threads(config.profile.torch_threads)  # float sums differ with the thread count
     # One scheduler step per optimizer step: a step already consumes the global batch of every process.
     # cpu: the configured device, not whatever accelerate finds (under `accelerate launch` on CPUs: gloo processes)
     accelerator = Accelerator(mixed_precision=mixed_precision, step_scheduler_with_optimizer=False,
-                              cpu=device_of(config) == "cpu",
-                              project_config=ProjectConfiguration(project_dir=str(out_dir)))
+                              cpu=(device or device_of(config)) == "cpu")
     set_seed(config.seed)
     return accelerator
 
 
-def _run(*, accelerator, model, n_items: int, cfg, seed: int, out_dir: Path, resume: bool,
-         step_fn: Callable, save_fn: Callable, load_fn: Callable, on_step, metric_names: Sequence[str]):
-    """The training loop. `step_fn(model, indices) -> dict of scalar tensors with "loss"`;
-    `save_fn(unwrapped_model, folder)` / `load_fn(unwrapped_model, folder)` write / read the trainable weights.
-    Returns (unwrapped model, history, total steps, resumed-from step, seconds, epochs)."""
+def _start(config, items: list, skipped: int, mixed_precision: str):
+    """`make_accelerator`, once there is something to train on (`items`; `skipped` MSIC samples)."""
+    if not items:
+        raise TrainingError(f"no training samples (skipped {skipped} MSIC hold-out samples)")
+    return make_accelerator(config, mixed_precision)
+
+
+def run_loop(*, accelerator, model, n_items: int, cfg, seed: int, out_dir: Path | None, step_fn: Callable,
+             metric_names: Sequence[str], resume: bool = True, on_step=None):
+    """The training loop over `n_items` items, `cfg` a `train` / `detokenizer` section. `step_fn(model, indices)
+    -> dict of scalar tensors with "loss"` (`music_step`, `detokenizer_step`). Checkpoints (the model's trainable
+    weights through its `save_pretrained` / `load_trainable`, accelerate's states, the history) go to
+    `out_dir/checkpoints/`, a run resuming from the last one unless `resume` is false; `out_dir=None`: none read or
+    written (a measurement, as `scripts/gpu_full_size_check.py`'s). Returns (unwrapped model, history, total
+    steps, resumed-from step, seconds, epochs)."""
     from accelerate.utils import set_seed
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -211,13 +221,13 @@ def _run(*, accelerator, model, n_items: int, cfg, seed: int, out_dir: Path, res
     def save_hook(models, weights, folder):
         if accelerator.is_main_process:
             for m in models:
-                save_fn(accelerator.unwrap_model(m), Path(folder) / MODEL_DIR)
+                accelerator.unwrap_model(m).save_pretrained(Path(folder) / MODEL_DIR)
         while weights:
             weights.pop()
 
     def load_hook(models, folder):
         while models:
-            load_fn(accelerator.unwrap_model(models.pop()), Path(folder) / MODEL_DIR)
+            accelerator.unwrap_model(models.pop()).load_trainable(Path(folder) / MODEL_DIR)
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
@@ -227,16 +237,19 @@ def _run(*, accelerator, model, n_items: int, cfg, seed: int, out_dir: Path, res
     per_epoch = max(1, n_items // global_batch)
     total = cfg.epochs * per_epoch if cfg.max_steps is None else min(cfg.epochs * per_epoch, cfg.max_steps)
 
-    ckpt_root = out_dir / CHECKPOINTS
+    found = []  # the checkpoints to resume from
+    if out_dir is not None:
+        ckpt_root = out_dir / CHECKPOINTS
+        if accelerator.is_main_process:
+            for p in ckpt_root.glob(".checkpoint-*.tmp"):  # leftovers of a killed save
+                shutil.rmtree(p, ignore_errors=True)
+            if not resume:
+                shutil.rmtree(ckpt_root, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        if resume:
+            found = _checkpoints(out_dir)
     history: list[dict] = []
     start = 0
-    if accelerator.is_main_process:
-        for p in ckpt_root.glob(".checkpoint-*.tmp"):  # leftovers of a killed save
-            shutil.rmtree(p, ignore_errors=True)
-        if not resume:
-            shutil.rmtree(ckpt_root, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    found = _checkpoints(out_dir) if resume else []
     if found:
         start, path = found[-1]
         if start > total:
@@ -269,7 +282,8 @@ def _run(*, accelerator, model, n_items: int, cfg, seed: int, out_dir: Path, res
         history.append(entry)
         if on_step is not None and accelerator.is_main_process:
             on_step(step + 1, {k: v for k, v in entry.items() if k != "step"})
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == total:  # the last one makes a re-run a no-op
+        if out_dir is not None and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == total):
+            # the last one makes a re-run a no-op
             _save_checkpoint(accelerator, ckpt_root, step + 1, history, cfg.checkpoints_kept)
     seconds = time.perf_counter() - t0
     accelerator.wait_for_everyone()
@@ -320,6 +334,33 @@ def build_model(config, llm=None, vision=None, models=None) -> MusicModel:
     return model
 
 
+def music_step(model: MusicModel, load: Callable[[int], Sample], train, accelerator) -> Callable:
+    """`run_loop`'s step of MUSIC (`train`: the `train` section): the samples `load(i)` gives, each encoded at its
+    step (and kept after its first one when `train.cache_features`), collated and run; L = w1 L1 + w2 L2."""
+    cache: dict[int, dict] = {}
+
+    def encoded(i: int) -> dict:
+        if i in cache:
+            return cache[i]
+        e = model.encode(load(i), ablation=train.ablation)
+        if train.cache_features:
+            cache[i] = e
+        return e
+
+    def step(wrapped, indices):
+        batch = model.collate([encoded(i) for i in indices])
+        out = wrapped(batch)
+        if accelerator.num_processes > 1:
+            # L1 is a mean over this process's plan tokens; weighted by its share of the global batch's tokens, the
+            # averaged gradient is the one of a single process holding the whole global batch
+            tokens = (batch["labels"][:, 1:] != IGNORE).sum()
+            share = tokens * accelerator.num_processes / accelerator.reduce(tokens.clone(), "sum")
+            out["L1"] = out["L1"] * share
+            out["loss"] = train.w1 * out["L1"] + train.w2 * out["L2"]
+        return out
+    return step
+
+
 def train_music(config, sample_sources: Iterable, out_dir: str | os.PathLike, resume: bool = True,
                 on_step: Callable[[int, dict], None] | None = None, llm=None, vision=None,
                 models=None) -> TrainResult:
@@ -332,17 +373,8 @@ def train_music(config, sample_sources: Iterable, out_dir: str | os.PathLike, re
     train = config.profile.train
     out_dir = Path(out_dir)
     items, skipped = collect_samples(sample_sources, full_only=train.ablation == "no_decimation")
-    accelerator = _start(config, items, skipped, out_dir, train.mixed_precision)
+    accelerator = _start(config, items, skipped, train.mixed_precision)
     model = build_model(config, llm, vision, models)
-    cache: dict[int, dict] = {}
-
-    def encoded(i: int) -> dict:
-        if i in cache:
-            return cache[i]
-        e = model.encode(items[i](), ablation=train.ablation)
-        if train.cache_features:
-            cache[i] = e
-        return e
 
     # L2 standardisation from a seeded subset of the training targets (overwritten by a resumed checkpoint).
     pick = np.random.default_rng([config.seed, 1 << 20]).permutation(len(items))[:train.feature_stats_samples]
@@ -352,43 +384,48 @@ def train_music(config, sample_sources: Iterable, out_dir: str | os.PathLike, re
             target_tokens(model.vision, model.processor, targets[j:j + 32], train.image_queries)
             for j in range(0, len(targets), 32)]))
 
-    def step(wrapped, indices):
-        core = accelerator.unwrap_model(wrapped)
-        batch = core.collate([encoded(i) for i in indices])
-        out = wrapped(batch)
-        if accelerator.num_processes > 1:
-            # L1 is a mean over this process's plan tokens; weighted by its share of the global batch's tokens, the
-            # averaged gradient is the one of a single process holding the whole global batch
-            tokens = (batch["labels"][:, 1:] != IGNORE).sum()
-            share = tokens * accelerator.num_processes / accelerator.reduce(tokens.clone(), "sum")
-            out["L1"] = out["L1"] * share
-            out["loss"] = train.w1 * out["L1"] + train.w2 * out["L2"]
-        return out
-
     with flush_denormals():
-        core, history, steps, start, seconds, epochs = _run(
+        core, history, steps, start, seconds, epochs = run_loop(
             accelerator=accelerator, model=model, n_items=len(items), cfg=train, seed=config.seed, out_dir=out_dir,
-            resume=resume, step_fn=step, save_fn=lambda m, d: m.save_pretrained(d),
-            load_fn=lambda m, d: m.load_trainable(d), on_step=on_step, metric_names=("L1", "L2", "loss"))
+            step_fn=music_step(model, lambda i: items[i](), train, accelerator), metric_names=MUSIC_METRICS,
+            resume=resume, on_step=on_step)
     target = _finish(accelerator, out_dir, history, core.save_pretrained)
     return TrainResult(target, steps, epochs, len(items), skipped, start, history, seconds)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # De-tokenizer
-def build_detokenizer(config, unet=None, vision=None, models=None):
+def build_detokenizer(config, unet=None, vision=None, models=None, vae=None):
     """A fresh Detokenizer from the given `music_unet` handle, else a fresh one from its resource (`models`, else
-    the config's), and the `detokenizer` settings."""
+    the config's), and the `detokenizer` settings. `vae`: the frozen VAE to use instead of loading
+    `detokenizer.vae` (none when that is null)."""
     from music_dagster.model.detokenizer import Detokenizer, DetokenizerSettings, load_vae
 
     unet = unet or load_model(config, "music_unet", models)
     vision = vision or load_model(config, "music_vision", models)
     detok = config.profile.detokenizer
-    vae = load_vae(detok.vae, device_of(config)) if detok.vae is not None else None
+    if vae is None and detok.vae is not None:
+        vae = load_vae(detok.vae, device_of(config))
     settings = DetokenizerSettings.from_config(detok, vision.model.config.hidden_size)
     if detok.gradient_checkpointing:  # each UNet block recomputed in backward: memory for time
         unet.unet.enable_gradient_checkpointing()
     return Detokenizer(unet.unet.float(), settings, vae=vae)
+
+
+def detokenizer_step(detok, vision, load: Callable, queries: int) -> Callable:
+    """`run_loop`'s step of the de-tokenizer: the target images `load(i)` gives (PIL), each made into its pixels
+    and its own visual tokens (`vision`'s features pooled to `queries`), and their denoising loss."""
+
+    def encoded(i: int):
+        # read and encoded for its batch only, never kept: at 1024 px a target's pixels are 12 MiB, so keeping
+        # every target would grow host memory with the data set. Tokens image by image: a batch changes no bit.
+        image = load(i)
+        return detok.preprocess([image])[0], target_tokens(vision.model, vision.processor, [image], queries)[0]
+
+    def step(wrapped, indices):
+        pixels, tokens = zip(*(encoded(i) for i in indices))
+        return {"loss": wrapped(torch.stack(pixels), torch.stack(tokens))}
+    return step
 
 
 def train_detokenizer(config, sample_sources: Iterable, out_dir: str | os.PathLike, resume: bool = True,
@@ -403,28 +440,14 @@ def train_detokenizer(config, sample_sources: Iterable, out_dir: str | os.PathLi
     detok_cfg = config.profile.detokenizer
     out_dir = Path(out_dir)
     targets, skipped = collect_targets(sample_sources)
-    accelerator = _start(config, targets, skipped, out_dir, detok_cfg.mixed_precision)
+    accelerator = _start(config, targets, skipped, detok_cfg.mixed_precision)
     vision = vision or load_model(config, "music_vision", models)
     detok = build_detokenizer(config, unet, vision, models)
-    q = config.profile.train.image_queries
-
-    def encoded(i: int):
-        # read and encoded for its batch only, never kept: at 1024 px a target's pixels are 12 MiB, so keeping
-        # every target would grow host memory with the data set. Tokens image by image: a batch changes no bit.
-        image = targets[i]()
-        return detok.preprocess([image])[0], target_tokens(vision.model, vision.processor, [image], q)[0]
-
-    def step(wrapped, indices):
-        pixels, tokens = zip(*(encoded(i) for i in indices))
-        return {"loss": wrapped(torch.stack(pixels), torch.stack(tokens))}
-
-    def save(m, d):
-        m.save_pretrained(d)
+    step = detokenizer_step(detok, vision, lambda i: targets[i](), config.profile.train.image_queries)
 
     with flush_denormals():
-        core, history, steps, start, seconds, epochs = _run(
+        core, history, steps, start, seconds, epochs = run_loop(
             accelerator=accelerator, model=detok, n_items=len(targets), cfg=detok_cfg, seed=config.seed,
-            out_dir=out_dir, resume=resume, step_fn=step, save_fn=save, load_fn=lambda m, d: m.load_trainable(d),
-            on_step=on_step, metric_names=("loss",))
+            out_dir=out_dir, step_fn=step, metric_names=DETOKENIZER_METRICS, resume=resume, on_step=on_step)
     target = _finish(accelerator, out_dir, history, core.save_pretrained)
     return TrainResult(target, steps, epochs, len(targets), skipped, start, history, seconds)
