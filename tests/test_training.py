@@ -1,5 +1,6 @@
 """The training loops: resuming gives the same losses as not stopping, MSIC is never trained on, the saved folders,
-the de-tokenizer's targets (each image once, held only for its step)."""
+the de-tokenizer's targets (each image once, held only for its step); the hooks the GPU check trains with (the loop
+without checkpoints, a given VAE)."""
 import gc
 import json
 import weakref
@@ -205,3 +206,48 @@ def test_detokenizer_training_holds_no_more_targets_with_more_samples(config, tm
         result = train_detokenizer(cfg, [shard], tmp_path / f"run-{n}", on_step=on_step)
         assert result.steps == n // 2 and len(most_alive) == n
         assert max(most_alive) <= 2 and pixels_after_step == [0] * (n // 2), (most_alive, pixels_after_step)
+
+
+def test_the_loop_without_an_out_dir_trains_as_the_trainer_and_writes_nothing(config, samples, tmp_path,
+                                                                                monkeypatch):
+    """`scripts/gpu_full_size_check.py`'s way to train: the trainer's own accelerator, step and loop with
+    `out_dir=None` give `train_detokenizer`'s losses, and no checkpoint is written anywhere."""
+    from music_dagster.training.train import (DETOKENIZER_METRICS, build_detokenizer, detokenizer_step,
+                                              make_accelerator, run_loop)
+
+    trained = train_detokenizer(config, [samples], tmp_path / "run")
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    section = config.profile.detokenizer
+    targets, _ = collect_targets([samples])
+    accelerator = make_accelerator(config, section.mixed_precision)  # seeded before the models, as the trainer
+    vision = load_model(config, "music_vision")
+    detok = build_detokenizer(config, vision=vision)
+    step = detokenizer_step(detok, vision, lambda i: targets[i](), config.profile.train.image_queries)
+    with flush_denormals():
+        _, history, steps, *_ = run_loop(accelerator=accelerator, model=detok, n_items=len(targets), cfg=section,
+                                         seed=config.seed, out_dir=None, step_fn=step,
+                                         metric_names=DETOKENIZER_METRICS)
+    assert steps == 6 and history == trained.history
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cwd", "run"] and not any((tmp_path / "cwd").iterdir())
+
+
+def test_build_detokenizer_uses_a_given_vae_instead_of_loading_one(config, monkeypatch):
+    from diffusers import AutoencoderKL
+
+    import music_dagster.model.detokenizer as detokenizer
+    from music_dagster.config import ModelSpec
+    from music_dagster.training.train import build_detokenizer
+
+    def no_download(spec, device="cpu", dtype=None):
+        raise AssertionError(f"load_vae({spec.id})")
+
+    monkeypatch.setattr(detokenizer, "load_vae", no_download)
+    cfg = config.with_values("detokenizer", vae=ModelSpec(id="nowhere/vae"))
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=3, block_out_channels=(8,),
+                        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+                        norm_num_groups=8)
+    assert build_detokenizer(cfg, vae=vae).vae is vae
+    with pytest.raises(AssertionError, match="load_vae.nowhere/vae"):  # without one: the configured VAE
+        build_detokenizer(cfg)
