@@ -9,15 +9,16 @@ each model and one generation, stopped at `--budget-s`, 450 s by default, with e
   and MUSIC (Qwen3-8B with LoRA, SigLIP so400m, both resamplers) are built from the configs `music check full`
   reads (`configs/full/`; the tiny profile: its zoo folders' configs) straight on the device, with each library's
   random initialisation, each backbone in the dtype its loader gives it (`loaders.role_dtype`), through the training
-  code's own constructors (`train.build_detokenizer`, `train.build_model`: trainable parts in fp32, gradient
-  checkpointing as the profile says);
-- each runs `--steps` optimizer steps of the training loop itself (`train._run`: accelerate at the section's
-  `mixed_precision`, AdamW, clipping, warm-up) at the section's `batch_size`, on synthetic samples of the shapes
-  `music check full` steps: `data.max_subjects` references of `data.reference_size` px, an instruction of
-  `dryrun.INSTRUCTION_TOKENS` tokens, a plan of `train.max_plan_tokens` tokens, targets of `data.image_size` px.
-  Each step encodes its batch as the loops do (the de-tokenizer always; MUSIC unless `train.cache_features`, which
-  keeps a sample's features after its first step: one batch of samples makes an epoch). The loop's checkpoint is
-  not written (an accelerator whose `save_state` does nothing);
+  code's own constructors (`train.build_detokenizer`, given the VAE built here, and `train.build_model`: trainable
+  parts in fp32, gradient checkpointing as the profile says);
+- each runs `--steps` optimizer steps of the training loop itself (`train.run_loop`: accelerate at the section's
+  `mixed_precision` from `train.make_accelerator`, AdamW, clipping, warm-up; with `out_dir=None`, so no checkpoint
+  is written) of the trainers' own steps (`train.detokenizer_step`, `train.music_step`) at the section's
+  `batch_size`, on synthetic samples of the shapes `music check full` steps: `data.max_subjects` references of
+  `data.reference_size` px, an instruction of `dryrun.INSTRUCTION_TOKENS` tokens, a plan of `train.max_plan_tokens`
+  tokens, targets of `data.image_size` px. Each step encodes its batch as the loops do (the de-tokenizer always;
+  MUSIC unless `train.cache_features`, which keeps a sample's features after its first step: one batch of samples
+  makes an epoch);
 - it prints a row per model as soon as it is measured (the seconds its phase took, building included): the
   measured peak memory (on CUDA `max_memory_allocated` over the steps, less what was
   allocated before the model was built: the model's own; on a CPU, which keeps no allocator statistics, the
@@ -29,10 +30,11 @@ each model and one generation, stopped at `--budget-s`, 450 s by default, with e
   CLIP scoring of the branches (`select_clip`: a ViT-B/16 forward over N images) is left out. With random weights
   the plans and images are noise: only the times mean something.
 
-Model FLOPs are every FLOP of one training step, forward and backward, the frozen encoders' no-grad forwards
-included and gradient checkpointing's recomputation not (it is paused for the count): torch's `FlopCounterMode` on
-one sample, times the batch (all samples have one shape). MFU = model FLOPs per step / mean step time / the device's
-peak dense bf16 FLOPS (`PEAK_BF16_TFLOPS` by device name, or `--peak-tflops`).
+Model FLOPs are every FLOP of one training step as the timed steps run it (what a step caches, cached), forward and
+backward, the frozen encoders' no-grad forwards included and gradient checkpointing's recomputation not (it is
+paused for the count): torch's `FlopCounterMode` on one sample's second step, times the batch (all samples have one
+shape). MFU = model FLOPs per step / mean step time / the device's peak dense bf16 FLOPS (`PEAK_BF16_TFLOPS` by
+device name, or `--peak-tflops`).
 
 Stand-in: `configs/full/` keeps no tokenizer, so text is tokenised by the tiny zoo's MUSIC BPE (512 tokens, made in
 memory, ids valid in Qwen's vocabulary). The training step's text has the real token counts; a decoded plan's
@@ -46,12 +48,10 @@ import os
 import resource
 import signal
 import sys
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a checkout without installing
 
@@ -218,11 +218,15 @@ def recomputation_paused(model):
 
 
 def step_flops(model, step, batch: int) -> float:
-    """Model FLOPs of one training step at `batch`: one sample's forward and backward counted, times `batch`."""
+    """Model FLOPs of one training step at `batch`, as the loop runs it from its second step on (what the step
+    caches, `train.cache_features`, cached by a first call): one sample's forward and backward counted, times
+    `batch`."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with recomputation_paused(model), FlopCounterMode(display=False) as counter:
+    with recomputation_paused(model):
         step(model, [0])["loss"].backward()
+        with FlopCounterMode(display=False) as counter:
+            step(model, [0])["loss"].backward()
     model.zero_grad(set_to_none=True)
     return float(counter.get_total_flops()) * batch
 
@@ -241,30 +245,12 @@ def peak_tflops(device, given: float | None) -> tuple[float | None, str]:
     return None, "unknown: pass --peak-tflops for MFU"
 
 
-def accelerator_for(config, section, device, project_dir: Path):
-    """The loop's accelerator as `train._start` makes it (seeded), except that `save_state` writes nothing: the
-    loop saves a checkpoint at its last step, and a check keeps no training state (the de-tokenizer's would be
-    about 40 GB)."""
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
-
-    class WithoutCheckpoints(Accelerator):
-        def save_state(self, *args, **kwargs):
-            return None
-
-    accelerator = WithoutCheckpoints(mixed_precision=section.mixed_precision, step_scheduler_with_optimizer=False,
-                                     cpu=device.type == "cpu",
-                                     project_config=ProjectConfiguration(project_dir=str(project_dir)))
-    set_seed(config.seed)
-    return accelerator
-
-
-def train_steps(config, section, model, step, args, device, metric_names) -> list[float]:
-    """`args.steps` optimizer steps of the training loop (`train._run`) at `section.batch_size`, over one batch of
-    samples, an epoch each (what a loop caches is cached from the second step on, as in a long run); the seconds
-    of each step after the first `args.warmup` (the first also holds the loop's set-up)."""
+def train_steps(config, section, accelerator, model, step, metric_names, args, device) -> list[float]:
+    """`args.steps` optimizer steps of the training loop (`train.run_loop`, no checkpoints) at `section.batch_size`,
+    over one batch of samples, an epoch each (what a loop caches is cached from the second step on, as in a long
+    run); the seconds of each step after the first `args.warmup` (the first also holds the loop's set-up)."""
     from music_dagster.model.runtime import flush_denormals
-    from music_dagster.training.train import _run
+    from music_dagster.training.train import run_loop
 
     stamps = [time.perf_counter()]
 
@@ -272,15 +258,11 @@ def train_steps(config, section, model, step, args, device, metric_names) -> lis
         synchronize(device)
         stamps.append(time.perf_counter())
 
-    with tempfile.TemporaryDirectory(prefix="gpu-check-") as out, flush_denormals():
-        accelerator = accelerator_for(config, section, device, Path(out))
-        _run(accelerator=accelerator, model=model, n_items=section.batch_size,
-             cfg=section.model_copy(update={"epochs": args.steps, "max_steps": args.steps}), seed=config.seed,
-             out_dir=Path(out),
-             resume=False, step_fn=step(accelerator), save_fn=lambda m, d: None, load_fn=lambda m, d: None,
-             on_step=on_step, metric_names=metric_names)
-        accelerator.free_memory()
-    del accelerator
+    with flush_denormals():
+        run_loop(accelerator=accelerator, model=model, n_items=section.batch_size,
+                 cfg=section.model_copy(update={"epochs": args.steps, "max_steps": args.steps}), seed=config.seed,
+                 out_dir=None, step_fn=step, metric_names=metric_names, on_step=on_step)
+    accelerator.free_memory()
     gc.collect()  # the optimizer's states (the de-tokenizer's: 21 GB) go before the next model is built
     return [b - a for a, b in zip(stamps, stamps[1:])][args.warmup:]
 
@@ -295,11 +277,8 @@ def figures(name, batch, sample, args, memory, estimate_gib, times, flops, peak)
 # The phases
 def measure_detokenizer(config, device, args, estimate_gib, peak):
     """The de-tokenizer built and trained for `args.steps` steps: (the model, its figures)."""
-    import torch
-
-    from music_dagster.model import detokenizer as detokenizer_module
-    from music_dagster.model.music import target_tokens
-    from music_dagster.training.train import build_detokenizer
+    from music_dagster.training.train import (DETOKENIZER_METRICS, build_detokenizer, detokenizer_step,
+                                              make_accelerator)
     from music_dagster.zoo import dryrun
 
     section = config.profile.detokenizer
@@ -308,58 +287,32 @@ def measure_detokenizer(config, device, args, estimate_gib, peak):
     vae = None
     if section.vae is not None:
         vae = dryrun.build(dryrun.config_folder(section.vae), device=device).eval().requires_grad_(False)
-    # `build_detokenizer` loads the VAE from the Hub: here it is the one just built with random weights
-    with mock.patch.object(detokenizer_module, "load_vae", lambda spec, device="cpu", dtype=None: vae):
-        detok = build_detokenizer(config, unet=build_role(config, "music_unet", device), vision=vision)
+    detok = build_detokenizer(config, unet=build_role(config, "music_unet", device), vision=vision, vae=vae)
     images = [noise_image(config.profile.data.image_size, i) for i in range(section.batch_size)]
-    queries = config.profile.train.image_queries
-
-    def encoded(i: int):  # `train_detokenizer`'s: a target's pixels and tokens, made for its batch (from memory here)
-        image = images[i]
-        return detok.preprocess([image])[0], target_tokens(vision.model, vision.processor, [image], queries)[0]
-
-    def step(accelerator):
-        def run(wrapped, indices):  # `train_detokenizer`'s step
-            pixels, tokens = zip(*(encoded(i) for i in indices))
-            return {"loss": wrapped(torch.stack(pixels), torch.stack(tokens))}
-        return run
-
-    flops = step_flops(detok, step(None), section.batch_size)
+    step = detokenizer_step(detok, vision, images.__getitem__, config.profile.train.image_queries)
+    accelerator = make_accelerator(config, section.mixed_precision, device.type)
+    flops = step_flops(detok, step, section.batch_size)
     memory.restart()
-    times = train_steps(config, section, detok, step, args, device, ("loss",))
+    times = train_steps(config, section, accelerator, detok, step, DETOKENIZER_METRICS, args, device)
     return detok, figures("de-tokenizer", section.batch_size, f"{detok.image_size}px", args, memory, estimate_gib,
                           times, flops, peak)
 
 
 def measure_music(config, device, tokenizer, args, estimate_gib, peak):
     """MUSIC built and trained for `args.steps` steps: (the model, its figures)."""
-    from music_dagster.training.train import build_model
+    from music_dagster.training.train import MUSIC_METRICS, build_model, make_accelerator, music_step
 
     train = config.profile.train
     memory = PeakMemory(device)
     model = build_model(config, build_role(config, "music_llm", device, tokenizer=tokenizer),
                         vision_role(config, device))
     samples = synthetic_samples(model, config, train.batch_size)
-    cache: dict[int, dict] = {}
-
-    def encoded(i: int) -> dict:  # `train_music`'s
-        if i in cache:
-            return cache[i]
-        e = model.encode(samples[i], ablation=train.ablation)
-        if train.cache_features:
-            cache[i] = e
-        return e
-
-    def step(accelerator):
-        def run(wrapped, indices):  # `train_music`'s step in one process
-            core = accelerator.unwrap_model(wrapped) if accelerator is not None else wrapped
-            return wrapped(core.collate([encoded(i) for i in indices]))
-        return run
-
-    tokens = len(encoded(0)["ids"])
-    flops = step_flops(model, step(None), train.batch_size)
+    tokens = len(model.encode(samples[0], ablation=train.ablation)["ids"])
+    accelerator = make_accelerator(config, train.mixed_precision, device.type)
+    step = music_step(model, samples.__getitem__, train, accelerator)
+    flops = step_flops(model, step, train.batch_size)
     memory.restart()
-    times = train_steps(config, train, model, step, args, device, ("L1", "L2", "loss"))
+    times = train_steps(config, train, accelerator, model, step, MUSIC_METRICS, args, device)
     return model, figures("MUSIC", train.batch_size, f"{tokens}tok", args, memory, estimate_gib, times, flops, peak)
 
 

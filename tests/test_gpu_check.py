@@ -1,6 +1,6 @@
 """`scripts/gpu_full_size_check.py`: its CPU mode (the tiny profile's sizes, the same steps as on a GPU) prints a row
 per model with positive figures and a timed generation; model FLOPs leave gradient checkpointing's recomputation
-out; without a GPU the GPU mode is one line and a non-zero exit."""
+out, and a step's cache is not counted again; without a GPU the GPU mode is one line and a non-zero exit."""
 import importlib.util
 import os
 import re
@@ -82,6 +82,30 @@ def test_model_flops_leave_out_gradient_checkpointings_recomputation(tiny_zoo, s
     with FlopCounterMode(display=False) as counter:  # what the hardware does: the blocks' forward again
         step(unet, [0])["loss"].backward()
     assert counter.get_total_flops() * 3 > plain
+
+
+def test_model_flops_count_a_step_whose_cache_is_filled(script):
+    """As the timed steps run: what a step caches (`train.cache_features`) is not counted again."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    layer, x = torch.nn.Linear(8, 8), torch.randn(4, 8)
+    cache = []
+
+    def cached(model, indices):  # its first call encodes (a matmul), the later ones read the cache
+        if not cache:
+            cache.append(torch.randn(4, 64) @ torch.randn(64, 8))
+        return {"loss": model(cache[0]).sum()}
+
+    def plain(model, indices):
+        return {"loss": model(x).sum()}
+
+    with FlopCounterMode(display=False) as first:
+        cached(layer, [0])["loss"].backward()
+    cache.clear()
+    layer.zero_grad(set_to_none=True)
+    assert script.step_flops(layer, cached, batch=2) == script.step_flops(layer, plain, batch=2) > 0
+    assert first.get_total_flops() * 2 > script.step_flops(layer, plain, batch=2)
 
 
 def test_peak_flops_come_from_the_table_or_the_option(script, monkeypatch):
