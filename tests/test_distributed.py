@@ -163,6 +163,8 @@ def test_the_asset_launches_the_processes_through_pipes(two_processes):
     assert sum(f"lora step {s}: " in m for m in logged for s in range(1, STEPS + 1)) == STEPS  # rank 0 only
     meta = result.asset_materializations_for_node("lora_checkpoint")[0].metadata
     assert meta["steps"].value == STEPS and meta["resumed_from"].value == 0 and meta["samples"].value > 0
-    assert (meta["devices"].value, meta["device_slots"].value) == (["cpu", "cpu"], [0, 1])
+    # Two distinct devices, in rank order; which slot is rank 0 follows the slots this process held last (earlier
+    # tests' leases), so only the set is fixed.
+    assert meta["devices"].value == ["cpu", "cpu"] and sorted(meta["device_slots"].value) == [0, 1]
     assert sum(m.startswith("launching on CUDA_VISIBLE_DEVICES='': ") for m in logged) == 1
     assert sorted(m.step for m in losses) == list(range(1, STEPS + 1))
