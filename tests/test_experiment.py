@@ -51,6 +51,67 @@ def test_every_row_runs_and_is_reported(tiny_zoo, tmp_path):
     assert again["full"].rows == results["full"].rows and again["no_cot"].rows == results["no_cot"].rows
 
 
+def test_models_trained_at_once_are_the_ones_trained_in_turn(tiny_zoo, tmp_path):
+    """`music demo procedural` trains the de-tokenizer and each MUSIC model in processes of their own, at once:
+    the same weights, byte for byte, as `load_models` training them one after another in this process."""
+    from music_dagster.model.music import weight_hashes
+
+    config = _tiny()
+    rows = ["full", "no_cot", "gt_tokens"]
+    ex.train_concurrently(config, rows, tmp_path / "at_once", workers=2, log=lambda _: None)
+    ex.load_models(config, rows, tmp_path / "in_turn", log=lambda _: None)
+    at_once = sorted(p.name for p in (tmp_path / "at_once").iterdir())
+    assert at_once == sorted(p.name for p in (tmp_path / "in_turn").iterdir())
+    assert [n.split("-")[:-1] for n in at_once] == [["detokenizer"], ["music", "no_cot"], ["music", "none"]]
+    for name in at_once:
+        models = [tmp_path / run / name / "model" for run in ("at_once", "in_turn")]
+        assert weight_hashes(models[0]) == weight_hashes(models[1]), name
+
+
+TRAIN_AT_ONCE = """
+import sys
+from pathlib import Path
+from music_dagster.config import load_config
+from music_dagster.experiment import procedural as ex
+config = load_config(profile="tiny").with_values("train", epochs=100000, max_steps=100000, procedural_samples=12,
+                                                  max_plan_tokens=24)
+if __name__ == "__main__":
+    ex.train_concurrently(config, ["full"], Path(sys.argv[1]), workers=2)
+"""
+
+
+@pytest.mark.slow
+def test_a_killed_demo_leaves_no_worker_training(tiny_zoo, tmp_path):
+    """kill -9 of the process that trains at once (no handler runs) ends its training workers too: an orphan would
+    train on beside the re-run, into the same folders."""
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    script = tmp_path / "train_at_once.py"
+    script.write_text(TRAIN_AT_ONCE)
+    parent = subprocess.Popen([sys.executable, str(script), str(tmp_path / "work")], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "work").is_dir() or len(workers := _training_workers(parent.pid)) < 2:
+            assert parent.poll() is None and time.monotonic() < deadline, "the workers never started"
+            time.sleep(0.5)
+    finally:
+        parent.kill()
+        parent.wait()
+    gone, alive = psutil.wait_procs(workers, timeout=15)
+    assert not alive, f"workers still running after their parent was killed: {[p.pid for p in alive]}"
+
+
+def _training_workers(pid: int) -> list:
+    import psutil
+
+    return [p for p in psutil.Process(pid).children() if "spawn_main" in " ".join(p.cmdline())]
+
+
 def test_unknown_row_and_no_prompts_are_one_line():
     with pytest.raises(ex.ExperimentError, match="unknown experiment row 'nope' \\(rows: untrained, full"):
         ex.check_rows(["full", "nope"])

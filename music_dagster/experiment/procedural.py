@@ -98,11 +98,11 @@ class RowResult:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Training (shared by the rows)
-def _key(config, *parts) -> str:
-    """A short hash of what decides a trained model: the sections it reads, the backbones, the seed, the world."""
+def _key(config, roles: Sequence[str], *parts) -> str:
+    """A short hash of what decides a trained model: the sections it reads, its backbones (`roles`), the seed, the
+    world."""
     profile = config.profile
-    decided = {"seed": config.seed, "models": {r: profile.models[r].model_dump(mode="json")
-                                                for r in ("music_llm", "music_vision", "music_unet")},
+    decided = {"seed": config.seed, "models": {r: profile.models[r].model_dump(mode="json") for r in roles},
                "grid": profile.data.grid, "parts": [p.model_dump(mode="json") if hasattr(p, "model_dump") else p
                                                     for p in parts]}
     return hashlib.sha256(json.dumps(decided, sort_keys=True).encode()).hexdigest()[:12]
@@ -117,7 +117,7 @@ def train_detokenizer_once(config, root: Path, log: Callable[[str], None] = prin
     train = config.profile.train
     world = WorldSettings.from_config(config)
     decided = (config.profile.detokenizer, train.image_queries, train.procedural_samples, repr(world))
-    work = root / f"detokenizer-{_key(config, *decided)}"
+    work = root / f"detokenizer-{_key(config, ('music_vision', 'music_unet'), *decided)}"
     log(f"de-tokenizer: training into {work}")
     t0 = time.perf_counter()
     result = train_detokenizer(config, [procedural_samples(train.procedural_samples, config.seed, world)], work,
@@ -134,7 +134,7 @@ def train_music_once(config, ablation: str, root: Path, log: Callable[[str], Non
     from music_dagster.training.train import procedural_source, train_music
 
     cfg = config.with_values("train", ablation=ablation)
-    work = root / f"music-{ablation}-{_key(cfg, cfg.profile.train)}"
+    work = root / f"music-{ablation}-{_key(cfg, ('music_llm', 'music_vision'), cfg.profile.train)}"
     log(f"MUSIC ({ablation}): training into {work}")
     t0 = time.perf_counter()
     result = train_music(cfg, [procedural_source(cfg)], work, models=resources)
@@ -520,6 +520,60 @@ def log_parent_run(store, config, results: dict[str, RowResult], files: dict[str
         return run.reference()
 
 
+def _train_one(config, model: str | None, root: Path) -> Path:
+    """One model the rows need, trained in this (worker) process: the de-tokenizer (`model` None) or MUSIC with
+    `train.ablation = model`."""
+    import torch
+
+    torch.set_num_threads(config.profile.torch_threads)
+    if model is None:
+        return train_detokenizer_once(config, root)
+    return train_music_once(config, model, root)
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A training worker's initializer: the worker ends when the process that started it is gone (killed with
+    kill -9, which no handler sees), so an orphan never trains on beside a re-run."""
+    import threading
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
+
+
+def train_concurrently(config, names: Sequence[str], root: str | os.PathLike, workers: int,
+                       log: Callable[[str], None] = print) -> None:
+    """Train the models the rows `names` need (the de-tokenizer and one MUSIC model per ablation) at once, one
+    process each, at most `workers` at a time. They are independent, so on two cores the de-tokenizer trains beside
+    MUSIC instead of before it; `load_models` then finds them trained. Each process trains exactly what it would
+    alone (same seeds, same bytes). A failure, Ctrl-C or SIGTERM stops every worker, and a worker whose parent was
+    killed stops within a second; each model resumes from its last checkpoint on the next run."""
+    import multiprocessing
+
+    ablations = list(dict.fromkeys(ROWS[n].ablation for n in check_rows(names) if ROWS[n].trained and ROWS[n].ablation))
+    jobs = [None, *ablations]
+    log(f"training {len(jobs)} models, {min(workers, len(jobs))} at a time: de-tokenizer, "
+        + ", ".join(f"MUSIC ({a})" for a in ablations))
+    t0 = time.perf_counter()
+    pool = multiprocessing.get_context("spawn").Pool(min(workers, len(jobs)), initializer=_exit_with_parent,
+                                                     initargs=(os.getpid(),))
+    try:
+        pending = [(job, pool.apply_async(_train_one, (config, job, Path(root)))) for job in jobs]
+        for job, result in pending:
+            folder = result.get()
+            log(f"{'de-tokenizer' if job is None else f'MUSIC ({job})'}: trained in {folder.parent} "
+                f"({time.perf_counter() - t0:.0f} s since the start)")
+        pool.close()
+    except BaseException:
+        pool.terminate()  # the workers' training stops now, not after this process has gone
+        raise
+    finally:
+        pool.join()
+
+
 def run_experiment(config, names: Sequence[str], root: str | os.PathLike, held_out: int,
                    log: Callable[[str], None] = print, resources=None) -> dict[str, RowResult]:
     """Train what the rows need (once, under `root`), then generate and score each row on `held_out` prompts
@@ -557,7 +611,9 @@ def run_demo(profile: str = DEMO_PROFILE, rows: Sequence[str] = DEMO_ROWS, held_
         ensure_zoo(seed=config.seed, roles=local)
     config.check_models(DEMO_ROLES)
     t0 = time.perf_counter()
-    results = run_experiment(config, rows, PROJECT_ROOT / ".cache" / "experiment", held_out, log)
+    root = PROJECT_ROOT / ".cache" / "experiment"
+    train_concurrently(config, rows, root, len(os.sched_getaffinity(0)), log)
+    results = run_experiment(config, rows, root, held_out, log)
     files = write_outputs(config, results, config.paths.resolve("metrics"))
     store = store_from_config(config)
     with tempfile.TemporaryDirectory() as tmp:  # each row's scores and examples, logged with its run
