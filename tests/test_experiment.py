@@ -1,8 +1,6 @@
 """The procedural experiment: every row runs end to end and is reported; the assets write the table, nest the MLflow
-runs and show the table and image grid. Whether the method beats its baselines is measured by `make demo`, not
-asserted here: a run cut to CI's budget (MUSIC 500 steps, de-tokenizer 400, 24 held-out prompts) showed no margin
-that holds across seeds (full - untrained placement +0.09 with seed 0, -0.03 with seed 1; identity against shuffled
-references +0.00 and +0.00; docs/design.md)."""
+runs and show the table and image grid; and a reduced run shows the method beating its baselines in pixels
+(`test_the_method_beats_untrained_and_shuffled_references`; the full table is `make demo`'s, docs/design.md)."""
 import json
 
 import pytest
@@ -110,6 +108,43 @@ def _training_workers(pid: int) -> list:
     import psutil
 
     return [p for p in psutil.Process(pid).children() if "spawn_main" in " ".join(p.cmdline())]
+
+
+# The reduced experiment CI runs: the procedural profile with MUSIC cut from 5000 steps to 1500 and the de-tokenizer
+# from 800 to 400 (trained at once, in two processes), scored on 48 held-out prompts (about 139 subjects).
+REDUCED = {"train": {"max_steps": 1500}, "detokenizer": {"max_steps": 400}}
+PLACEMENT_MARGIN = 0.04
+IDENTITY_MARGIN = 0.02
+
+
+@pytest.mark.slow
+def test_the_method_beats_untrained_and_shuffled_references(tiny_zoo, tmp_path):
+    """The full method, trained on the procedural world and generating end to end (plan, visual tokens,
+    de-tokenizer), beats the untrained model on placement and itself given shuffled references on identity, both
+    scored in pixels against ground truth. The margins come from repeated runs of exactly this reduction, one per
+    world seed (full method vs baseline, paired gap mean [95% interval] over the held-out prompts):
+
+    | seed | placement: full vs untrained | identity: full vs shuffled references |
+    | 0 | 0.24 vs 0.00, +0.24 [+0.17, +0.32] | 0.16 vs 0.05, +0.11 [+0.05, +0.17] |
+    | 1 | 0.13 vs 0.03, +0.10 [+0.04, +0.16] | 0.07 vs 0.01, +0.06 [+0.01, +0.10] |
+    | 2 | 0.27 vs 0.00, +0.27 [+0.20, +0.33] | 0.17 vs 0.03, +0.14 [+0.08, +0.20] |
+
+    Each margin is half the smallest of those gaps, rounded down: 0.096 / 2 and 0.055 / 2. CI runs seed 0, the
+    project's. At 1,500 steps the model is early in its learning, so the gaps vary by seed; the profile's 5,000-step
+    run reaches +0.81 and +0.65 (docs/design.md)."""
+    import torch
+
+    torch.set_num_threads(1)
+    config = load_config(profile="procedural")
+    for section, values in REDUCED.items():
+        config = config.with_values(section, **values)
+    rows = ["untrained", "full", "shuffled_references"]
+    ex.train_concurrently(config, rows, tmp_path, workers=2, log=lambda _: None)
+    results = ex.run_experiment(config, rows, tmp_path, held_out=48, log=lambda _: None)
+    gaps = ex.comparison(results)
+    placement, identity = gaps["full-untrained/placement"], gaps["full-shuffled_references/identity"]
+    assert placement["mean"] >= PLACEMENT_MARGIN, placement
+    assert identity["mean"] >= IDENTITY_MARGIN, identity
 
 
 def test_unknown_row_and_no_prompts_are_one_line():
