@@ -143,6 +143,65 @@ def train_music_once(config, ablation: str, root: Path, log: Callable[[str], Non
     return result.model_dir
 
 
+def trained_ablations(names: Sequence[str]) -> list[str]:
+    """The `train.ablation`s of the MUSIC models the rows `names` need, each once, in table order."""
+    return list(dict.fromkeys(ROWS[n].ablation for n in names if ROWS[n].trained and ROWS[n].ablation))
+
+
+def _train_one(config, model: str | None, root: Path) -> Path:
+    """One model the rows need, trained in this (worker) process: the de-tokenizer (`model` None) or MUSIC with
+    `train.ablation = model`."""
+    import torch
+
+    torch.set_num_threads(config.profile.torch_threads)
+    if model is None:
+        return train_detokenizer_once(config, root)
+    return train_music_once(config, model, root)
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A training worker's initializer: the worker ends when the process that started it is gone (killed with
+    kill -9, which no handler sees), so an orphan never trains on beside a re-run."""
+    import threading
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
+
+
+def train_concurrently(config, names: Sequence[str], root: str | os.PathLike, workers: int,
+                       log: Callable[[str], None] = print) -> None:
+    """Train the models the rows `names` need (the de-tokenizer and one MUSIC model per ablation) at once, one
+    process each, at most `workers` at a time. They are independent, so on two cores the de-tokenizer trains beside
+    MUSIC instead of before it; `load_models` then finds them trained. Each process trains exactly what it would
+    alone (same seeds, same bytes). A failure, Ctrl-C or SIGTERM stops every worker, and a worker whose parent was
+    killed stops within a second; each model resumes from its last checkpoint on the next run."""
+    import multiprocessing
+
+    ablations = trained_ablations(check_rows(names))
+    jobs = [None, *ablations]
+    log(f"training {len(jobs)} models, {min(workers, len(jobs))} at a time: de-tokenizer, "
+        + ", ".join(f"MUSIC ({a})" for a in ablations))
+    t0 = time.perf_counter()
+    pool = multiprocessing.get_context("spawn").Pool(min(workers, len(jobs)), initializer=_exit_with_parent,
+                                                     initargs=(os.getpid(),))
+    try:
+        pending = [(job, pool.apply_async(_train_one, (config, job, Path(root)))) for job in jobs]
+        for job, result in pending:
+            folder = result.get()
+            log(f"{'de-tokenizer' if job is None else f'MUSIC ({job})'}: trained in {folder.parent} "
+                f"({time.perf_counter() - t0:.0f} s since the start)")
+        pool.close()
+    except BaseException:
+        pool.terminate()  # the workers' training stops now, not after this process has gone
+        raise
+    finally:
+        pool.join()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Generation and scoring
 def held_out_prompts(config, n: int) -> list:
@@ -292,7 +351,7 @@ def load_models(config, names: Sequence[str], root: Path, log: Callable[[str], N
     detok = Detokenizer.from_pretrained(train_detokenizer_once(config, root, log, resources), vae=vae,
                                         device=device)
     music = {}
-    for ablation in dict.fromkeys(ROWS[n].ablation for n in names if ROWS[n].trained and ROWS[n].ablation):
+    for ablation in trained_ablations(names):
         folder = train_music_once(config, ablation, root, log, resources)
         music[ablation] = MusicModel.from_pretrained(folder, load_model(config, "music_llm", resources),
                                                      load_model(config, "music_vision", resources))
@@ -518,60 +577,6 @@ def log_parent_run(store, config, results: dict[str, RowResult], files: dict[str
         for child in children:
             run.client.set_tag(child, MLFLOW_PARENT_RUN_ID, run.run_id)
         return run.reference()
-
-
-def _train_one(config, model: str | None, root: Path) -> Path:
-    """One model the rows need, trained in this (worker) process: the de-tokenizer (`model` None) or MUSIC with
-    `train.ablation = model`."""
-    import torch
-
-    torch.set_num_threads(config.profile.torch_threads)
-    if model is None:
-        return train_detokenizer_once(config, root)
-    return train_music_once(config, model, root)
-
-
-def _exit_with_parent(parent: int) -> None:
-    """A training worker's initializer: the worker ends when the process that started it is gone (killed with
-    kill -9, which no handler sees), so an orphan never trains on beside a re-run."""
-    import threading
-
-    def watch():
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os._exit(1)
-
-    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
-
-
-def train_concurrently(config, names: Sequence[str], root: str | os.PathLike, workers: int,
-                       log: Callable[[str], None] = print) -> None:
-    """Train the models the rows `names` need (the de-tokenizer and one MUSIC model per ablation) at once, one
-    process each, at most `workers` at a time. They are independent, so on two cores the de-tokenizer trains beside
-    MUSIC instead of before it; `load_models` then finds them trained. Each process trains exactly what it would
-    alone (same seeds, same bytes). A failure, Ctrl-C or SIGTERM stops every worker, and a worker whose parent was
-    killed stops within a second; each model resumes from its last checkpoint on the next run."""
-    import multiprocessing
-
-    ablations = list(dict.fromkeys(ROWS[n].ablation for n in check_rows(names) if ROWS[n].trained and ROWS[n].ablation))
-    jobs = [None, *ablations]
-    log(f"training {len(jobs)} models, {min(workers, len(jobs))} at a time: de-tokenizer, "
-        + ", ".join(f"MUSIC ({a})" for a in ablations))
-    t0 = time.perf_counter()
-    pool = multiprocessing.get_context("spawn").Pool(min(workers, len(jobs)), initializer=_exit_with_parent,
-                                                     initargs=(os.getpid(),))
-    try:
-        pending = [(job, pool.apply_async(_train_one, (config, job, Path(root)))) for job in jobs]
-        for job, result in pending:
-            folder = result.get()
-            log(f"{'de-tokenizer' if job is None else f'MUSIC ({job})'}: trained in {folder.parent} "
-                f"({time.perf_counter() - t0:.0f} s since the start)")
-        pool.close()
-    except BaseException:
-        pool.terminate()  # the workers' training stops now, not after this process has gone
-        raise
-    finally:
-        pool.join()
 
 
 def run_experiment(config, names: Sequence[str], root: str | os.PathLike, held_out: int,
