@@ -49,6 +49,7 @@ def test_every_row_runs_and_is_reported(tiny_zoo, tmp_path):
     assert again["full"].rows == results["full"].rows and again["no_cot"].rows == results["no_cot"].rows
 
 
+@pytest.mark.slow
 def test_models_trained_at_once_are_the_ones_trained_in_turn(tiny_zoo, tmp_path):
     """`music demo procedural` trains the de-tokenizer and each MUSIC model in processes of their own, at once:
     the same weights, byte for byte, as `load_models` training them one after another in this process."""
@@ -100,7 +101,7 @@ def test_a_killed_demo_leaves_no_worker_training(tiny_zoo, tmp_path):
     finally:
         parent.kill()
         parent.wait()
-    gone, alive = psutil.wait_procs(workers, timeout=15)
+    _, alive = psutil.wait_procs(workers, timeout=15)
     assert not alive, f"workers still running after their parent was killed: {[p.pid for p in alive]}"
 
 

@@ -617,7 +617,9 @@ def run_demo(profile: str = DEMO_PROFILE, rows: Sequence[str] = DEMO_ROWS, held_
     config.check_models(DEMO_ROLES)
     t0 = time.perf_counter()
     root = PROJECT_ROOT / ".cache" / "experiment"
-    train_concurrently(config, rows, root, len(os.sched_getaffinity(0)), log)
+    # the cores this process may use (a container's limit on Linux); macOS has no affinity call
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    train_concurrently(config, rows, root, cores, log)
     results = run_experiment(config, rows, root, held_out, log)
     files = write_outputs(config, results, config.paths.resolve("metrics"))
     store = store_from_config(config)
