@@ -206,6 +206,8 @@ class TrainConfig(_Spelled):
     warmup_steps: int = Field(default=100, ge=0)
     grad_clip: float = Field(default=1.0, gt=0)
     batch_size: int = Field(default=8, gt=0)  # per process
+    # batches of samples of about one length (transformers' `group_by_length`): less padding, the same samples
+    group_by_length: bool = False
     epochs: int = Field(default=10, gt=0)
     max_steps: int | None = Field(default=None, gt=0)  # stops earlier than `epochs` when set
     checkpoint_every: int = Field(default=500, gt=0)  # optimizer steps between resumable checkpoints

@@ -44,9 +44,13 @@ def test_every_row_runs_and_is_reported(tiny_zoo, tmp_path):
     saved = ex.load_row(ex.save_row(results["full"], tmp_path / "rows" / "full"))
     assert saved.rows == results["full"].rows and saved.summary == results["full"].summary
     assert (tmp_path / "rows" / "full" / ex.ROW_FIGURE).is_file()
-    # Trained models are found again, not retrained: the same rows give the same scores.
-    again = ex.run_experiment(config, ["full", "no_cot"], tmp_path / "work", held_out=4, log=lambda _: None)
+    # Trained models are found again, not retrained nor saved again: the same rows give the same scores.
+    lines = []
+    again = ex.run_experiment(config, ["full", "no_cot"], tmp_path / "work", held_out=4, log=lines.append)
     assert again["full"].rows == results["full"].rows and again["no_cot"].rows == results["no_cot"].rows
+    assert sorted(line.split(":")[0] for line in lines if "trained already in" in line) == [
+        "MUSIC (no_cot)", "MUSIC (none)", "de-tokenizer"]
+    assert not any("training into" in line for line in lines)
 
 
 @pytest.mark.slow

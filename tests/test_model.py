@@ -56,6 +56,15 @@ def test_forward_losses_and_what_is_supervised(backbones, samples):
     assert not any(n.startswith("vision.") for n in grads)
 
 
+def test_tokens_are_what_encode_feeds_the_model(backbones, samples):
+    model = _model(backbones)
+    for sample in samples:
+        for with_target in (True, False):
+            tokens, encoded = model.tokens(sample, with_target), model.encode(sample, with_target)
+            assert tokens["ids"] == encoded["ids"].tolist() and tokens["labels"] == encoded["labels"].tolist()
+            assert tokens["kinds"] == encoded["kinds"].tolist() and tokens["prompt_len"] == encoded["prompt_len"]
+
+
 def test_losses_do_not_depend_on_padding_side_or_batch_company(backbones, samples):
     model = _model(backbones).eval()
     encoded = [model.encode(s) for s in samples]

@@ -5,6 +5,7 @@ import gc
 import json
 import weakref
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,8 +15,8 @@ from music_dagster.model.music import MusicModel
 from music_dagster.model.procedural import procedural_samples, write_procedural_shard
 from music_dagster.model.runtime import flush_denormals, load_model
 from music_dagster.synthesis.decimation import decimate
-from music_dagster.training.train import (CHECKPOINTS, TrainingError, collect_samples, collect_targets,
-                                          train_detokenizer, train_music)
+from music_dagster.training.train import (CHECKPOINTS, GROUPED_BATCHES, TrainingError, collect_samples,
+                                          collect_targets, epoch_order, train_detokenizer, train_music)
 
 
 class Stop(Exception):
@@ -44,7 +45,9 @@ def _stop_after(step):
     return on_step
 
 
-def test_music_resumes_with_the_losses_of_an_uninterrupted_run(config, samples, tmp_path):
+@pytest.mark.parametrize("grouped", [False, True], ids=["random-batches", "grouped-by-length"])
+def test_music_resumes_with_the_losses_of_an_uninterrupted_run(config, samples, tmp_path, grouped):
+    config = config.with_values("train", group_by_length=grouped)
     seen = []
     whole = train_music(config, [samples], tmp_path / "whole", on_step=lambda s, m: seen.append((s, m)))
     assert whole.steps == 6 and whole.resumed_from == 0 and whole.epochs == 3
@@ -64,6 +67,45 @@ def test_music_resumes_with_the_losses_of_an_uninterrupted_run(config, samples, 
         assert (whole.model_dir / name).read_bytes() == (resumed.model_dir / name).read_bytes(), name
     history = json.loads((tmp_path / "cut" / "history.json").read_text())
     assert [e["step"] for e in history] == list(range(1, 7))
+
+
+def test_an_epoch_without_lengths_is_the_seeded_permutation_it_always_was():
+    assert epoch_order(3, 2, 50, 4).tolist() == np.random.default_rng([3, 2]).permutation(50).tolist()
+
+
+def test_an_epoch_grouped_by_length_batches_items_of_about_one_length():
+    lengths = np.random.default_rng(0).integers(180, 290, size=2 * GROUPED_BATCHES * 8 + 5).tolist()
+    n, batch = len(lengths), 8
+    order = epoch_order(0, 0, n, batch, lengths)
+    assert sorted(order.tolist()) == list(range(n))  # every item once
+    assert order.tolist() == epoch_order(0, 0, n, batch, lengths).tolist() != epoch_order(0, 1, n, batch, lengths).tolist()
+
+    def padding(order):  # padded tokens over real tokens of the epoch's full batches
+        batches = np.asarray(lengths)[order[:n // batch * batch]].reshape(-1, batch)
+        return (batches.max(1) * batch).sum() / batches.sum()
+    assert padding(order) < 1.01 < 1.1 < padding(epoch_order(0, 0, n, batch))
+    # the batches' order is shuffled (not longest first), and the short remainder stays last, where it is dropped
+    firsts = [lengths[i] for i in order[:GROUPED_BATCHES * batch:batch]]
+    assert firsts != sorted(firsts, reverse=True)
+    assert set(order[-5:].tolist()) == set(epoch_order(0, 0, n, batch)[-5:].tolist())
+
+
+def test_grouped_training_collates_samples_of_neighbouring_lengths(config, tmp_path, monkeypatch):
+    samples = procedural_samples(4, seed=1, decimated=True)  # 2-4 subjects each, decimated: many lengths
+    batches, ranked = [], []
+    collate = MusicModel.collate
+
+    def spy(self, encoded, *args, **kwargs):
+        if not ranked:  # every sample's length, from the model's own tokens
+            ranked.extend(sorted((len(self.tokens(s)["ids"]) for s in samples), reverse=True))
+        batches.append(sorted((len(e["ids"]) for e in encoded), reverse=True))
+        return collate(self, encoded, *args, **kwargs)
+    monkeypatch.setattr(MusicModel, "collate", spy)
+    train_music(config.with_values("train", group_by_length=True), [samples], tmp_path)
+    assert len(batches) == 6 and len(set(ranked)) > 3
+    # an epoch is shorter than GROUPED_BATCHES batches: it is sorted whole, longest first, and cut in twos
+    pairs = [ranked[k:k + 2] for k in range(0, len(ranked) - 1, 2)]
+    assert all(b in pairs for b in batches)
 
 
 def denormals_flushed() -> bool:

@@ -108,6 +108,18 @@ def _key(config, roles: Sequence[str], *parts) -> str:
     return hashlib.sha256(json.dumps(decided, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def _finished(work: Path, what: str, log: Callable[[str], None]) -> Path | None:
+    """The final weights in `work` if its training finished, else None. The trainer writes `history.json` beside
+    them last, and the folder's name covers everything that decides them, so a finished folder is not rebuilt
+    (rebuilding the world and saving the same weights again costs about 15 s a model)."""
+    from music_dagster.training.train import HISTORY, MODEL_DIR
+
+    if (work / HISTORY).is_file() and (work / MODEL_DIR).is_dir():
+        log(f"{what}: trained already in {work}")
+        return work / MODEL_DIR
+    return None
+
+
 def train_detokenizer_once(config, root: Path, log: Callable[[str], None] = print, resources=None) -> Path:
     """The experiment's de-tokenizer (reconstruction on the world's targets), trained once under `root`.
     `resources`: the backbones' resources (role -> `ModelResource`; default: the config's)."""
@@ -118,6 +130,8 @@ def train_detokenizer_once(config, root: Path, log: Callable[[str], None] = prin
     world = WorldSettings.from_config(config)
     decided = (config.profile.detokenizer, train.image_queries, train.procedural_samples, repr(world))
     work = root / f"detokenizer-{_key(config, ('music_vision', 'music_unet'), *decided)}"
+    if (done := _finished(work, "de-tokenizer", log)) is not None:
+        return done
     log(f"de-tokenizer: training into {work}")
     t0 = time.perf_counter()
     result = train_detokenizer(config, [procedural_samples(train.procedural_samples, config.seed, world)], work,
@@ -135,6 +149,8 @@ def train_music_once(config, ablation: str, root: Path, log: Callable[[str], Non
 
     cfg = config.with_values("train", ablation=ablation)
     work = root / f"music-{ablation}-{_key(cfg, ('music_llm', 'music_vision'), cfg.profile.train)}"
+    if (done := _finished(work, f"MUSIC ({ablation})", log)) is not None:
+        return done
     log(f"MUSIC ({ablation}): training into {work}")
     t0 = time.perf_counter()
     result = train_music(cfg, [procedural_source(cfg)], work, models=resources)

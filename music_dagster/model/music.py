@@ -328,10 +328,10 @@ class MusicModel(nn.Module):
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     # ---- encoding samples ---------------------------------------------------------------------------
-    def encode(self, sample: Sample, with_target: bool = True, ablation: str = "none") -> dict:
-        """Token ids, position kinds, labels and vision features of one sample (no grad; the training loop
-        caches these). `with_target`: append the plan (as `plan_text` writes it for `ablation`), eos and image
-        queries, and encode the target image."""
+    def tokens(self, sample: Sample, with_target: bool = True, ablation: str = "none") -> dict:
+        """Token ids, position kinds, labels and prompt length of one sample, from its text alone (no image is
+        encoded). `with_target`: the plan (as `plan_text` writes it for `ablation`), eos and image queries follow
+        the prompt."""
         n = len(sample.references)
         if n < 1 or n > MAX_SUBJECTS:
             raise ModelInputError(f"sample {sample.id or '?'}: {n} subjects (expected 1..{MAX_SUBJECTS})")
@@ -354,7 +354,7 @@ class MusicModel(nn.Module):
             ids.extend([0] * (q + 2))
             kinds.extend([IMG_START] + [IMG] * q + [IMG_END])
         labels = [IGNORE] * len(ids)
-        out = {"prompt_len": len(ids)}
+        prompt_len = len(ids)
         if with_target:
             if sample.cot is None or sample.layout is None or sample.target is None:
                 raise ModelInputError(f"sample {sample.id or '?'}: a training sample needs cot, layout and target")
@@ -365,11 +365,19 @@ class MusicModel(nn.Module):
             ids += [0] * self.settings.image_queries
             kinds += [QUERY] * self.settings.image_queries
             labels += [IGNORE] * self.settings.image_queries
+        return {"ids": ids, "kinds": kinds, "labels": labels, "prompt_len": prompt_len}
+
+    def encode(self, sample: Sample, with_target: bool = True, ablation: str = "none") -> dict:
+        """`tokens` as tensors, with the vision features of the references and (`with_target`) the target's
+        visual tokens (no grad; the training loop caches these)."""
+        tokens = self.tokens(sample, with_target, ablation)
+        out = {"prompt_len": tokens["prompt_len"]}
+        if with_target:
             target = target_tokens(self.vision, self.processor, [sample.target], self.settings.image_queries)
             out["target"] = target[0].cpu()
         references = vision_features(self.vision, self.processor, sample.references)
-        out.update(ids=torch.tensor(ids), kinds=torch.tensor(kinds, dtype=torch.int8),
-                   labels=torch.tensor(labels), references=references.cpu())
+        out.update(ids=torch.tensor(tokens["ids"]), kinds=torch.tensor(tokens["kinds"], dtype=torch.int8),
+                   labels=torch.tensor(tokens["labels"]), references=references.cpu())
         return out
 
     def collate(self, encoded: Sequence[dict], left_pad: bool = False, extra=None) -> dict:

@@ -202,10 +202,36 @@ def _start(config, items: list, skipped: int, mixed_precision: str):
     return make_accelerator(config, mixed_precision)
 
 
+GROUPED_BATCHES = 50  # global batches sorted together by `epoch_order` (transformers' megabatch)
+
+
+def epoch_order(seed: int, epoch: int, n_items: int, global_batch: int,
+                lengths: Sequence[int] | None = None) -> np.ndarray:
+    """The items of one epoch in training order, a function of (seed, epoch) only: a permutation; with `lengths`
+    (each item's tokens) grouped by length as transformers' `LengthGroupedSampler` does, so a batch pads little:
+    each run of `GROUPED_BATCHES` global batches of the permutation is sorted longest first and cut into batches,
+    and those batches are shuffled (a short last batch stays last, where the epoch drops it)."""
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(n_items)
+    if lengths is None:
+        return order
+    span = GROUPED_BATCHES * global_batch
+    grouped = []
+    for start in range(0, n_items, span):
+        chunk = sorted(order[start:start + span], key=lambda i: -lengths[i])  # stable: ties keep their order
+        full = len(chunk) // global_batch * global_batch
+        batches = [chunk[j:j + global_batch] for j in range(0, full, global_batch)]
+        for b in rng.permutation(len(batches)):
+            grouped += batches[b]
+        grouped += chunk[full:]
+    return np.asarray(grouped, dtype=order.dtype)
+
+
 def run_loop(*, accelerator, model, n_items: int, cfg, seed: int, out_dir: Path | None, step_fn: Callable,
-             metric_names: Sequence[str], resume: bool = True, on_step=None):
+             metric_names: Sequence[str], resume: bool = True, on_step=None, lengths: Sequence[int] | None = None):
     """The training loop over `n_items` items, `cfg` a `train` / `detokenizer` section. `step_fn(model, indices)
-    -> dict of scalar tensors with "loss"` (`music_step`, `detokenizer_step`). Checkpoints (the model's trainable
+    -> dict of scalar tensors with "loss"` (`music_step`, `detokenizer_step`); `lengths`: each item's length, to
+    batch items of about one length together (`epoch_order`). Checkpoints (the model's trainable
     weights through its `save_pretrained` / `load_trainable`, accelerate's states, the history) go to
     `out_dir/checkpoints/`, a run resuming from the last one unless `resume` is false; `out_dir=None`: none read or
     written (a measurement, as `scripts/gpu_full_size_check.py`'s). Returns (unwrapped model, history, total
@@ -268,7 +294,7 @@ def run_loop(*, accelerator, model, n_items: int, cfg, seed: int, out_dir: Path 
         epoch, k = divmod(step, per_epoch)
         if epoch not in order:
             order.clear()
-            order[epoch] = np.random.default_rng([seed, epoch]).permutation(n_items)
+            order[epoch] = epoch_order(seed, epoch, n_items, global_batch, lengths)
         batch = order[epoch][k * global_batch:(k + 1) * global_batch]
         out = step_fn(model, batch[rank::world].tolist())
         accelerator.backward(out["loss"])
@@ -384,11 +410,14 @@ def train_music(config, sample_sources: Iterable, out_dir: str | os.PathLike, re
             target_tokens(model.vision, model.processor, targets[j:j + 32], train.image_queries)
             for j in range(0, len(targets), 32)]))
 
+    # tokens per sample from the text alone (no image encoded); each sample is loaded once more for it
+    lengths = [len(model.tokens(load(), ablation=train.ablation)["ids"]) for load in items] \
+        if train.group_by_length else None
     with flush_denormals():
         core, history, steps, start, seconds, epochs = run_loop(
             accelerator=accelerator, model=model, n_items=len(items), cfg=train, seed=config.seed, out_dir=out_dir,
             step_fn=music_step(model, lambda i: items[i](), train, accelerator), metric_names=MUSIC_METRICS,
-            resume=resume, on_step=on_step)
+            resume=resume, on_step=on_step, lengths=lengths)
     target = _finish(accelerator, out_dir, history, core.save_pretrained)
     return TrainResult(target, steps, epochs, len(items), skipped, start, history, seconds)
 
