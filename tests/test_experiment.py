@@ -71,6 +71,48 @@ def test_models_trained_at_once_are_the_ones_trained_in_turn(tiny_zoo, tmp_path)
         assert weight_hashes(models[0]) == weight_hashes(models[1]), name
 
 
+CLAIM = """
+import sys, time
+from pathlib import Path
+from music_dagster.experiment import procedural as ex
+with ex._claimed(Path(sys.argv[1]), "holder", print):
+    print("claimed", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_model_another_process_holds_is_waited_for_and_a_killed_holder_blocks_nothing(tiny_zoo, tmp_path):
+    """Two rows' runs asking for one model at once (or a re-run beside a run) would train into one folder: the
+    second waits for the first's claim. A claim held by a process killed with kill -9 ends with it, and the waiting
+    run then trains the model itself, to the same weights."""
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from music_dagster.model.music import weight_hashes
+
+    config = _tiny()
+    alone = ex.train_music_once(config, "none", tmp_path / "alone", log=lambda _: None)
+    work = tmp_path / "shared" / alone.parent.name
+    holder = subprocess.Popen([sys.executable, "-c", CLAIM, str(work)], stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline() == b"claimed\n"
+        lines, trained = [], []
+        waiter = threading.Thread(target=lambda: trained.append(
+            ex.train_music_once(config, "none", tmp_path / "shared", log=lines.append)))
+        waiter.start()
+        time.sleep(2)
+        assert waiter.is_alive() and not work.exists()
+        assert lines == [f"MUSIC (none): waiting for another process training into {work}"]
+    finally:
+        holder.kill()
+        holder.wait()
+    waiter.join(120)
+    assert not waiter.is_alive() and trained == [work / "model"]
+    assert weight_hashes(work / "model") == weight_hashes(alone)
+
+
 TRAIN_AT_ONCE = """
 import sys
 from pathlib import Path

@@ -20,13 +20,14 @@ them), so rows that share a model train it once and a re-run resumes. torch is i
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -108,16 +109,29 @@ def _key(config, roles: Sequence[str], *parts) -> str:
     return hashlib.sha256(json.dumps(decided, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def _finished(work: Path, what: str, log: Callable[[str], None]) -> Path | None:
-    """The final weights in `work` if its training finished, else None. The trainer writes `history.json` beside
-    them last, and the folder's name covers everything that decides them, so a finished folder is not rebuilt
-    (rebuilding the world and saving the same weights again costs about 15 s a model)."""
+@contextlib.contextmanager
+def _claimed(work: Path, what: str, log: Callable[[str], None]) -> Iterator[Path | None]:
+    """Holds the model folder `work` for this process while the caller trains into it; yields its final weights if
+    its training finished already (None: train it). The trainer writes `history.json` beside them last, and the
+    folder's name covers everything that decides them, so a finished folder is loaded, not rebuilt. Another process
+    asking for the same model (two rows' runs at once, a re-run beside a run) waits here, then finds it trained.
+    The claim is an flock, which ends with its holder, by kill -9 too: a killed run never blocks the next."""
+    import fcntl
+
     from music_dagster.training.train import HISTORY, MODEL_DIR
 
-    if (work / HISTORY).is_file() and (work / MODEL_DIR).is_dir():
-        log(f"{what}: trained already in {work}")
-        return work / MODEL_DIR
-    return None
+    work.parent.mkdir(parents=True, exist_ok=True)
+    with open(work.parent / f".{work.name}.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"{what}: waiting for another process training into {work}")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        if (work / HISTORY).is_file() and (work / MODEL_DIR).is_dir():
+            log(f"{what}: trained already in {work}")
+            yield work / MODEL_DIR
+        else:
+            yield None
 
 
 def train_detokenizer_once(config, root: Path, log: Callable[[str], None] = print, resources=None) -> Path:
@@ -130,15 +144,16 @@ def train_detokenizer_once(config, root: Path, log: Callable[[str], None] = prin
     world = WorldSettings.from_config(config)
     decided = (config.profile.detokenizer, train.image_queries, train.procedural_samples, repr(world))
     work = root / f"detokenizer-{_key(config, ('music_vision', 'music_unet'), *decided)}"
-    if (done := _finished(work, "de-tokenizer", log)) is not None:
-        return done
-    log(f"de-tokenizer: training into {work}")
-    t0 = time.perf_counter()
-    result = train_detokenizer(config, [procedural_samples(train.procedural_samples, config.seed, world)], work,
-                               models=resources)
-    log(f"de-tokenizer: {result.steps} steps, final loss {result.history[-1]['loss']:.4f} "
-        f"({time.perf_counter() - t0:.0f} s)")
-    return result.model_dir
+    with _claimed(work, "de-tokenizer", log) as done:
+        if done is not None:
+            return done
+        log(f"de-tokenizer: training into {work}")
+        t0 = time.perf_counter()
+        result = train_detokenizer(config, [procedural_samples(train.procedural_samples, config.seed, world)], work,
+                                   models=resources)
+        log(f"de-tokenizer: {result.steps} steps, final loss {result.history[-1]['loss']:.4f} "
+            f"({time.perf_counter() - t0:.0f} s)")
+        return result.model_dir
 
 
 def train_music_once(config, ablation: str, root: Path, log: Callable[[str], None] = print,
@@ -149,14 +164,15 @@ def train_music_once(config, ablation: str, root: Path, log: Callable[[str], Non
 
     cfg = config.with_values("train", ablation=ablation)
     work = root / f"music-{ablation}-{_key(cfg, ('music_llm', 'music_vision'), cfg.profile.train)}"
-    if (done := _finished(work, f"MUSIC ({ablation})", log)) is not None:
-        return done
-    log(f"MUSIC ({ablation}): training into {work}")
-    t0 = time.perf_counter()
-    result = train_music(cfg, [procedural_source(cfg)], work, models=resources)
-    log(f"MUSIC ({ablation}): {result.steps} steps on {result.samples} samples, final L1 "
-        f"{result.history[-1]['L1']:.4f} L2 {result.history[-1]['L2']:.4f} ({time.perf_counter() - t0:.0f} s)")
-    return result.model_dir
+    with _claimed(work, f"MUSIC ({ablation})", log) as done:
+        if done is not None:
+            return done
+        log(f"MUSIC ({ablation}): training into {work}")
+        t0 = time.perf_counter()
+        result = train_music(cfg, [procedural_source(cfg)], work, models=resources)
+        log(f"MUSIC ({ablation}): {result.steps} steps on {result.samples} samples, final L1 "
+            f"{result.history[-1]['L1']:.4f} L2 {result.history[-1]['L2']:.4f} ({time.perf_counter() - t0:.0f} s)")
+        return result.model_dir
 
 
 def trained_ablations(names: Sequence[str]) -> list[str]:
