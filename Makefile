@@ -42,9 +42,11 @@ PORT ?= 7860
 demo-web: demo-setup
 	$(VENV)/bin/music demo web --port $(PORT)
 
-# --durations: the slowest tests, to keep the suite's time in view
+# Two pytest-xdist workers, as each test holds one torch thread on a 2-core machine. A file at a time, so that a
+# module's fixtures are built once, and in the collection order, where tests/conftest.py puts the files of the `long`
+# tests first (xdist would sort files by their number of tests). --durations: the slowest tests, in view.
 test: setup
-	$(VENV)/bin/pytest --durations=15
+	$(VENV)/bin/pytest -n 2 --dist loadfile --no-loadscope-reorder --durations=15
 
 test-fast: setup
 	$(VENV)/bin/pytest -m "not slow and not e2e"
