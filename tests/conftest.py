@@ -14,13 +14,6 @@ settings.register_profile("music", deadline=None, suppress_health_check=[HealthC
 settings.load_profile("music")
 
 
-def pytest_collection_modifyitems(items):
-    """The few tests marked `long` come first, and with them their files. `make test`'s two workers take a file at a
-    time (`--dist loadfile`), so the long ones start at once, side by side, and the short files fill in around them,
-    instead of one long test running alone at the end."""
-    items.sort(key=lambda item: item.get_closest_marker("long") is None)  # stable: otherwise the collection order
-
-
 @pytest.fixture(scope="session")
 def tiny_zoo():
     """The project's `models/tiny/` zoo, built once if missing (or built by other code): role -> folder."""
