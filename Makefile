@@ -42,13 +42,9 @@ PORT ?= 7860
 demo-web: demo-setup
 	$(VENV)/bin/music demo web --port $(PORT)
 
-# Two pytest-xdist workers, as each test holds one torch thread on a 2-core machine. Work stealing: a worker that
-# runs out takes half of the other's queue, so the few tests that train for minutes (test_experiment,
-# test_detokenizer, test_learning) do not hold short ones behind them. On a slow 2-core machine this measured 2,563 s
-# against 2,741 s a file at a time, where the long training tests ran side by side and each took longer.
-# --durations: the slowest tests, in view.
+# --durations: the slowest tests, to keep the suite's time in view
 test: setup
-	$(VENV)/bin/pytest -n 2 --dist worksteal --durations=15
+	$(VENV)/bin/pytest --durations=15
 
 test-fast: setup
 	$(VENV)/bin/pytest -m "not slow and not e2e"
