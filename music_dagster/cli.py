@@ -162,13 +162,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from music_dagster.console import quiet_third_party
     from music_dagster.errors import UserError
+    from music_dagster.interrupts import interrupts_kept
 
     args = build_parser().parse_args(argv)
     quiet_third_party(verbose=args.verbose)
     # SIGTERM ends a command as Ctrl-C does (a run it executes is marked canceled), not by killing it outright.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        return args.func(args) or 0  # a subcommand returns an exit code only when it has one of its own
+        with interrupts_kept():
+            return args.func(args) or 0  # a subcommand returns an exit code only when it has one of its own
     except UserError as e:
         print(f"music: error: {e}", file=sys.stderr)
         return 2

@@ -107,6 +107,7 @@ def config_of(specs: list[str]):
 def train(model: str, work: Path, sources: list, pipes=None, config=None):
     """Run the trainer of `model` in this process (one rank of the launch); `pipes`: rank 0's Pipes context."""
     from music_dagster.config import default_config
+    from music_dagster.interrupts import interrupts_kept
     from music_dagster.training import train as training
 
     config = config or default_config()
@@ -115,7 +116,8 @@ def train(model: str, work: Path, sources: list, pipes=None, config=None):
         pipes.log.info(f"{model} step {step}: " + ", ".join(f"{k}={v:.6g}" for k, v in sorted(metrics.items())))
 
     fn = getattr(training, TRAINERS[model])
-    return fn(config, sources, work, resume=True, on_step=on_step if pipes is not None else None)
+    with interrupts_kept():
+        return fn(config, sources, work, resume=True, on_step=on_step if pipes is not None else None)
 
 
 def main(argv: list[str] | None = None) -> int:

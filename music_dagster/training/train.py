@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from music_dagster.errors import UserError
+from music_dagster.interrupts import raise_kept_interrupt
 from music_dagster.model.music import IGNORE, MusicModel, MusicSettings, Sample, target_tokens
 from music_dagster.model.runtime import device_of, flush_denormals, load_model
 from music_dagster.training.records import StoredRecord, shard_records
@@ -291,6 +292,7 @@ def run_loop(*, accelerator, model, n_items: int, cfg, seed: int, out_dir: Path 
     model.train()
     t0 = time.perf_counter()
     for step in range(start, total):
+        raise_kept_interrupt()  # one that arrived while the models loaded, or in a callback that dropped it
         epoch, k = divmod(step, per_epoch)
         if epoch not in order:
             order.clear()
