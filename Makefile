@@ -42,9 +42,12 @@ PORT ?= 7860
 demo-web: demo-setup
 	$(VENV)/bin/music demo web --port $(PORT)
 
-# --durations: the slowest tests, to keep the suite's time in view
+# Two pytest-xdist workers, as each test holds one torch thread on a 2-core machine. Work stealing: the `long` tests
+# come first in the collection (tests/conftest.py), so the first worker starts on them, one after another, while the
+# second takes the short ones, and a worker that runs out takes half of the other's queue. --durations: the slowest
+# tests, to keep the suite's time in view.
 test: setup
-	$(VENV)/bin/pytest --durations=15
+	$(VENV)/bin/pytest -n 2 --dist worksteal --durations=25
 
 test-fast: setup
 	$(VENV)/bin/pytest -m "not slow and not e2e"

@@ -93,6 +93,7 @@ def test_latent_sdxl_style_unet_with_vae():
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_detokenizer_learns_and_reads_its_conditioning(config, tmp_path):
     """Reconstruction training on the procedural world's targets: the loss falls, and on held-out images the
     noise is predicted better with each image's own visual tokens than with another image's (paired: same

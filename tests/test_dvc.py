@@ -240,6 +240,7 @@ def repro(root: Path, home: Path) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_a_bare_clone_runs_the_main_job_and_dvc_agrees_with_dagster(tmp_path):
     import dagster as dg
 

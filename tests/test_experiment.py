@@ -171,6 +171,7 @@ IDENTITY_MARGIN = 0.02
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_the_method_beats_untrained_and_shuffled_references(tiny_zoo, tmp_path):
     """The full method, trained on the procedural world and generating end to end (plan, visual tokens,
     de-tokenizer), beats the untrained model on placement and itself given shuffled references on identity, both

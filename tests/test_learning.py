@@ -46,6 +46,7 @@ def _held_out_l2(model, samples):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_music_learns_on_the_procedural_world(tiny_zoo, tmp_path):
     torch.set_num_threads(1)
     config = load_config(profile="tiny")
