@@ -292,6 +292,22 @@ class GenerateConfig(_Spelled):
     logged_branches: int = Field(default=2, gt=0)  # branches of each logged sample generation
 
 
+class SelectionConfig(_Spelled):
+    """MUSIC*'s selection encoder in the procedural experiment (`experiment.procedural`, its `music_star_clip` row):
+    the `select_clip` role's CLIP trained contrastively (open_clip's `ClipLoss`) on the world's training pairs of
+    target image and instruction, through the training loop (`training.train.run_loop`, no checkpoints). A CLIP
+    that never saw the world (the tiny zoo's random one) chooses at random. `max_steps: 0`: the role's CLIP as it
+    is (the paper's off-the-shelf choice)."""
+
+    lr: float = Field(default=1e-5, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    warmup_steps: int = Field(default=0, ge=0)
+    grad_clip: float = Field(default=1.0, gt=0)
+    batch_size: int = Field(default=64, gt=1)  # the other pairs of a batch are each pair's negatives
+    epochs: int = Field(default=1000, gt=0)
+    max_steps: int = Field(default=0, ge=0)
+
+
 class Profile(_Spelled):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Where concurrent model-heavy steps run, one device per step and per slot of the `gpu` pool (`zoo/devices.py`):
@@ -306,6 +322,7 @@ class Profile(_Spelled):
     detokenizer: DetokenizerConfig
     eval: EvalConfig
     generate: GenerateConfig
+    selection: SelectionConfig
 
     @field_validator("devices")
     @classmethod

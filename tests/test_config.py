@@ -152,7 +152,7 @@ def test_lam_just_below_one_is_accepted(raw):
     assert parse_config(raw, profile="tiny").profile.data.lam == 0.99
 
 
-@pytest.mark.parametrize("section", ["data", "train", "detokenizer", "eval", "generate"])
+@pytest.mark.parametrize("section", ["data", "train", "detokenizer", "eval", "generate", "selection"])
 def test_a_profile_spells_out_every_section(raw, section):
     del raw["profiles"]["tiny"][section]
     assert _error(raw, profile="tiny") == (

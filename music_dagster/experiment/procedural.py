@@ -12,10 +12,10 @@ plans are scored by `experiment.metrics`. Rows (`ROWS`):
 | no_cot, no_layout, neither, no_decimation | trained with that `train.ablation` | greedy plan |
 | shuffled_references | full | each subject gets another prompt's reference image |
 | gt_tokens | none | the de-tokenizer decodes the target's own visual tokens (the ceiling MUSIC can reach) |
-| music_star_clip | full | `BRANCHES` sampled plans, the highest CLIP image-text score kept (MUSIC*, `select_clip`) |
+| music_star_clip | full | `BRANCHES` sampled plans, the highest CLIP image-text score kept (MUSIC*: `select_clip`, trained on the world's pairs by `train_select_clip_once` unless `selection.max_steps` is 0) |
 | music_star_oracle | full | the same branches, the one with the best placement + identity kept (what selection could gain) |
 
-One de-tokenizer serves every row. Trained models are kept under `root/<name>-<hash>/` (the hash covers what decides
+One de-tokenizer (and one selection CLIP) serves every row. Trained models are kept under `root/<name>-<hash>/` (the hash covers what decides
 them), so rows that share a model train it once and a re-run resumes. torch is imported inside functions.
 """
 from __future__ import annotations
@@ -175,20 +175,82 @@ def train_music_once(config, ablation: str, root: Path, log: Callable[[str], Non
         return result.model_dir
 
 
+def train_select_clip_once(config, root: Path, log: Callable[[str], None] = print, resources=None) -> Path | None:
+    """MUSIC*'s selection encoder for the world (the `selection` section): the `select_clip` role's CLIP trained
+    contrastively (open_clip's `ClipLoss`, the other pairs of a batch as negatives) on the world's training pairs of
+    target image and instruction, through the training loop, once under `root`. Its folder (open_clip's layout, as
+    the role's own), or None when `selection.max_steps` is 0 (the role's CLIP as it is). The instructions name
+    places and sizes, never colours, so it learns to judge where things are, as a CLIP judges an image against its
+    prompt. `resources`: as `train_detokenizer_once`'s."""
+    import torch
+    from open_clip.loss import ClipLoss
+
+    from music_dagster.model.procedural import WorldSettings, procedural_samples
+    from music_dagster.model.runtime import load_model, with_models
+    from music_dagster.storage import atomic_write_text
+    from music_dagster.training.train import HISTORY, MODEL_DIR, make_accelerator, run_loop
+    from music_dagster.zoo.loaders import save_open_clip
+
+    section, train = config.profile.selection, config.profile.train
+    if section.max_steps == 0:
+        return None
+    world = WorldSettings.from_config(config)
+    work = root / f"select_clip-{_key(config, ('select_clip',), section, train.procedural_samples, repr(world))}"
+    with _claimed(work, "MUSIC*'s CLIP", log) as done:
+        if done is not None:
+            return done
+        log(f"MUSIC*'s CLIP: training into {work}")
+        t0 = time.perf_counter()
+        accelerator = make_accelerator(config, "no")
+        clip = load_model(config, "select_clip", resources)
+        samples = procedural_samples(train.procedural_samples, config.seed, world)
+        images = torch.stack([clip.preprocess(s.target) for s in samples])
+        texts = clip.tokenizer([s.instruction for s in samples])
+        loss = ClipLoss()
+
+        def step(model, indices: list[int]) -> dict:
+            image_features, text_features, scale = model(images[indices], texts[indices])[:3]
+            return {"loss": loss(image_features, text_features, scale)}
+
+        model, history, *_ = run_loop(accelerator=accelerator, model=clip.model.float(), n_items=len(samples),
+                                      cfg=section, seed=config.seed, out_dir=None, step_fn=step,
+                                      metric_names=("loss",))
+        save_open_clip(with_models(config, resources).profile.models["select_clip"], model, work / MODEL_DIR)
+        atomic_write_text(work / HISTORY, json.dumps(history, sort_keys=True) + "\n")  # last: the folder is done
+        log(f"MUSIC*'s CLIP: {len(history)} steps, final loss {history[-1]['loss']:.4f} "
+            f"({time.perf_counter() - t0:.0f} s)")
+        return work / MODEL_DIR
+
+
 def trained_ablations(names: Sequence[str]) -> list[str]:
     """The `train.ablation`s of the MUSIC models the rows `names` need, each once, in table order."""
     return list(dict.fromkeys(ROWS[n].ablation for n in names if ROWS[n].trained and ROWS[n].ablation))
 
 
-def _train_one(config, model: str | None, root: Path) -> Path:
-    """One model the rows need, trained in this (worker) process: the de-tokenizer (`model` None) or MUSIC with
-    `train.ablation = model`."""
+def _training_jobs(names: Sequence[str], config) -> list[tuple[str, str | None]]:
+    """What the rows `names` need trained, as (model, MUSIC's `train.ablation`): the de-tokenizer, one MUSIC model
+    per ablation, and MUSIC*'s CLIP when a row selects with it and `selection.max_steps` is above 0."""
+    jobs = [("detokenizer", None), *(("music", a) for a in trained_ablations(names))]
+    if any(ROWS[n].select == "clip" for n in names) and config.profile.selection.max_steps > 0:
+        jobs.append(("select_clip", None))
+    return jobs
+
+
+def _job_name(job: tuple[str, str | None]) -> str:
+    return {"detokenizer": "de-tokenizer", "select_clip": "MUSIC*'s CLIP"}.get(job[0], f"MUSIC ({job[1]})")
+
+
+def _train_one(config, job: tuple[str, str | None], root: Path) -> Path:
+    """One model the rows need (a `_training_jobs` entry), trained in this (worker) process."""
     import torch
 
     torch.set_num_threads(config.profile.torch_threads)
-    if model is None:
+    model, ablation = job
+    if model == "detokenizer":
         return train_detokenizer_once(config, root)
-    return train_music_once(config, model, root)
+    if model == "select_clip":
+        return train_select_clip_once(config, root)
+    return train_music_once(config, ablation, root)
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -206,17 +268,15 @@ def _exit_with_parent(parent: int) -> None:
 
 def train_concurrently(config, names: Sequence[str], root: str | os.PathLike, workers: int,
                        log: Callable[[str], None] = print) -> None:
-    """Train the models the rows `names` need (the de-tokenizer and one MUSIC model per ablation) at once, one
-    process each, at most `workers` at a time. They are independent, so on two cores the de-tokenizer trains beside
+    """Train the models the rows `names` need (`_training_jobs`: the de-tokenizer, one MUSIC model per ablation,
+    MUSIC*'s CLIP) at once, one process each, at most `workers` at a time. They are independent, so on two cores the de-tokenizer trains beside
     MUSIC instead of before it; `load_models` then finds them trained. Each process trains exactly what it would
     alone (same seeds, same bytes). A failure, Ctrl-C or SIGTERM stops every worker, and a worker whose parent was
     killed stops within a second; each model resumes from its last checkpoint on the next run."""
     import multiprocessing
 
-    ablations = trained_ablations(check_rows(names))
-    jobs = [None, *ablations]
-    log(f"training {len(jobs)} models, {min(workers, len(jobs))} at a time: de-tokenizer, "
-        + ", ".join(f"MUSIC ({a})" for a in ablations))
+    jobs = _training_jobs(check_rows(names), config)
+    log(f"training {len(jobs)} models, {min(workers, len(jobs))} at a time: " + ", ".join(map(_job_name, jobs)))
     t0 = time.perf_counter()
     pool = multiprocessing.get_context("spawn").Pool(min(workers, len(jobs)), initializer=_exit_with_parent,
                                                      initargs=(os.getpid(),))
@@ -224,7 +284,7 @@ def train_concurrently(config, names: Sequence[str], root: str | os.PathLike, wo
         pending = [(job, pool.apply_async(_train_one, (config, job, Path(root)))) for job in jobs]
         for job, result in pending:
             folder = result.get()
-            log(f"{'de-tokenizer' if job is None else f'MUSIC ({job})'}: trained in {folder.parent} "
+            log(f"{_job_name(job)}: trained in {folder.parent} "
                 f"({time.perf_counter() - t0:.0f} s since the start)")
         pool.close()
     except BaseException:
@@ -370,6 +430,7 @@ def load_models(config, names: Sequence[str], root: Path, log: Callable[[str], N
     resources (role -> `ModelResource`, what an asset received; default: the config's, `runtime.load_model`)."""
     import torch
 
+    from music_dagster.config import ModelSpec
     from music_dagster.model.detokenizer import Detokenizer, load_vae
     from music_dagster.model.music import MusicModel, MusicSettings, target_tokens
     from music_dagster.model.runtime import device_of, load_model
@@ -399,7 +460,9 @@ def load_models(config, names: Sequence[str], root: Path, log: Callable[[str], N
         music["untrained"] = untrained.eval()
     clip = None
     if any(ROWS[n].select == "clip" for n in names):
-        clip = load_model(config, "select_clip", resources)
+        trained = train_select_clip_once(config, root, log, resources)
+        clip = load_model(config, "select_clip", resources) if trained is None else \
+            load_model(config.with_models({"select_clip": ModelSpec(id=str(trained))}), "select_clip")
     return Models(detok, music, load_model(config, "music_vision", resources), clip)
 
 

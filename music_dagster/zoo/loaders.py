@@ -241,6 +241,20 @@ def _load_open_clip(role, spec, device, dtype):
                        preprocess=preprocess, tokenizer=open_clip.get_tokenizer(name), name=spec.id)
 
 
+def save_open_clip(spec: ModelSpec, model, out: Path) -> None:
+    """`model`'s weights (an open_clip CLIP built from `spec`, then trained) in open_clip's `local-dir:` layout
+    under `out`, beside `spec`'s own `open_clip_config.json`: a `ModelSpec` of `out` loads it as `spec` loads."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    folder = _safetensors_dir(spec, "open_clip_config.json", "open_clip_model.safetensors")
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(folder / "open_clip_config.json", out / "open_clip_config.json")
+    state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
+    save_file(state, str(out / "open_clip_model.safetensors"), metadata={"format": "pt"})
+
+
 def _load_timm(role, spec, device, dtype):
     """A timm model from its `config.json` (architecture and arguments) and `model.safetensors`, loaded strictly:
     DINO ViT-S/16 is `timm/vit_small_patch16_224.dino`, whose Hub repository has safetensors weights."""
