@@ -12,11 +12,12 @@ plans are scored by `experiment.metrics`. Rows (`ROWS`):
 | no_cot, no_layout, neither, no_decimation | trained with that `train.ablation` | greedy plan |
 | shuffled_references | full | each subject gets another prompt's reference image |
 | gt_tokens | none | the de-tokenizer decodes the target's own visual tokens (the ceiling MUSIC can reach) |
-| music_star_clip | full | `BRANCHES` sampled plans, the highest CLIP image-text score kept (MUSIC*: `select_clip`, trained on the world's pairs by `train_select_clip_once` unless `selection.max_steps` is 0) |
+| music_star_clip | full | `BRANCHES` sampled plans, the highest score of MUSIC*'s CLIP kept (`train_select_clip_once`) |
 | music_star_oracle | full | the same branches, the one with the best placement + identity kept (what selection could gain) |
 
-One de-tokenizer (and one selection CLIP) serves every row. Trained models are kept under `root/<name>-<hash>/` (the hash covers what decides
-them), so rows that share a model train it once and a re-run resumes. torch is imported inside functions.
+One de-tokenizer (and one selection CLIP) serves every row. Trained models are kept under `root/<name>-<hash>/` (the
+hash covers what decides them), so rows that share a model train it once and a re-run resumes. torch is imported
+inside functions.
 """
 from __future__ import annotations
 
@@ -208,8 +209,9 @@ def train_select_clip_once(config, root: Path, log: Callable[[str], None] = prin
         texts = clip.tokenizer([s.instruction for s in samples])
         loss = ClipLoss()
 
-        def step(model, indices: list[int]) -> dict:
-            image_features, text_features, scale = model(images[indices], texts[indices])[:3]
+        def step(model, indices: list[int]) -> dict:  # the pairs stay on the host; a batch goes to the device
+            batch = images[indices].to(accelerator.device), texts[indices].to(accelerator.device)
+            image_features, text_features, scale = model(*batch)[:3]
             return {"loss": loss(image_features, text_features, scale)}
 
         model, history, *_ = run_loop(accelerator=accelerator, model=clip.model.float(), n_items=len(samples),
@@ -269,10 +271,11 @@ def _exit_with_parent(parent: int) -> None:
 def train_concurrently(config, names: Sequence[str], root: str | os.PathLike, workers: int,
                        log: Callable[[str], None] = print) -> None:
     """Train the models the rows `names` need (`_training_jobs`: the de-tokenizer, one MUSIC model per ablation,
-    MUSIC*'s CLIP) at once, one process each, at most `workers` at a time. They are independent, so on two cores the de-tokenizer trains beside
-    MUSIC instead of before it; `load_models` then finds them trained. Each process trains exactly what it would
-    alone (same seeds, same bytes). A failure, Ctrl-C or SIGTERM stops every worker, and a worker whose parent was
-    killed stops within a second; each model resumes from its last checkpoint on the next run."""
+    MUSIC*'s CLIP) at once, one process each, at most `workers` at a time. They are independent, so on two cores
+    the de-tokenizer trains beside MUSIC instead of before it; `load_models` then finds them trained. Each process
+    trains exactly what it would alone (same seeds, same bytes). A failure, Ctrl-C or SIGTERM stops every worker,
+    and a worker whose parent was killed stops within a second; each model resumes from its last checkpoint on the
+    next run."""
     import multiprocessing
 
     jobs = _training_jobs(check_rows(names), config)
@@ -461,8 +464,10 @@ def load_models(config, names: Sequence[str], root: Path, log: Callable[[str], N
     clip = None
     if any(ROWS[n].select == "clip" for n in names):
         trained = train_select_clip_once(config, root, log, resources)
-        clip = load_model(config, "select_clip", resources) if trained is None else \
-            load_model(config.with_models({"select_clip": ModelSpec(id=str(trained))}), "select_clip")
+        if trained is None:  # the role's CLIP as it is
+            clip = load_model(config, "select_clip", resources)
+        else:
+            clip = load_model(config.with_models({"select_clip": ModelSpec(id=str(trained))}), "select_clip")
     return Models(detok, music, load_model(config, "music_vision", resources), clip)
 
 
