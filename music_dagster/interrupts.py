@@ -5,7 +5,10 @@ Ctrl-C and SIGTERM stop a step by raising an exception wherever Python happens t
 garbage-collection callback or a `__del__` (SQLAlchemy's, torch's, while models load), Python prints the exception
 as "Exception ignored in ..." and drops it, and the work goes on as if nothing had happened. `interrupts_kept()`
 wraps the handlers in place so that the exception is also kept, and `raise_kept_interrupt()` raises it again at the
-next safe point (the training loop calls it before each step).
+next safe point. Every model-heavy Dagster step keeps them (`assets.device_lease.step_devices`), as do `music`'s
+commands and each launched training process; the loops of long work raise them: the training loop before each
+step, the data stages before each batch (`synthesis.common.batches`), the evaluations before each generation, the
+procedural experiment before each chunk of prompts.
 """
 from __future__ import annotations
 

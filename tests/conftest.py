@@ -69,6 +69,21 @@ def make_project(tmp_path_factory):
 
 
 @pytest.fixture()
+def raising_handlers():
+    """SIGINT and SIGTERM raise `signals.Interrupted` wherever the code is, as inside a Dagster step."""
+    import signal
+
+    from signals import SIGNALS, raise_interrupted
+
+    before = {s: signal.getsignal(s) for s in SIGNALS}
+    for s in before:
+        signal.signal(s, raise_interrupted)
+    yield
+    for s, handler in before.items():
+        signal.signal(s, handler)
+
+
+@pytest.fixture()
 def use_project(monkeypatch):
     """`use_project(project)`: for one test, the process's own config (`default_config()`, what the `music`
     commands read when run in-process) is `project`'s."""

@@ -331,3 +331,23 @@ def test_plot_is_a_deterministic_png():
     first, again = report.plot_png(_report()), report.plot_png(_report())
     assert first[:8] == b"\x89PNG\r\n\x1a\n" and first == again
     assert Image.open(io.BytesIO(first)).size == (1200, 360)
+
+
+def test_an_interrupt_dropped_during_a_generation_stops_the_evaluation_before_the_next(tmp_path, raising_handlers):
+    """A SIGTERM whose exception a weakref callback drops while the first request generates, inside
+    `interrupts_kept` (every model step's: `step_devices`), stops the evaluation before its second request, with
+    only the first image written."""
+    import signal
+
+    from music_dagster.interrupts import interrupts_kept
+    from signals import Interrupted, signal_inside_a_weakref_callback
+
+    jobs = [common.Job(f"request {i}", (), "a dog on a beach", i) for i in range(3)]
+
+    def generate(references, instruction, branches, seed):
+        signal_inside_a_weakref_callback(signal.SIGTERM)
+        return common.Generated((_noise(seed),), best=0)
+
+    with interrupts_kept(), pytest.raises(Interrupted, match="SIGTERM"):
+        common.generate_images(jobs, generate, 1, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [jobs[0].file_name]

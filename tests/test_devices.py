@@ -97,3 +97,32 @@ def test_auto_is_every_visible_gpu_or_the_cpu(monkeypatch):
     assert devices.visible_devices("auto") == ["cpu"]
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
     assert devices.visible_devices("auto") == ["cuda:0", "cuda:1", "cuda:2"]
+
+
+def test_a_model_step_keeps_the_interrupt_dagster_raises(tmp_path):
+    """Inside `step_devices` (every model-heavy step), Dagster's interrupt, which Python dropped because the signal
+    arrived in a weakref callback, is raised at the next safe point of the step's loops (here a data stage's next
+    batch), and the handlers are Dagster's and then the test's again."""
+    import signal
+
+    from dagster._core.errors import DagsterExecutionInterruptedError
+
+    from music_dagster.assets.device_lease import step_devices
+    from music_dagster.config import load_config
+    from music_dagster.synthesis.common import batches
+    from signals import signal_inside_a_weakref_callback
+
+    profile = load_config(profile="tiny").profile.model_copy(update={"devices": CPUS})
+    before, done = signal.getsignal(signal.SIGINT), []
+
+    @dg.asset
+    def model_step(context: dg.AssetExecutionContext) -> None:
+        with step_devices(context, profile):
+            for batch in batches([1, 2, 3], 1):
+                done.extend(batch)
+                signal_inside_a_weakref_callback(signal.SIGINT)  # dropped by Python, kept by the step
+
+    with dg.instance_for_test(temp_dir=str(tmp_path)) as instance, pytest.raises(DagsterExecutionInterruptedError):
+        dg.materialize([model_step], instance=instance)
+    assert done == [1]
+    assert signal.getsignal(signal.SIGINT) is before

@@ -224,3 +224,31 @@ def test_long_captions_reach_clip_cut_on_purpose_and_t5_whole(handles, caplog):
         result = targets.target_images(handles["t2i"], _ctx("target_images"), DATA, [record])
     assert len(result.records) == 1
     assert not [r for r in caplog.records if "truncated" in r.getMessage()]
+
+
+def test_an_interrupt_dropped_during_a_batch_stops_the_stage_before_its_next(handles, raising_handlers):
+    """A SIGTERM whose exception a weakref callback drops while the T2I model renders the first batch, inside
+    `interrupts_kept` (every model step's: `step_devices`), stops the stage before its second batch."""
+    import signal
+    from types import SimpleNamespace
+
+    from music_dagster.interrupts import interrupts_kept
+    from signals import Interrupted, signal_inside_a_weakref_callback
+
+    pipe, calls = handles["t2i"].pipe, []
+
+    class Rendering:  # the real pipeline, with a signal arriving inside a callback during its first call
+        def __getattr__(self, name):
+            return getattr(pipe, name)
+
+        def __call__(self, **kwargs):
+            calls.append(kwargs["prompt_2"])
+            if len(calls) == 1:
+                signal_inside_a_weakref_callback(signal.SIGTERM)
+            return pipe(**kwargs)
+
+    records = [{"sample_id": f"s{i}", "caption": f"a red cup and a blue ball, take {i}"} for i in range(3)]
+    data = DATA.model_copy(update={"batch_size": 1})
+    with interrupts_kept(), pytest.raises(Interrupted, match="SIGTERM"):
+        targets.target_images(SimpleNamespace(pipe=Rendering()), _ctx("target_images"), data, records)
+    assert calls == [[records[0]["caption"]]]

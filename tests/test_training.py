@@ -18,6 +18,7 @@ from music_dagster.model.runtime import flush_denormals, load_model
 from music_dagster.synthesis.decimation import decimate
 from music_dagster.training.train import (CHECKPOINTS, GROUPED_BATCHES, TrainingError, collect_samples,
                                           collect_targets, epoch_order, train_detokenizer, train_music)
+from signals import Interrupted, handlers_restored, signal_inside_a_weakref_callback
 
 
 class Stop(Exception):
@@ -296,51 +297,22 @@ def test_build_detokenizer_uses_a_given_vae_instead_of_loading_one(config, monke
         build_detokenizer(cfg)
 
 
-class Interrupted(BaseException):
-    """What a step's signal handler raises (Dagster's `DagsterExecutionInterruptedError` is a BaseException)."""
-
-
-def _raise_interrupted(signo, frame):
-    raise Interrupted(signal.Signals(signo).name)
-
-
-@pytest.fixture
-def raising_handlers():
-    """SIGINT and SIGTERM raise `Interrupted` wherever the code is, as inside a Dagster step."""
-    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    for s in before:
-        signal.signal(s, _raise_interrupted)
-    yield
-    for s, handler in before.items():
-        signal.signal(s, handler)
-
-
-def _signal_inside_a_weakref_callback(signo: int) -> None:
-    class Thing:
-        pass
-
-    thing = Thing()
-    ref = weakref.ref(thing, lambda _: signal.raise_signal(signo))
-    del thing  # the callback runs here: Python prints what it raises ("Exception ignored in ...") and drops it
-    assert ref() is None
-
-
 def test_an_interrupt_dropped_inside_a_callback_stops_the_training_at_its_next_step(config, samples, tmp_path,
                                                                                      raising_handlers):
     """A SIGTERM whose exception is raised inside a weakref callback (SQLAlchemy's, while models load) is lost to
     Python; kept by `interrupts_kept`, it stops the training before its next step, and nothing is kept after."""
     from music_dagster.interrupts import interrupts_kept, raise_kept_interrupt
 
-    _signal_inside_a_weakref_callback(signal.SIGTERM)  # alone: dropped, and this test goes on
+    signal_inside_a_weakref_callback(signal.SIGTERM)  # alone: dropped, and this test goes on
     steps = []
 
     def on_step(step: int, metrics: dict) -> None:
         steps.append(step)
         if step == 2:
-            _signal_inside_a_weakref_callback(signal.SIGTERM)
+            signal_inside_a_weakref_callback(signal.SIGTERM)
 
     with interrupts_kept(), pytest.raises(Interrupted, match="SIGTERM"):
         train_detokenizer(config, [samples], tmp_path / "run", on_step=on_step)
     assert steps == [1, 2]
-    assert signal.getsignal(signal.SIGTERM) is _raise_interrupted and signal.getsignal(signal.SIGINT) is _raise_interrupted
+    assert handlers_restored()
     raise_kept_interrupt()  # nothing left to raise once the context has ended

@@ -225,7 +225,6 @@ def train_and_publish(context: dg.AssetExecutionContext, project: ProjectConfig,
     process on this machine while it trains and publishes (a launch's processes see only theirs). A read-only
     `target`, more processes than `devices`, or a damaged or read-only MLflow store is refused before training; a
     store failing after `target` is published names it and the command that logs it again."""
-    from music_dagster.interrupts import interrupts_kept
     from music_dagster.storage import check_replaceable
     from music_dagster.training.entry import launch_command, local_processes
     from music_dagster.training.train import TrainingError
@@ -244,8 +243,7 @@ def train_and_publish(context: dg.AssetExecutionContext, project: ProjectConfig,
     if getattr(config.profile, section).num_processes > 1:
         shards = [s for s in sources if isinstance(s, Path)]  # the procedural world is rebuilt in every process
         launch = launch_command(config, model, work, shards, procedural=len(shards) < len(sources))
-    # Dagster's handlers (raising its interrupt) are this step's from here on: keep what they raise
-    with interrupts_kept(), step_devices(context, config.profile, processes) as (held, device_metadata), \
+    with step_devices(context, config.profile, processes) as (held, device_metadata), \
             tracking.training_run(config, context, keys, version) as run:  # probes the store first
         run.set_tags({runs.TAG_MODEL: model})
         if launch is None:  # one process: this one (docs/design.md says why), on its device

@@ -11,6 +11,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from music_dagster.errors import UserError
 from music_dagster.evaluation.metrics import METRICS, mean
+from music_dagster.interrupts import raise_kept_interrupt
 
 
 class BenchmarkError(UserError):
@@ -59,6 +60,7 @@ def generate_images(jobs: Sequence[Job], generate: GenerateFn, branches: int, fo
     folder.mkdir(parents=True, exist_ok=True)
     images, kept, failures = {}, {}, []
     for job in jobs:
+        raise_kept_interrupt()  # a stop kept in the step (`interrupts.interrupts_kept`) ends it between jobs
         try:
             generated = generate(job.references, job.instruction, branches, job.seed)
         except UserError as e:

@@ -34,6 +34,7 @@ import numpy as np
 
 from music_dagster.errors import UserError
 from music_dagster.experiment.metrics import METRICS, paired_gap, score_image, score_plan, summarise
+from music_dagster.interrupts import raise_kept_interrupt
 
 HELD_OUT_START = 10 ** 6  # held-out prompts are world samples from here on (training uses 0..procedural_samples-1)
 BRANCHES = 4  # MUSIC*: sampled plans per prompt
@@ -357,6 +358,7 @@ def generate_branches(model, detok, prompts: Sequence, branches: int, seed: int,
     for several), their visual tokens in one forward, one batched DDIM decode per chunk of prompts."""
     out = []
     for start in range(0, len(prompts), DECODE_CHUNK):
+        raise_kept_interrupt()  # a stop kept in the step (`interrupts.interrupts_kept`) ends it between chunks
         chunk = prompts[start:start + DECODE_CHUNK]
         encoded = [model.encode(p, with_target=False) for p in chunk]
         plans = model.plan(chunk, branches=branches, sample=branches > 1, temperature=gen_cfg.temperature,
@@ -390,6 +392,7 @@ def run_rows(config, names: Sequence[str], models: Models, prompts: Sequence, ex
             if row.ablation is None:  # the de-tokenizer on the targets' own visual tokens
                 images = []
                 for start in range(0, len(prompts), DECODE_CHUNK):
+                    raise_kept_interrupt()
                     chunk = prompts[start:start + DECODE_CHUNK]
                     tokens = target_tokens(models.vision.model, models.vision.processor, [p.target for p in chunk],
                                            config.profile.train.image_queries)

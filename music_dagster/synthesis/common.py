@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
 from music_dagster.config import MAX_SUBJECTS
+from music_dagster.interrupts import raise_kept_interrupt
 from music_dagster.synthesis import SynthesisError
 
 
@@ -101,9 +102,12 @@ def child(record: dict, **fields) -> dict:
 
 
 def batches(items: Sequence, size: int) -> Iterator[list]:
+    """`items` in batches of `size`, the stages' model calls' unit. Before each, an interrupt kept in the step
+    (`interrupts.interrupts_kept`) is raised: a stop that arrived during the last batch ends the stage here."""
     if size < 1:
         raise SynthesisError(f"batch size must be >= 1, got {size}")
     for start in range(0, len(items), size):
+        raise_kept_interrupt()
         yield list(items[start:start + size])
 
 
