@@ -136,6 +136,20 @@ def _claimed(work: Path, what: str, log: Callable[[str], None]) -> Iterator[Path
             yield None
 
 
+def _trained_once(work: Path, what: str, log: Callable[[str], None], train: Callable[[], tuple[Path, str]]) -> Path:
+    """The final weights of the model folder `work`: those found if its training finished already, else trained
+    by `train()` (-> the weights, a line of final figures) while this process holds the folder (`_claimed`),
+    logged with a line before and one after."""
+    with _claimed(work, what, log) as done:
+        if done is not None:
+            return done
+        log(f"{what}: training into {work}")
+        t0 = time.perf_counter()
+        weights, figures = train()
+        log(f"{what}: {figures} ({time.perf_counter() - t0:.0f} s)")
+        return weights
+
+
 def train_detokenizer_once(config, root: Path, log: Callable[[str], None] = print, resources=None) -> Path:
     """The experiment's de-tokenizer (reconstruction on the world's targets), trained once under `root`.
     `resources`: the backbones' resources (role -> `ModelResource`; default: the config's)."""
@@ -146,16 +160,13 @@ def train_detokenizer_once(config, root: Path, log: Callable[[str], None] = prin
     world = WorldSettings.from_config(config)
     decided = (config.profile.detokenizer, train.image_queries, train.procedural_samples, repr(world))
     work = root / f"detokenizer-{_key(config, ('music_vision', 'music_unet'), *decided)}"
-    with _claimed(work, "de-tokenizer", log) as done:
-        if done is not None:
-            return done
-        log(f"de-tokenizer: training into {work}")
-        t0 = time.perf_counter()
+
+    def train_it():
         result = train_detokenizer(config, [procedural_samples(train.procedural_samples, config.seed, world)], work,
                                    models=resources)
-        log(f"de-tokenizer: {result.steps} steps, final loss {result.history[-1]['loss']:.4f} "
-            f"({time.perf_counter() - t0:.0f} s)")
-        return result.model_dir
+        return result.model_dir, f"{result.steps} steps, final loss {result.history[-1]['loss']:.4f}"
+
+    return _trained_once(work, "de-tokenizer", log, train_it)
 
 
 def train_music_once(config, ablation: str, root: Path, log: Callable[[str], None] = print,
@@ -166,15 +177,14 @@ def train_music_once(config, ablation: str, root: Path, log: Callable[[str], Non
 
     cfg = config.with_values("train", ablation=ablation)
     work = root / f"music-{ablation}-{_key(cfg, ('music_llm', 'music_vision'), cfg.profile.train)}"
-    with _claimed(work, f"MUSIC ({ablation})", log) as done:
-        if done is not None:
-            return done
-        log(f"MUSIC ({ablation}): training into {work}")
-        t0 = time.perf_counter()
+
+    def train_it():
         result = train_music(cfg, [procedural_source(cfg)], work, models=resources)
-        log(f"MUSIC ({ablation}): {result.steps} steps on {result.samples} samples, final L1 "
-            f"{result.history[-1]['L1']:.4f} L2 {result.history[-1]['L2']:.4f} ({time.perf_counter() - t0:.0f} s)")
-        return result.model_dir
+        final = result.history[-1]
+        return result.model_dir, (f"{result.steps} steps on {result.samples} samples, final L1 {final['L1']:.4f} "
+                                  f"L2 {final['L2']:.4f}")
+
+    return _trained_once(work, f"MUSIC ({ablation})", log, train_it)
 
 
 def train_select_clip_once(config, root: Path, log: Callable[[str], None] = print, resources=None) -> Path | None:
@@ -198,11 +208,8 @@ def train_select_clip_once(config, root: Path, log: Callable[[str], None] = prin
         return None
     world = WorldSettings.from_config(config)
     work = root / f"select_clip-{_key(config, ('select_clip',), section, train.procedural_samples, repr(world))}"
-    with _claimed(work, "MUSIC*'s CLIP", log) as done:
-        if done is not None:
-            return done
-        log(f"MUSIC*'s CLIP: training into {work}")
-        t0 = time.perf_counter()
+
+    def train_it():
         accelerator = make_accelerator(config, "no")
         clip = load_model(config, "select_clip", resources)
         samples = procedural_samples(train.procedural_samples, config.seed, world)
@@ -220,9 +227,9 @@ def train_select_clip_once(config, root: Path, log: Callable[[str], None] = prin
                                       metric_names=("loss",))
         save_open_clip(with_models(config, resources).profile.models["select_clip"], model, work / MODEL_DIR)
         atomic_write_text(work / HISTORY, json.dumps(history, sort_keys=True) + "\n")  # last: the folder is done
-        log(f"MUSIC*'s CLIP: {len(history)} steps, final loss {history[-1]['loss']:.4f} "
-            f"({time.perf_counter() - t0:.0f} s)")
-        return work / MODEL_DIR
+        return work / MODEL_DIR, f"{len(history)} steps, final loss {history[-1]['loss']:.4f}"
+
+    return _trained_once(work, "MUSIC*'s CLIP", log, train_it)
 
 
 def trained_ablations(names: Sequence[str]) -> list[str]:
