@@ -204,6 +204,8 @@ class TrainConfig(_Spelled):
     lr: float = Field(default=1e-4, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
     warmup_steps: int = Field(default=100, ge=0)
+    # after the warmup: "constant", or "linear", falling to 0 at the run's last step
+    lr_schedule: Literal["constant", "linear"] = "constant"
     grad_clip: float = Field(default=1.0, gt=0)
     batch_size: int = Field(default=8, gt=0)  # per process
     # batches of samples of about one length (transformers' `group_by_length`): less padding, the same samples
@@ -250,6 +252,8 @@ class DetokenizerConfig(_Spelled):
     lr: float = Field(default=1e-5, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
     warmup_steps: int = Field(default=100, ge=0)
+    # after the warmup: "constant", or "linear", falling to 0 at the run's last step
+    lr_schedule: Literal["constant", "linear"] = "constant"
     grad_clip: float = Field(default=1.0, gt=0)
     batch_size: int = Field(default=8, gt=0)
     epochs: int = Field(default=10, gt=0)
@@ -302,6 +306,8 @@ class SelectionConfig(_Spelled):
     lr: float = Field(default=1e-5, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
     warmup_steps: int = Field(default=0, ge=0)
+    # after the warmup: "constant", or "linear", falling to 0 at the run's last step
+    lr_schedule: Literal["constant", "linear"] = "constant"
     grad_clip: float = Field(default=1.0, gt=0)
     batch_size: int = Field(default=64, gt=1)  # the other pairs of a batch are each pair's negatives
     epochs: int = Field(default=1000, gt=0)

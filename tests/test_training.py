@@ -47,15 +47,20 @@ def _stop_after(step):
     return on_step
 
 
-@pytest.mark.parametrize("grouped", [False, True], ids=["random-batches", "grouped-by-length"])
-def test_music_resumes_with_the_losses_of_an_uninterrupted_run(config, samples, tmp_path, grouped):
-    config = config.with_values("train", group_by_length=grouped)
+@pytest.mark.parametrize("grouped,schedule", [(False, "constant"), (True, "constant"), (False, "linear")],
+                         ids=["random-batches", "grouped-by-length", "lr-falling-linearly"])
+def test_music_resumes_with_the_losses_of_an_uninterrupted_run(config, samples, tmp_path, grouped, schedule):
+    config = config.with_values("train", group_by_length=grouped, lr_schedule=schedule)
     seen = []
     whole = train_music(config, [samples], tmp_path / "whole", on_step=lambda s, m: seen.append((s, m)))
     assert whole.steps == 6 and whole.resumed_from == 0 and whole.epochs == 3
     assert [s for s, _ in seen] == list(range(1, 7))
     assert set(seen[0][1]) == {"L1", "L2", "loss", "lr"}
     assert [e["step"] for e in whole.history] == list(range(1, 7))
+    # the rate each step used: 2 warmup steps rising to lr, then lr (constant) or falling to 0 after the 6th step
+    lr, ramp = config.profile.train.lr, [1 / 3, 2 / 3, 1, 1, 1, 1]
+    falling = [1, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6] if schedule == "linear" else [1] * 6
+    assert [e["lr"] for e in whole.history] == pytest.approx([lr * r * f for r, f in zip(ramp, falling)])
 
     with pytest.raises(Stop):  # killed during step 5: the last checkpoint is step 4
         train_music(config, [samples], tmp_path / "cut", on_step=_stop_after(5))

@@ -2,9 +2,10 @@
 
 Both loops are the same shape (diffusers' dreambooth LoRA script style): an `Accelerator` (one process on the CPU
 here; `accelerate launch` for many GPUs, each process taking its slice of every global batch), a seeded data order
-that depends only on (seed, epoch), AdamW with linear warmup, gradient clipping, and `accelerator.save_state` every
-`checkpoint_every` steps into `out_dir/checkpoints/checkpoint-<step>/` (written to a temporary folder, then renamed),
-with save/load hooks that write only the trainable weights in safetensors (the frozen backbones are never copied).
+that depends only on (seed, epoch), AdamW with linear warmup then a constant or linearly falling rate
+(`lr_schedule`), gradient clipping, and `accelerator.save_state` every `checkpoint_every` steps into
+`out_dir/checkpoints/checkpoint-<step>/` (written to a temporary folder, then renamed), with save/load hooks that
+write only the trainable weights in safetensors (the frozen backbones are never copied).
 A run finds the last complete checkpoint in `out_dir` and continues from it, with the same losses as an
 uninterrupted run. The final weights go to `out_dir/model/` (MUSIC: peft adapter + resamplers, loadable with
 `MusicModel.from_pretrained`; de-tokenizer: `Detokenizer.from_pretrained`), the per-step losses to
@@ -239,10 +240,22 @@ def run_loop(*, accelerator, model, n_items: int, cfg, seed: int, out_dir: Path 
     steps, resumed-from step, seconds, epochs)."""
     from accelerate.utils import set_seed
 
+    world, rank = accelerator.num_processes, accelerator.process_index
+    global_batch = cfg.batch_size * world
+    per_epoch = max(1, n_items // global_batch)
+    total = cfg.epochs * per_epoch if cfg.max_steps is None else min(cfg.epochs * per_epoch, cfg.max_steps)
+
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warm = cfg.warmup_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warm + 1)))
+
+    def rate(s: int) -> float:
+        """The factor on `cfg.lr` at (0-based) step `s`: a linear warmup, then constant or falling linearly to 0
+        at the run's end."""
+        ramp = min(1.0, (s + 1) / (warm + 1))
+        return ramp if cfg.lr_schedule == "constant" else ramp * max(0.0, 1.0 - s / total)
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, rate)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
     def save_hook(models, weights, folder):
@@ -258,11 +271,6 @@ def run_loop(*, accelerator, model, n_items: int, cfg, seed: int, out_dir: Path 
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
-
-    world, rank = accelerator.num_processes, accelerator.process_index
-    global_batch = cfg.batch_size * world
-    per_epoch = max(1, n_items // global_batch)
-    total = cfg.epochs * per_epoch if cfg.max_steps is None else min(cfg.epochs * per_epoch, cfg.max_steps)
 
     found = []  # the checkpoints to resume from
     if out_dir is not None:
