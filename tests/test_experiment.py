@@ -236,6 +236,39 @@ def test_musics_clip_learns_the_world_and_loads_as_its_role(tiny_zoo, tmp_path):
     assert ex.train_select_clip_once(config.with_values("selection", max_steps=0), tmp_path / "none") is None
 
 
+def test_an_interrupt_dropped_during_a_decode_stops_the_generation_before_its_next_chunk(raising_handlers):
+    """A SIGTERM whose exception a weakref callback drops while the first chunk of prompts decodes, inside
+    `interrupts_kept` (the experiment step's: `step_devices`), stops `generate_branches` before its second chunk.
+    The model and de-tokenizer are stand-ins: what is checked is the loop."""
+    import signal
+
+    from music_dagster.interrupts import interrupts_kept
+    from signals import Interrupted, signal_inside_a_weakref_callback
+
+    class Model:
+        def encode(self, prompt, with_target):
+            return prompt
+
+        def plan(self, chunk, branches, encoded, **sampling):
+            return [[f"plan {p}"] * branches for p in chunk]
+
+        def image_tokens(self, prompts, plans, encoded):
+            return plans
+
+    decoded = []
+
+    class Detokenizer:
+        def decode(self, tokens, seed, steps):
+            decoded.append(len(tokens))
+            signal_inside_a_weakref_callback(signal.SIGTERM)
+            return list(tokens)
+
+    prompts = list(range(3 * ex.DECODE_CHUNK))
+    with interrupts_kept(), pytest.raises(Interrupted, match="SIGTERM"):
+        ex.generate_branches(Model(), Detokenizer(), prompts, 1, 0, load_config(profile="tiny").profile.generate)
+    assert decoded == [ex.DECODE_CHUNK]
+
+
 def test_unknown_row_and_no_prompts_are_one_line():
     with pytest.raises(ex.ExperimentError, match="unknown experiment row 'nope' \\(rows: untrained, full"):
         ex.check_rows(["full", "nope"])
