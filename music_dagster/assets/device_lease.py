@@ -38,4 +38,5 @@ def step_devices(context: dg.AssetExecutionContext, profile, count: int = 1):
         try:
             yield names, metadata
         finally:
-            context.log.info(f"{context.op_def.name}: releases {', '.join(names)} after {time.monotonic() - taken:.1f} s")
+            held_s = time.monotonic() - taken
+            context.log.info(f"{context.op_def.name}: releases {', '.join(names)} after {held_s:.1f} s")
