@@ -206,6 +206,8 @@ class TrainConfig(_Spelled):
     warmup_steps: int = Field(default=100, ge=0)
     # after the warmup: "constant", or "linear", falling to 0 at the run's last step
     lr_schedule: Literal["constant", "linear"] = "constant"
+    # an exponential moving average of the trained weights (diffusers' EMAModel), the run's result; 0: none
+    ema_decay: float = Field(default=0.0, ge=0, lt=1)
     grad_clip: float = Field(default=1.0, gt=0)
     batch_size: int = Field(default=8, gt=0)  # per process
     # batches of samples of about one length (transformers' `group_by_length`): less padding, the same samples
@@ -254,6 +256,8 @@ class DetokenizerConfig(_Spelled):
     warmup_steps: int = Field(default=100, ge=0)
     # after the warmup: "constant", or "linear", falling to 0 at the run's last step
     lr_schedule: Literal["constant", "linear"] = "constant"
+    # an exponential moving average of the trained weights (diffusers' EMAModel), the run's result; 0: none
+    ema_decay: float = Field(default=0.0, ge=0, lt=1)
     grad_clip: float = Field(default=1.0, gt=0)
     batch_size: int = Field(default=8, gt=0)
     epochs: int = Field(default=10, gt=0)
@@ -308,6 +312,8 @@ class SelectionConfig(_Spelled):
     warmup_steps: int = Field(default=0, ge=0)
     # after the warmup: "constant", or "linear", falling to 0 at the run's last step
     lr_schedule: Literal["constant", "linear"] = "constant"
+    # an exponential moving average of the trained weights (diffusers' EMAModel), the run's result; 0: none
+    ema_decay: float = Field(default=0.0, ge=0, lt=1)
     grad_clip: float = Field(default=1.0, gt=0)
     batch_size: int = Field(default=64, gt=1)  # the other pairs of a batch are each pair's negatives
     epochs: int = Field(default=1000, gt=0)

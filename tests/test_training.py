@@ -16,7 +16,7 @@ from music_dagster.model.music import MusicModel
 from music_dagster.model.procedural import procedural_samples, write_procedural_shard
 from music_dagster.model.runtime import flush_denormals, load_model
 from music_dagster.synthesis.decimation import decimate
-from music_dagster.training.train import (CHECKPOINTS, GROUPED_BATCHES, TrainingError, collect_samples,
+from music_dagster.training.train import (CHECKPOINTS, GROUPED_BATCHES, MODEL_DIR, TrainingError, collect_samples,
                                           collect_targets, epoch_order, train_detokenizer, train_music)
 from signals import Interrupted, handlers_restored, signal_inside_a_weakref_callback
 
@@ -47,10 +47,11 @@ def _stop_after(step):
     return on_step
 
 
-@pytest.mark.parametrize("grouped,schedule", [(False, "constant"), (True, "constant"), (False, "linear")],
-                         ids=["random-batches", "grouped-by-length", "lr-falling-linearly"])
-def test_music_resumes_with_the_losses_of_an_uninterrupted_run(config, samples, tmp_path, grouped, schedule):
-    config = config.with_values("train", group_by_length=grouped, lr_schedule=schedule)
+@pytest.mark.parametrize("grouped,schedule,ema", [(False, "constant", 0.0), (True, "constant", 0.0),
+                                                  (False, "linear", 0.0), (False, "constant", 0.5)],
+                         ids=["random-batches", "grouped-by-length", "lr-falling-linearly", "moving-average"])
+def test_music_resumes_with_the_losses_of_an_uninterrupted_run(config, samples, tmp_path, grouped, schedule, ema):
+    config = config.with_values("train", group_by_length=grouped, lr_schedule=schedule, ema_decay=ema)
     seen = []
     whole = train_music(config, [samples], tmp_path / "whole", on_step=lambda s, m: seen.append((s, m)))
     assert whole.steps == 6 and whole.resumed_from == 0 and whole.epochs == 3
@@ -74,6 +75,9 @@ def test_music_resumes_with_the_losses_of_an_uninterrupted_run(config, samples, 
         assert (whole.model_dir / name).read_bytes() == (resumed.model_dir / name).read_bytes(), name
     history = json.loads((tmp_path / "cut" / "history.json").read_text())
     assert [e["step"] for e in history] == list(range(1, 7))
+    # the published weights: the last step's (kept by the last checkpoint), or with `ema_decay` their average
+    trained = tmp_path / "whole" / CHECKPOINTS / "checkpoint-6" / MODEL_DIR / "music_modules.safetensors"
+    assert (trained.read_bytes() == (whole.model_dir / "music_modules.safetensors").read_bytes()) == (not ema)
 
 
 def test_an_epoch_without_lengths_is_the_seeded_permutation_it_always_was():

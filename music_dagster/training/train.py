@@ -3,7 +3,9 @@
 Both loops are the same shape (diffusers' dreambooth LoRA script style): an `Accelerator` (one process on the CPU
 here; `accelerate launch` for many GPUs, each process taking its slice of every global batch), a seeded data order
 that depends only on (seed, epoch), AdamW with linear warmup then a constant or linearly falling rate
-(`lr_schedule`), gradient clipping, and `accelerator.save_state` every `checkpoint_every` steps into
+(`lr_schedule`), gradient clipping, optionally a moving average of the weights as the result (`ema_decay`:
+diffusers' `EMAModel`, as its training scripts' `--use_ema`), and `accelerator.save_state` every `checkpoint_every`
+steps into
 `out_dir/checkpoints/checkpoint-<step>/` (written to a temporary folder, then renamed), with save/load hooks that
 write only the trainable weights in safetensors (the frozen backbones are never copied).
 A run finds the last complete checkpoint in `out_dir` and continues from it, with the same losses as an
@@ -16,7 +18,8 @@ written by `procedural.write_procedural_shard`) and/or in-memory `Sample`s. MSIC
 (`split == "msic"`) are never trained on; they are counted and skipped.
 
 Note: accelerate keeps the optimizer, scheduler and RNG states of a resumable checkpoint as torch pickles
-(`optimizer.bin`, `scheduler.bin`, `random_states_0.pkl`); model weights are safetensors only.
+(`optimizer.bin`, `scheduler.bin`, `random_states_0.pkl`, with `ema_decay` the average as `custom_checkpoint_0.pkl`);
+model weights are safetensors only.
 
 This module imports torch at its top: import it inside asset functions.
 """
@@ -257,6 +260,12 @@ def run_loop(*, accelerator, model, n_items: int, cfg, seed: int, out_dir: Path 
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, rate)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    ema = None  # the moving average of the trained weights (`ema_decay`), kept in the checkpoints
+    if cfg.ema_decay:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(params, decay=cfg.ema_decay)
+        accelerator.register_for_checkpointing(ema)
 
     def save_hook(models, weights, folder):
         if accelerator.is_main_process:
@@ -312,6 +321,8 @@ def run_loop(*, accelerator, model, n_items: int, cfg, seed: int, out_dir: Path 
         lr = float(scheduler.get_last_lr()[0])  # the rate this step used
         optimizer.step()
         scheduler.step()
+        if ema is not None:
+            ema.step(params)
         optimizer.zero_grad(set_to_none=True)
         values = accelerator.reduce(torch.stack([out[n].detach().float() for n in metric_names]), "mean")
         entry = {"step": step + 1, **{n: float(v) for n, v in zip(metric_names, values)}, "lr": lr}
@@ -323,6 +334,8 @@ def run_loop(*, accelerator, model, n_items: int, cfg, seed: int, out_dir: Path 
             _save_checkpoint(accelerator, ckpt_root, step + 1, history, cfg.checkpoints_kept)
     seconds = time.perf_counter() - t0
     accelerator.wait_for_everyone()
+    if ema is not None:
+        ema.copy_to(params)  # the averaged weights are the run's result (the checkpoints keep the trained ones)
     return accelerator.unwrap_model(model), history, total, start, seconds, total / per_epoch
 
 
