@@ -166,8 +166,8 @@ def _training_workers(pid: int) -> list:
 # The reduced experiment CI runs: the procedural profile with MUSIC cut from 5000 steps to 1500 and the de-tokenizer
 # from 800 to 400 (trained at once, in two processes), scored on 48 held-out prompts (about 139 subjects).
 REDUCED = {"train": {"max_steps": 1500}, "detokenizer": {"max_steps": 400}}
-PLACEMENT_MARGIN = 0.04
-IDENTITY_MARGIN = 0.02
+PLACEMENT_MARGIN = 0.07
+IDENTITY_MARGIN = 0.04
 
 
 @pytest.mark.slow
@@ -175,17 +175,19 @@ IDENTITY_MARGIN = 0.02
 def test_the_method_beats_untrained_and_shuffled_references(tiny_zoo, tmp_path):
     """The full method, trained on the procedural world and generating end to end (plan, visual tokens,
     de-tokenizer), beats the untrained model on placement and itself given shuffled references on identity, both
-    scored in pixels against ground truth. The margins come from repeated runs of exactly this reduction, one per
-    world seed (full method vs baseline, paired gap mean [95% interval] over the held-out prompts):
+    scored in pixels against ground truth. The margins come from repeated runs of exactly this reduction (the
+    profile's `ema_decay: 0.999` included), one per world seed, on a 2-core Intel Xeon (full method vs baseline,
+    paired gap mean [95% interval] over the held-out prompts):
 
     | seed | placement: full vs untrained | identity: full vs shuffled references |
-    | 0 | 0.24 vs 0.00, +0.24 [+0.17, +0.32] | 0.16 vs 0.05, +0.11 [+0.05, +0.17] |
-    | 1 | 0.13 vs 0.03, +0.10 [+0.04, +0.16] | 0.07 vs 0.01, +0.06 [+0.01, +0.10] |
-    | 2 | 0.27 vs 0.00, +0.27 [+0.20, +0.33] | 0.17 vs 0.03, +0.14 [+0.08, +0.20] |
+    | 0 | 0.31 vs 0.00, +0.31 [+0.23, +0.41] | 0.22 vs 0.04, +0.18 [+0.10, +0.27] |
+    | 1 | 0.18 vs 0.03, +0.14 [+0.09, +0.20] | 0.12 vs 0.03, +0.08 [+0.03, +0.14] |
+    | 2 | 0.28 vs 0.00, +0.28 [+0.21, +0.35] | 0.19 vs 0.06, +0.13 [+0.08, +0.19] |
 
-    Each margin is half the smallest of those gaps, rounded down: 0.096 / 2 and 0.055 / 2. CI runs seed 0, the
+    Each margin is half the smallest of those gaps, rounded down: 0.144 / 2 and 0.082 / 2. (Without the average the
+    same three runs gave +0.24, +0.10, +0.27 and +0.11, +0.06, +0.14: margins 0.04 and 0.02.) CI runs seed 0, the
     project's. At 1,500 steps the model is early in its learning, so the gaps vary by seed; the profile's 5,000-step
-    run reaches +0.81 and +0.65 (docs/design.md)."""
+    run reaches +0.81 and +0.69 (docs/design.md)."""
     import torch
 
     torch.set_num_threads(1)
