@@ -5,9 +5,8 @@ here; `accelerate launch` for many GPUs, each process taking its slice of every 
 that depends only on (seed, epoch), AdamW with linear warmup then a constant or linearly falling rate
 (`lr_schedule`), gradient clipping, optionally a moving average of the weights as the result (`ema_decay`:
 diffusers' `EMAModel`, as its training scripts' `--use_ema`), and `accelerator.save_state` every `checkpoint_every`
-steps into
-`out_dir/checkpoints/checkpoint-<step>/` (written to a temporary folder, then renamed), with save/load hooks that
-write only the trainable weights in safetensors (the frozen backbones are never copied).
+steps into `out_dir/checkpoints/checkpoint-<step>/` (written to a temporary folder, then renamed), with save/load
+hooks that write only the trainable weights in safetensors (the frozen backbones are never copied).
 A run finds the last complete checkpoint in `out_dir` and continues from it, with the same losses as an
 uninterrupted run. The final weights go to `out_dir/model/` (MUSIC: peft adapter + resamplers, loadable with
 `MusicModel.from_pretrained`; de-tokenizer: `Detokenizer.from_pretrained`), the per-step losses to
