@@ -420,13 +420,14 @@ class MusicModel(nn.Module):
         n_img = int((kinds == IMG).sum())
         if n_img:
             refs = self.input_resampler(batch["references"].to(self.device, torch.float32))
-            x = x.index_put((kinds == IMG).nonzero(as_tuple=True), refs.reshape(-1, refs.shape[-1]))
+            # under autocast the resampler answers in bf16/fp16; the embeddings are assembled in float32
+            x = x.index_put((kinds == IMG).nonzero(as_tuple=True), refs.reshape(-1, refs.shape[-1]).to(x.dtype))
         x = x + (kinds == IMG_START).unsqueeze(-1) * self.image_markers[0]
         x = x + (kinds == IMG_END).unsqueeze(-1) * self.image_markers[1]
         n_query = int((kinds == QUERY).sum())
         if n_query:
             q = self.image_queries.repeat(n_query // self.settings.image_queries, 1)
-            x = x.index_put((kinds == QUERY).nonzero(as_tuple=True), q)
+            x = x.index_put((kinds == QUERY).nonzero(as_tuple=True), q.to(x.dtype))
         return x.to(self.llm_dtype)
 
     def hidden(self, batch: dict, cache=None, use_cache: bool = False, inputs_embeds=None):
