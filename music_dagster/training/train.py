@@ -188,9 +188,15 @@ def make_accelerator(config, mixed_precision: str, device: str | None = None):
     """A training run's accelerator (one process, or this process of an `accelerate launch`) at `mixed_precision`
     on `device` (default: the configured one), with the torch threads and seeds set."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, is_initialized
     from accelerate.utils import set_seed
 
     torch.set_num_threads(config.profile.torch_threads)  # float sums differ with the thread count
+    # accelerate holds one mixed precision per process and refuses another; a process trains several models (the
+    # experiment: MUSIC at the profile's, then its selection CLIP at "no"), so a change starts the state again
+    # (the process group, in PartialState, is kept)
+    if is_initialized() and AcceleratorState().mixed_precision != mixed_precision:
+        AcceleratorState._reset_state()
     # One scheduler step per optimizer step: a step already consumes the global batch of every process.
     # cpu: the configured device, not whatever accelerate finds (under `accelerate launch` on CPUs: gloo processes)
     accelerator = Accelerator(mixed_precision=mixed_precision, step_scheduler_with_optimizer=False,
