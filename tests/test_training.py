@@ -178,6 +178,32 @@ def test_both_models_train_under_the_full_profiles_bf16_mixed_precision(config, 
     assert len(model.plan(samples[:1])[0][0].token_ids) <= 8
 
 
+def test_bf16_backbones_train_and_generate_as_the_full_profile_on_a_gpu(config, samples, tmp_path, monkeypatch):
+    """The full profile's precision on a GPU: backbones loaded in bf16 (which the loader keeps float32 on a CPU,
+    made bf16 here), no full-size trainable copies of them (`modules_to_save: []`), both models trained under bf16
+    autocast; then a plan, its visual tokens and an image decoded from them."""
+    from music_dagster.zoo import loaders
+
+    full = load_config(profile="full").profile
+    assert (full.dtype, tuple(full.train.modules_to_save)) == ("bfloat16", ())
+    monkeypatch.setattr(loaders, "resolve_dtype", lambda dtype, device: getattr(torch, dtype))
+    bf16 = config.model_copy(update={"profile": config.profile.model_copy(update={"dtype": "bfloat16"})})
+    bf16 = bf16.with_values("train", mixed_precision="bf16", max_steps=2, modules_to_save=()).with_values(
+        "detokenizer", mixed_precision="bf16", max_steps=2)
+    music = train_music(bf16, [samples], tmp_path / "music")
+    detokenizer = train_detokenizer(bf16, [samples], tmp_path / "detokenizer")
+    for result in (music, detokenizer):
+        assert result.steps == 2 and all(np.isfinite(e["loss"]) for e in result.history)
+    llm = load_model(bf16, "music_llm")
+    assert llm.model.dtype == torch.bfloat16
+    model = MusicModel.from_pretrained(music.model_dir, llm, load_model(bf16, "music_vision"))
+    plans = model.plan(samples[:2])
+    tokens = model.image_tokens(samples[:2], [row[0] for row in plans])
+    assert tokens.dtype == torch.float32 and torch.isfinite(tokens).all()
+    images = Detokenizer.from_pretrained(detokenizer.model_dir).decode(tokens, seed=0, steps=2)
+    assert all(np.isfinite(np.asarray(image, dtype=float)).all() and np.asarray(image).std() > 0 for image in images)
+
+
 def test_msic_samples_are_never_trained_on(config, tmp_path):
     root = tmp_path / "datasets" / "training_samples"
     train = write_procedural_shard(root / "shard-0", 4, seed=0)
