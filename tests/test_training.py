@@ -9,6 +9,7 @@ import weakref
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from music_dagster.config import load_config
 from music_dagster.model.detokenizer import Detokenizer
@@ -178,18 +179,22 @@ def test_both_models_train_under_the_full_profiles_bf16_mixed_precision(config, 
     assert len(model.plan(samples[:1])[0][0].token_ids) <= 8
 
 
-def test_bf16_backbones_train_and_generate_as_the_full_profile_on_a_gpu(config, samples, tmp_path, monkeypatch):
-    """The full profile's precision on a GPU: backbones loaded in bf16 (which the loader keeps float32 on a CPU,
-    made bf16 here), no full-size trainable copies of them (`modules_to_save: []`), both models trained under bf16
-    autocast; then a plan, its visual tokens and an image decoded from them."""
+@pytest.mark.parametrize("mixed_precision,modules_to_save", [("bf16", ()), ("no", ("embed_tokens", "lm_head"))],
+                         ids=["full-profile", "trained-embeddings-without-autocast"])
+def test_bf16_backbones_train_in_float32_and_generate(config, samples, tmp_path, monkeypatch, mixed_precision,
+                                                      modules_to_save):
+    """Backbones loaded in bf16 (the loader keeps them float32 on a CPU; made bf16 here), as the full profile loads
+    them on a GPU: its own settings (no full trainable copies, `modules_to_save: []`, bf16 autocast), and the tiny
+    LLM's trained embeddings without autocast. Every trained weight is float32; then a plan, its visual tokens and
+    an image decoded from them."""
     from music_dagster.zoo import loaders
 
     full = load_config(profile="full").profile
-    assert (full.dtype, tuple(full.train.modules_to_save)) == ("bfloat16", ())
+    assert (full.dtype, tuple(full.train.modules_to_save), full.train.mixed_precision) == ("bfloat16", (), "bf16")
     monkeypatch.setattr(loaders, "resolve_dtype", lambda dtype, device: getattr(torch, dtype))
     bf16 = config.model_copy(update={"profile": config.profile.model_copy(update={"dtype": "bfloat16"})})
-    bf16 = bf16.with_values("train", mixed_precision="bf16", max_steps=2, modules_to_save=()).with_values(
-        "detokenizer", mixed_precision="bf16", max_steps=2)
+    bf16 = bf16.with_values("train", mixed_precision=mixed_precision, max_steps=2, modules_to_save=modules_to_save)
+    bf16 = bf16.with_values("detokenizer", mixed_precision=mixed_precision, max_steps=2)
     music = train_music(bf16, [samples], tmp_path / "music")
     detokenizer = train_detokenizer(bf16, [samples], tmp_path / "detokenizer")
     for result in (music, detokenizer):
@@ -197,6 +202,10 @@ def test_bf16_backbones_train_and_generate_as_the_full_profile_on_a_gpu(config, 
     llm = load_model(bf16, "music_llm")
     assert llm.model.dtype == torch.bfloat16
     model = MusicModel.from_pretrained(music.model_dir, llm, load_model(bf16, "music_vision"))
+    saved = load_file(music.model_dir / "adapter_model.safetensors")
+    assert {t.dtype for t in saved.values()} == {torch.float32}
+    assert any("lm_head" in name for name in saved) == bool(modules_to_save)
+    assert model.llm_dtype == torch.bfloat16
     plans = model.plan(samples[:2])
     tokens = model.image_tokens(samples[:2], [row[0] for row in plans])
     assert tokens.dtype == torch.float32 and torch.isfinite(tokens).all()

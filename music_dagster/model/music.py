@@ -261,6 +261,7 @@ class MusicModel(nn.Module):
     MusicModel its own freshly loaded LLM handle."""
 
     def __init__(self, llm, vision, settings: MusicSettings, base_model_name: str | None = None):
+        from diffusers.training_utils import cast_training_params
         from peft import LoraConfig, get_peft_model
 
         super().__init__()
@@ -279,7 +280,11 @@ class MusicModel(nn.Module):
             target_modules=list(settings.lora_targets), modules_to_save=list(settings.modules_to_save) or None,
             task_type="CAUSAL_LM",
         )
+        self._llm_dtype = base.dtype
         self.llm = get_peft_model(base, lora)
+        # trained in float32 over bf16 backbones (AdamW's small updates would round away in bf16): peft upcasts the
+        # LoRA weights itself, not the full trainable copies of `modules_to_save`
+        cast_training_params(self.llm, dtype=torch.float32)
         if base_model_name is not None:  # a portable name (Hub id or project-relative folder), not a local path
             self.llm.peft_config["default"].base_model_name_or_path = base_model_name
         hidden = base.config.hidden_size
@@ -302,7 +307,8 @@ class MusicModel(nn.Module):
 
     @property
     def llm_dtype(self):
-        return self.llm.get_base_model().dtype
+        """The dtype the LLM was loaded in (its trained parts are float32)."""
+        return self._llm_dtype
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -440,6 +446,11 @@ class MusicModel(nn.Module):
         )
         return out.last_hidden_state, out.cache
 
+    def logits(self, h) -> torch.Tensor:
+        """Float32 next-token logits of hidden states (a trained `lm_head` copy is float32 over a bf16 LLM)."""
+        head = self.llm.get_base_model().lm_head
+        return head(h.to(head.weight.dtype)).float()
+
     def predict_tokens(self, h, kinds) -> torch.Tensor:
         """Output resampler over the query positions' hidden states -> standardised visual tokens [B, Q, D]."""
         B = h.shape[0]
@@ -451,7 +462,7 @@ class MusicModel(nn.Module):
         h, _ = self.hidden(batch)
         labels = batch["labels"][:, 1:]
         keep = labels != IGNORE
-        logits = self.llm.get_base_model().lm_head(h[:, :-1][keep]).float()
+        logits = self.logits(h[:, :-1][keep])
         l1 = F.cross_entropy(logits, labels[keep])
         pred = self.predict_tokens(h, batch["kinds"])
         l2 = F.mse_loss(pred, self.standardise(batch["targets"]))
@@ -501,7 +512,7 @@ class MusicModel(nn.Module):
         out = torch.zeros(B, 0, dtype=torch.long, device=self.device)
         done = torch.zeros(B, dtype=torch.bool, device=self.device)
         for _ in range(limit):
-            logits = base.lm_head(h[:, -1]).float()
+            logits = self.logits(h[:, -1])
             if processor is not None:
                 logits = processor(out, logits)
             if sample:
