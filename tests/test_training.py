@@ -160,23 +160,13 @@ def test_checkpoints_hold_only_trainable_weights_and_the_result_loads(config, sa
     assert len(model.plan(samples[:1])[0][0].token_ids) <= 8
 
 
-def test_both_models_train_under_the_full_profiles_bf16_mixed_precision(config, samples, tmp_path):
-    """The full profile trains under `mixed_precision: bf16`; here under CPU autocast, which casts as CUDA's does
-    (the resamplers answer in bf16 into float32 embeddings). A later run in the same process trains at its own
-    precision (accelerate keeps one per process), as the experiment's selection CLIP does after MUSIC."""
-    assert load_config(profile="full").profile.train.mixed_precision == "bf16"
-    bf16 = config.with_values("train", mixed_precision="bf16", max_steps=2).with_values(
-        "detokenizer", mixed_precision="bf16", max_steps=2)
-    music = train_music(bf16, [samples], tmp_path / "music")
-    detokenizer = train_detokenizer(bf16, [samples], tmp_path / "detokenizer")
-    for result in (music, detokenizer):
-        assert result.steps == 2 and all(np.isfinite(e["loss"]) for e in result.history)
+def test_one_process_trains_each_run_at_its_own_mixed_precision(config, samples, tmp_path):
+    """accelerate keeps one mixed precision per process; a run at another (the experiment's selection CLIP at "no"
+    after MUSIC at the full profile's bf16) still trains at its own. Here bf16 is CPU autocast."""
+    bf16 = train_music(config.with_values("train", mixed_precision="bf16", max_steps=2), [samples], tmp_path / "bf16")
     plain = train_music(config.with_values("train", max_steps=2), [samples], tmp_path / "plain")
-    assert [e["loss"] for e in music.history] != [e["loss"] for e in plain.history]  # autocast was on
-    model = MusicModel.from_pretrained(music.model_dir, load_model(config, "music_llm"),
-                                       load_model(config, "music_vision"))
-    Detokenizer.from_pretrained(detokenizer.model_dir)
-    assert len(model.plan(samples[:1])[0][0].token_ids) <= 8
+    assert bf16.steps == plain.steps == 2 and all(np.isfinite(e["loss"]) for e in bf16.history)
+    assert [e["loss"] for e in bf16.history] != [e["loss"] for e in plain.history]  # autocast was on, then off
 
 
 @pytest.mark.parametrize("mixed_precision,modules_to_save", [("bf16", ()), ("no", ("embed_tokens", "lm_head"))],
@@ -210,7 +200,7 @@ def test_bf16_backbones_train_in_float32_and_generate(config, samples, tmp_path,
     tokens = model.image_tokens(samples[:2], [row[0] for row in plans])
     assert tokens.dtype == torch.float32 and torch.isfinite(tokens).all()
     images = Detokenizer.from_pretrained(detokenizer.model_dir).decode(tokens, seed=0, steps=2)
-    assert all(np.isfinite(np.asarray(image, dtype=float)).all() and np.asarray(image).std() > 0 for image in images)
+    assert all(np.asarray(image).std() > 0 for image in images)  # NaN pixels would come out as one flat value
 
 
 def test_msic_samples_are_never_trained_on(config, tmp_path):
