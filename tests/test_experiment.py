@@ -59,6 +59,20 @@ def _model_folders(root: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.is_dir())
 
 
+def test_the_demo_keeps_its_models_under_paths_work_and_writes_to_paths_metrics(tiny_zoo, make_project, tmp_path,
+                                                                                monkeypatch):
+    """`music demo procedural` reads the project's paths as the assets do: its trained models under
+    `<paths.work>/experiment` (where `procedural_row` finds them), its report under `paths.metrics`."""
+    project = make_project(root=tmp_path, outputs=True, train={"max_steps": 3, "procedural_samples": 12},
+                           detokenizer={"max_steps": 3, "decode_steps": 2})
+    monkeypatch.setenv("MUSIC_PARAMS", project.params)
+    files = ex.run_demo("tiny", ["untrained", "gt_tokens"], held_out=2, log=lambda _: None)
+    assert set(json.loads(files["results"].read_text())["rows"]) == {"untrained", "gt_tokens"}
+    assert files["results"].parent == tmp_path / "metrics"
+    trained = [p.name.split("-")[0] for p in (tmp_path / "work" / ex.WORK_FOLDER).iterdir() if p.is_dir()]
+    assert trained == ["detokenizer"]  # the only model these rows need (beside it: its claim's lock file)
+
+
 @pytest.mark.slow
 def test_models_trained_at_once_are_the_ones_trained_in_turn(tiny_zoo, tmp_path):
     """`music demo procedural` trains the de-tokenizer and each MUSIC model in processes of their own, at once:

@@ -18,13 +18,12 @@ import dagster as dg
 from pydantic import Field
 
 from music_dagster.assets.device_lease import POOL, step_devices
-from music_dagster.experiment.procedural import ROWS
+from music_dagster.experiment.procedural import ROWS, WORK_FOLDER
 from music_dagster.resources.models import MusicLLMResource, MusicUNetResource, MusicVisionResource, SelectClipResource
 from music_dagster.resources.project import ProjectConfig
 from music_dagster.resources.storage import DatasetStore
 from music_dagster.resources.tracking import MlflowTracking
 
-WORK_FOLDER = "experiment"  # under `paths.work`
 ROW_ASSET = "procedural_row"
 RUN_FILE = "mlflow_run.json"
 rows_partitions = dg.StaticPartitionsDefinition(list(ROWS))

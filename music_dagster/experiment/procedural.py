@@ -37,6 +37,7 @@ from music_dagster.experiment.metrics import METRICS, paired_gap, score_image, s
 from music_dagster.interrupts import raise_kept_interrupt
 
 HELD_OUT_START = 10 ** 6  # held-out prompts are world samples from here on (training uses 0..procedural_samples-1)
+WORK_FOLDER = "experiment"  # the trained models, under `paths.work`
 BRANCHES = 4  # MUSIC*: sampled plans per prompt
 RESULTS_FILE = "procedural.json"
 PLOT_FILE = "procedural.png"
@@ -708,11 +709,13 @@ DEMO_ROLES = ("music_llm", "music_vision", "music_unet", "select_clip")
 def run_demo(profile: str = DEMO_PROFILE, rows: Sequence[str] = DEMO_ROWS, held_out: int = 48,
              log: Callable[[str], None] = print) -> dict[str, Path]:
     """The experiment's rows on a profile (default: `procedural`, sized for a CPU), from a fresh clone: builds the
-    tiny zoo roles it needs, trains, generates, scores, writes `metrics/procedural.json`, the table, the plot and
-    the example figure, and logs the row runs nested under a parent run. Returns the written files."""
+    tiny zoo roles it needs, trains (the models kept under `<paths.work>/experiment`, as the assets keep them),
+    generates, scores, writes `metrics/procedural.json`, the table, the plot and the example figure, and logs the
+    row runs nested under a parent run. Returns the written files."""
     import tempfile
 
-    from music_dagster.config import PROJECT_ROOT, load_config
+    from music_dagster.config import load_config
+    from music_dagster.model.runtime import work_dir
     from music_dagster.tracking.runs import store_from_config
     from music_dagster.zoo.tiny import default_root, ensure_zoo
 
@@ -726,7 +729,7 @@ def run_demo(profile: str = DEMO_PROFILE, rows: Sequence[str] = DEMO_ROWS, held_
         ensure_zoo(seed=config.seed, roles=local)
     config.check_models(DEMO_ROLES)
     t0 = time.perf_counter()
-    root = PROJECT_ROOT / ".cache" / "experiment"
+    root = work_dir(config, WORK_FOLDER)
     # the cores this process may use (a container's limit on Linux); macOS has no affinity call
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     train_concurrently(config, rows, root, cores, log)
