@@ -91,6 +91,24 @@ def test_models_trained_at_once_are_the_ones_trained_in_turn(tiny_zoo, tmp_path)
         assert weight_hashes(models[0]) == weight_hashes(models[1]), name
 
 
+def test_a_training_logs_its_step_loss_and_pace(tiny_zoo, tmp_path, monkeypatch):
+    """The demo's trainings run for half an hour: each logs its progress (here every step, as the interval is 0),
+    with the loss the loop recorded and the steps left up to the section's `max_steps`."""
+    from music_dagster.training.train import HISTORY
+
+    monkeypatch.setattr(ex, "PROGRESS_EVERY_S", 0.0)
+    config = _tiny()
+    lines = []
+    weights = ex.train_music_once(config, "none", tmp_path, log=lines.append)
+    losses = [entry["loss"] for entry in json.loads((weights.parent / HISTORY).read_text())]
+    progress = [line for line in lines if ": step " in line]
+    assert len(progress) == 2  # steps 2 and 3: the pace is timed from the first step
+    for step, line in zip((2, 3), progress):
+        assert line.startswith(f"MUSIC (none): step {step} of at most 3, loss {losses[step - 1]:.4f}, "), line
+        assert line.endswith(" s a step, at most about 0 min to go"), line
+    assert lines[0].startswith("MUSIC (none): training into") and lines[-1].startswith("MUSIC (none): 3 steps")
+
+
 CLAIM = """
 import sys, time
 from pathlib import Path

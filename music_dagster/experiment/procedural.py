@@ -38,6 +38,7 @@ from music_dagster.interrupts import raise_kept_interrupt
 
 HELD_OUT_START = 10 ** 6  # held-out prompts are world samples from here on (training uses 0..procedural_samples-1)
 WORK_FOLDER = "experiment"  # the trained models, under `paths.work`
+PROGRESS_EVERY_S = 60.0  # a training logs its step, loss and pace at most this often
 BRANCHES = 4  # MUSIC*: sampled plans per prompt
 RESULTS_FILE = "procedural.json"
 PLOT_FILE = "procedural.png"
@@ -137,16 +138,41 @@ def _claimed(work: Path, what: str, log: Callable[[str], None]) -> Iterator[Path
             yield None
 
 
-def _trained_once(work: Path, what: str, log: Callable[[str], None], train: Callable[[], tuple[Path, str]]) -> Path:
+def _progress(what: str, log: Callable[[str], None], max_steps: int | None) -> Callable[[int, dict], None]:
+    """A training loop's `on_step` that logs the step, the loss and the pace at most every `PROGRESS_EVERY_S`
+    seconds: the demo's MUSIC trains for half an hour. `max_steps`: the section's bound on the run's steps (its
+    epochs may end it sooner), for the time left."""
+    first: list[tuple[int, float]] = []  # (step, time) of the first step this process trained: a run may resume
+    last = [time.perf_counter()]
+
+    def on_step(step: int, metrics: dict) -> None:
+        now = time.perf_counter()
+        if not first:  # the pace is timed from here
+            first.append((step, now))
+            return
+        if now - last[0] < PROGRESS_EVERY_S:
+            return
+        last[0] = now
+        pace = (now - first[0][1]) / (step - first[0][0])
+        line = f"{what}: step {step}" + (f" of at most {max_steps}" if max_steps is not None else "")
+        line += f", loss {metrics['loss']:.4f}, {pace:.2f} s a step"
+        if max_steps is not None:
+            line += f", at most about {(max_steps - step) * pace / 60:.0f} min to go"
+        log(line)
+    return on_step
+
+
+def _trained_once(work: Path, what: str, log: Callable[[str], None], max_steps: int | None,
+                  train: Callable[[Callable[[int, dict], None]], tuple[Path, str]]) -> Path:
     """The final weights of the model folder `work`: those found if its training finished already, else trained
-    by `train()` (-> the weights, a line of final figures) while this process holds the folder (`_claimed`),
-    logged with a line before and one after."""
+    by `train(on_step)` (-> the weights, a line of final figures) while this process holds the folder
+    (`_claimed`), logged with a line before, progress lines (`_progress`, up to `max_steps`) and one after."""
     with _claimed(work, what, log) as done:
         if done is not None:
             return done
         log(f"{what}: training into {work}")
         t0 = time.perf_counter()
-        weights, figures = train()
+        weights, figures = train(_progress(what, log, max_steps))
         log(f"{what}: {figures} ({time.perf_counter() - t0:.0f} s)")
         return weights
 
@@ -162,12 +188,12 @@ def train_detokenizer_once(config, root: Path, log: Callable[[str], None] = prin
     decided = (config.profile.detokenizer, train.image_queries, train.procedural_samples, repr(world))
     work = root / f"detokenizer-{_key(config, ('music_vision', 'music_unet'), *decided)}"
 
-    def train_it():
+    def train_it(on_step):
         result = train_detokenizer(config, [procedural_samples(train.procedural_samples, config.seed, world)], work,
-                                   models=resources)
+                                   on_step=on_step, models=resources)
         return result.model_dir, f"{result.steps} steps, final loss {result.history[-1]['loss']:.4f}"
 
-    return _trained_once(work, "de-tokenizer", log, train_it)
+    return _trained_once(work, "de-tokenizer", log, config.profile.detokenizer.max_steps, train_it)
 
 
 def train_music_once(config, ablation: str, root: Path, log: Callable[[str], None] = print,
@@ -179,13 +205,13 @@ def train_music_once(config, ablation: str, root: Path, log: Callable[[str], Non
     cfg = config.with_values("train", ablation=ablation)
     work = root / f"music-{ablation}-{_key(cfg, ('music_llm', 'music_vision'), cfg.profile.train)}"
 
-    def train_it():
-        result = train_music(cfg, [procedural_source(cfg)], work, models=resources)
+    def train_it(on_step):
+        result = train_music(cfg, [procedural_source(cfg)], work, on_step=on_step, models=resources)
         final = result.history[-1]
         return result.model_dir, (f"{result.steps} steps on {result.samples} samples, final L1 {final['L1']:.4f} "
                                   f"L2 {final['L2']:.4f}")
 
-    return _trained_once(work, f"MUSIC ({ablation})", log, train_it)
+    return _trained_once(work, f"MUSIC ({ablation})", log, cfg.profile.train.max_steps, train_it)
 
 
 def train_select_clip_once(config, root: Path, log: Callable[[str], None] = print, resources=None) -> Path | None:
@@ -210,7 +236,7 @@ def train_select_clip_once(config, root: Path, log: Callable[[str], None] = prin
     world = WorldSettings.from_config(config)
     work = root / f"select_clip-{_key(config, ('select_clip',), section, train.procedural_samples, repr(world))}"
 
-    def train_it():
+    def train_it(on_step):
         accelerator = make_accelerator(config, "no")
         clip = load_model(config, "select_clip", resources)
         samples = procedural_samples(train.procedural_samples, config.seed, world)
@@ -225,12 +251,12 @@ def train_select_clip_once(config, root: Path, log: Callable[[str], None] = prin
 
         model, history, *_ = run_loop(accelerator=accelerator, model=clip.model.float(), n_items=len(samples),
                                       cfg=section, seed=config.seed, out_dir=None, step_fn=step,
-                                      metric_names=("loss",))
+                                      metric_names=("loss",), on_step=on_step)
         save_open_clip(with_models(config, resources).profile.models["select_clip"], model, work / MODEL_DIR)
         atomic_write_text(work / HISTORY, json.dumps(history, sort_keys=True) + "\n")  # last: the folder is done
         return work / MODEL_DIR, f"{len(history)} steps, final loss {history[-1]['loss']:.4f}"
 
-    return _trained_once(work, "MUSIC*'s CLIP", log, train_it)
+    return _trained_once(work, "MUSIC*'s CLIP", log, section.max_steps, train_it)
 
 
 def trained_ablations(names: Sequence[str]) -> list[str]:
