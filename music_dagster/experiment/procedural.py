@@ -142,23 +142,22 @@ def _progress(what: str, log: Callable[[str], None], max_steps: int | None) -> C
     """A training loop's `on_step` that logs the step, the loss and the pace at most every `PROGRESS_EVERY_S`
     seconds: the demo's MUSIC trains for half an hour. `max_steps`: the section's bound on the run's steps (its
     epochs may end it sooner), for the time left."""
-    first: list[tuple[int, float]] = []  # (step, time) of the first step this process trained: a run may resume
-    last = [time.perf_counter()]
+    first_step, first_time = None, 0.0  # the first step this process trained (a run may resume) and its time
+    last_line = time.perf_counter()
 
     def on_step(step: int, metrics: dict) -> None:
+        nonlocal first_step, first_time, last_line
         now = time.perf_counter()
-        if not first:  # the pace is timed from here
-            first.append((step, now))
+        if first_step is None:  # the pace is timed from here
+            first_step, first_time = step, now
             return
-        if now - last[0] < PROGRESS_EVERY_S:
+        if now - last_line < PROGRESS_EVERY_S:
             return
-        last[0] = now
-        pace = (now - first[0][1]) / (step - first[0][0])
-        line = f"{what}: step {step}" + (f" of at most {max_steps}" if max_steps is not None else "")
-        line += f", loss {metrics['loss']:.4f}, {pace:.2f} s a step"
-        if max_steps is not None:
-            line += f", at most about {(max_steps - step) * pace / 60:.0f} min to go"
-        log(line)
+        last_line = now
+        pace = (now - first_time) / (step - first_step)
+        bound, left = ("", "") if max_steps is None else (
+            f" of at most {max_steps}", f", at most about {(max_steps - step) * pace / 60:.0f} min to go")
+        log(f"{what}: step {step}{bound}, loss {metrics['loss']:.4f}, {pace:.2f} s a step{left}")
     return on_step
 
 
