@@ -26,8 +26,10 @@ run: setup
 
 # The method shown working: the procedural experiment's full method (and the rows that need no other model) on the
 # `procedural` profile, on a CPU: metrics/procedural.json, metrics/procedural_examples.png, MLflow runs.
+# `make demo ROWS=all`: every row of the table, the ablations' MUSIC models included (one training each).
+ROWS ?=
 demo: setup
-	$(VENV)/bin/music demo procedural
+	$(VENV)/bin/music demo procedural $(foreach row,$(ROWS),--row $(row))
 
 # The web demo's extra (gradio) on top of the project's environment, checked with pip check like setup.
 $(VENV)/.demo-installed: $(VENV)/.installed

@@ -128,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "against ground truth; writes metrics/procedural.json and a figure")
     procedural.add_argument("--profile", default="procedural", help="params.yaml profile (default: procedural)")
     procedural.add_argument("--row", dest="rows", action="append", metavar="ROW",
-                            help="a row of the table (repeatable; default: the rows that need only the full model)")
+                            help="a row of the table (repeatable; `all`: every row; default: the rows that need "
+                            "only the full model)")
     procedural.add_argument("--held-out", type=int, default=48, help="held-out prompts (default 48)")
     procedural.set_defaults(func=_demo)
     web = demo_sub.add_parser("web", help="a Gradio page on 127.0.0.1: upload subjects, read, edit and redraw "

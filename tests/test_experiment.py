@@ -73,6 +73,19 @@ def test_the_demo_keeps_its_models_under_paths_work_and_writes_to_paths_metrics(
     assert trained == ["detokenizer"]  # the only model these rows need (beside it: its claim's lock file)
 
 
+def test_the_demo_runs_the_rows_asked_for_and_every_row_with_all(monkeypatch):
+    """`music demo procedural` runs the full model's rows by default, `--row` the rows named, `--row all` every
+    row (the file then holds the whole table)."""
+    from music_dagster.cli import main
+
+    asked = []
+    monkeypatch.setattr(ex, "run_demo", lambda profile, rows, held_out: asked.append(list(rows)))
+    for argv in ([], ["--row", "no_cot", "--row", "full"], ["--row", "all"]):
+        assert main(["demo", "procedural", *argv]) == 0
+    assert asked == [list(ex.DEMO_ROWS), ["no_cot", "full"], list(ex.ROWS)]
+    assert set(ex.DEMO_ROWS) < set(ex.ROWS)
+
+
 @pytest.mark.slow
 def test_models_trained_at_once_are_the_ones_trained_in_turn(tiny_zoo, tmp_path):
     """`music demo procedural` trains the de-tokenizer and each MUSIC model in processes of their own, at once:
