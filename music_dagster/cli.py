@@ -46,6 +46,12 @@ def _demo(args):
     cli_demo(args)
 
 
+def _demo_compare(args):
+    from music_dagster.experiment.procedural import cli_compare
+
+    cli_compare(args)
+
+
 def _demo_web(args):
     from music_dagster.webdemo import cli_demo_web
 
@@ -132,6 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "only the full model)")
     procedural.add_argument("--held-out", type=int, default=48, help="held-out prompts (default 48)")
     procedural.set_defaults(func=_demo)
+    compare = demo_sub.add_parser("compare", help="several runs' metrics/procedural.json (world seeds, machines) "
+                                  "side by side: the full method and each row's gap to it, with a 95%% interval "
+                                  "over runs")
+    compare.add_argument("files", nargs="+", metavar="FILE", help="a run's procedural.json")
+    compare.set_defaults(func=_demo_compare)
     web = demo_sub.add_parser("web", help="a Gradio page on 127.0.0.1: upload subjects, read, edit and redraw "
                               "the plan (needs the demo extra: make demo-web)")
     web.add_argument("--port", type=int, default=7860, help="port on 127.0.0.1 (default 7860)")

@@ -367,3 +367,48 @@ def test_assets_write_the_table_and_nest_the_row_runs(tiny_zoo, tmp_path, make_p
     assert "full/placement" in parent.data.metrics and "gap/full-untrained/placement" in parent.data.metrics
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {ex.RESULTS_FILE, ex.PLOT_FILE, ex.FIGURE_FILE, ex.TABLE_FILE} <= artifacts
+
+
+def _report(seed: int, scores: dict, steps: int = 6000) -> dict:
+    """A `procedural.json` as `results_json` writes it, with only each row's overall means."""
+    rows = {row: {"metrics": {metric: {"overall": {"mean": mean, "lo": mean, "hi": mean, "n": 10}}
+                              for metric, mean in zip(("placement", "identity"), means)}}
+            for row, means in scores.items()}
+    return {"profile": "procedural", "seed": seed, "held_out_prompts": 4, "branches": ex.BRANCHES,
+            "world": {"samples": 4096, "image_size": 64, "subjects": [2, 4]},
+            "steps": {"music": steps, "detokenizer": 2000}, "rows": rows, "gaps": {}}
+
+
+def test_runs_compare_side_by_side_with_an_interval_over_runs(tmp_path, capsys):
+    """`music demo compare` reads several runs' procedural.json: the full method's scores and each row's gap to it,
+    per run and pooled over runs; a row one run lacks is left out. Runs of other settings, a damaged file or a
+    single run are refused with one line."""
+    from music_dagster.cli import main
+
+    runs = [_report(0, {"full": (0.9, 0.7), "no_cot": (0.8, 0.75), "neither": (0.5, 0.4)}),
+            _report(1, {"full": (0.8, 0.8), "no_cot": (0.9, 0.85)})]
+    compared = {(c["row"], c["metric"]): c for c in ex.compare_runs(runs)}
+    assert set(compared) == {("full", "placement"), ("full", "identity"), ("no_cot", "placement"),
+                             ("no_cot", "identity")}
+    assert compared["no_cot", "placement"]["runs"] == pytest.approx([0.1, -0.1])
+    assert compared["no_cot", "identity"]["mean"] == pytest.approx(-0.05)
+    assert compared["full", "placement"]["n"] == 2
+
+    paths = []
+    for i, report in enumerate(runs):
+        paths.append(tmp_path / f"run{i}.json")
+        paths[-1].write_text(json.dumps(report))
+    assert main(["demo", "compare", *map(str, paths)]) == 0
+    table = capsys.readouterr().out
+    assert "| full - no_cot placement | +0.10 | -0.10 | +0.00 [-1.27, +1.27] |" in table
+    assert "| full placement | 0.90 | 0.80 | 0.85 [0.21, 1.49] |" in table
+
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(_report(2, {"full": (0.9, 0.7)}, steps=5000)))
+    damaged = tmp_path / "damaged.json"
+    damaged.write_text(json.dumps(runs[0])[:-20])
+    for argv, message in (([paths[0], other], "the runs differ in steps"),
+                          ([paths[0], damaged], "damaged.json: not JSON"), ([paths[0]], "at least two runs")):
+        assert main(["demo", "compare", *map(str, argv)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err

@@ -4,7 +4,7 @@ import pytest
 from PIL import Image
 
 from music_dagster.experiment.metrics import (
-    interval, paired_gap, score_image, score_plan, summarise,
+    across_runs, interval, paired_gap, score_image, score_plan, summarise,
 )
 from music_dagster.model.procedural import BACKGROUND, COLOURS, procedural_samples
 
@@ -105,3 +105,12 @@ def test_intervals_and_summaries():
     better = [{**r, "placement": 1.0} for r in rows]
     gap = paired_gap(better, rows, "placement")
     assert gap["mean"] == pytest.approx(1 / 3) and gap["n"] == 3
+
+
+def test_an_interval_over_runs_is_students_t():
+    """Three runs 0.1, 0.2, 0.3: mean 0.2, standard deviation 0.1, t(0.975, 2 df) = 4.30265, so the interval is
+    0.2 -+ 4.30265 * 0.1 / sqrt(3) = 0.2 -+ 0.24841. One run has no interval."""
+    pooled = across_runs([0.1, 0.2, 0.3])
+    assert pooled["n"] == 3 and pooled["mean"] == pytest.approx(0.2)
+    assert (pooled["lo"], pooled["hi"]) == pytest.approx((0.2 - 0.248414, 0.2 + 0.248414), abs=1e-6)
+    assert across_runs([0.4]) == {"mean": 0.4, "lo": None, "hi": None, "n": 1}

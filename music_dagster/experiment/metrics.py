@@ -18,6 +18,7 @@ Per subject (the unit of the summaries; "its box" is the cells the ground-truth 
 
 `summarise` gives each metric's mean, 95% interval and n, overall and per subject count. The interval is a
 percentile bootstrap over *samples* (subjects of one image are not independent), seeded, so it is reproducible.
+`across_runs` pools one value per training run with a Student-t interval over runs.
 """
 from __future__ import annotations
 
@@ -178,3 +179,17 @@ def paired_gap(a: Sequence[dict], b: Sequence[dict], metric: str, seed: int = 0)
         if r.get(metric) is not None and theirs is not None:
             groups.setdefault(r["sample"], []).append(r[metric] - theirs)
     return interval(list(groups.values()), seed)
+
+
+def across_runs(values: Sequence[float]) -> dict:
+    """{"mean", "lo", "hi", "n"} of one value per training run (world seeds, machines): their mean and a 95% Student-t
+    interval over runs. It covers the run-to-run spread, which a run's own bootstrap over prompts does not; one run
+    has no interval."""
+    from scipy.stats import t
+
+    runs = np.asarray(values, np.float64)
+    mean = float(runs.mean())
+    if len(runs) < 2:
+        return {"mean": mean, "lo": None, "hi": None, "n": len(runs)}
+    half = float(t.ppf(0.975, len(runs) - 1) * runs.std(ddof=1) / np.sqrt(len(runs)))
+    return {"mean": mean, "lo": mean - half, "hi": mean + half, "n": len(runs)}

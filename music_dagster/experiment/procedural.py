@@ -33,7 +33,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from music_dagster.errors import UserError
-from music_dagster.experiment.metrics import METRICS, paired_gap, score_image, score_plan, summarise
+from music_dagster.experiment.metrics import METRICS, across_runs, paired_gap, score_image, score_plan, summarise
 from music_dagster.interrupts import raise_kept_interrupt
 
 HELD_OUT_START = 10 ** 6  # held-out prompts are world samples from here on (training uses 0..procedural_samples-1)
@@ -547,6 +547,59 @@ def table_markdown(results: dict[str, RowResult]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
+COMPARED_METRICS = ("placement", "identity")
+SAME_ACROSS_RUNS = ("profile", "steps", "world", "branches")  # runs compared differ only in seed and machine
+_MEAN = {"type": "object", "required": ["overall"],
+         "properties": {"overall": {"type": "object", "required": ["mean"],
+                                    "properties": {"mean": {"type": ["number", "null"]}}}}}
+REPORT_SCHEMA = {  # what `compare_runs` reads of a `procedural.json`
+    "type": "object", "required": ["seed", "rows", *SAME_ACROSS_RUNS],
+    "properties": {"rows": {"type": "object", "required": ["full"], "additionalProperties": {
+        "type": "object", "required": ["metrics"],
+        "properties": {"metrics": {"type": "object", "additionalProperties": _MEAN}}}}},
+}
+
+
+def compare_runs(reports: Sequence[dict]) -> list[dict]:
+    """Several runs of the experiment (their `procedural.json`: one world seed or machine each, every other setting
+    the same) side by side: the full method's placement and identity, and each other row's gap to it, full - row
+    (the mean of the paired differences, as every row scores the same subjects). Each is every run's value and
+    `across_runs` over them; a row is compared where every run has it."""
+    for key in SAME_ACROSS_RUNS:
+        if any(r[key] != reports[0][key] for r in reports):
+            values = " vs ".join(json.dumps(r[key], sort_keys=True) for r in reports)
+            raise ExperimentError(f"the runs differ in {key} ({values}): compare runs of one setting")
+
+    def means(row: str, metric: str) -> list[float | None]:
+        return [r["rows"][row]["metrics"].get(metric, {}).get("overall", {}).get("mean") for r in reports]
+
+    compared = []
+    for row in ["full", *(r for r in ROWS if r != "full")]:
+        if not all(row in r["rows"] for r in reports):
+            continue
+        for metric in COMPARED_METRICS:
+            full, other = means("full", metric), means(row, metric)
+            if None in full or None in other:
+                continue
+            values = full if row == "full" else [f - o for f, o in zip(full, other)]
+            compared.append({"row": row, "metric": metric, "runs": values, **across_runs(values)})
+    return compared
+
+
+def compare_markdown(reports: Sequence[dict], compared: Sequence[dict]) -> str:
+    """`compare_runs` as a table: one column per run (its seed), then the mean and 95% interval over runs."""
+    runs = " | ".join(f"run {i}, seed {r['seed']}" for i, r in enumerate(reports, 1))
+    head = f"| | {runs} | across runs |\n|" + " --- |" * (len(reports) + 2) + "\n"
+    lines = []
+    for c in compared:
+        name = f"full {c['metric']}" if c["row"] == "full" else f"full - {c['row']} {c['metric']}"
+        sign = "" if c["row"] == "full" else "+"  # a score, or a gap
+        spread = f" [{c['lo']:{sign}.2f}, {c['hi']:{sign}.2f}]" if c["lo"] is not None else ""
+        cells = [f"{v:{sign}.2f}" for v in c["runs"]] + [f"{c['mean']:{sign}.2f}{spread}"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return head + "\n".join(lines) + "\n"
+
+
 def _wrap(text: str, width: int) -> list[str]:
     import textwrap
 
@@ -770,6 +823,16 @@ def run_demo(profile: str = DEMO_PROFILE, rows: Sequence[str] = DEMO_ROWS, held_
     log(f"wrote {', '.join(str(p) for p in files.values())} in {time.perf_counter() - t0:.0f} s; "
         f"MLflow parent run {parent['url']}")
     return files
+
+
+def cli_compare(args) -> None:
+    """`music demo compare FILE...`: several runs' `procedural.json` side by side, pooled over runs."""
+    from music_dagster.storage import read_json
+
+    if len(args.files) < 2:
+        raise ExperimentError("compare needs at least two runs' procedural.json")
+    reports = [read_json(path, REPORT_SCHEMA, ExperimentError) for path in args.files]
+    print(compare_markdown(reports, compare_runs(reports)), end="")
 
 
 def cli_demo(args) -> None:
