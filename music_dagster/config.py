@@ -175,7 +175,19 @@ def _square(name: str, value: int) -> None:
         raise ValueError(f"{name} must be a square number (tokens pooled from a square patch grid), got {value}")
 
 
-class TrainConfig(_Spelled):
+class _Optimized(_Spelled):
+    """A trained section's optimizer keys that every training shares (`training.train.run_loop`); each section sets
+    its own `lr`, `warmup_steps` and `batch_size`."""
+
+    weight_decay: float = Field(default=0.0, ge=0)
+    # after the warmup: "constant", or "linear", falling to 0 at the run's last step
+    lr_schedule: Literal["constant", "linear"] = "constant"
+    # an exponential moving average of the trained weights (diffusers' EMAModel), the run's result; 0: none
+    ema_decay: float = Field(default=0.0, ge=0, lt=1)
+    grad_clip: float = Field(default=1.0, gt=0)
+
+
+class TrainConfig(_Optimized):
     """MUSIC training (`music_dagster.training.train.train_music`); defaults are the paper's where it gives them."""
 
     source: Literal["synthesized", "procedural", "both"] = "synthesized"  # what `lora_checkpoint` trains on
@@ -202,13 +214,7 @@ class TrainConfig(_Spelled):
     w1: float = Field(default=0.5, ge=0)  # weight of L1 (CoT + layout cross-entropy)
     w2: float = Field(default=0.5, ge=0)  # weight of L2 (visual-token MSE)
     lr: float = Field(default=1e-4, gt=0)
-    weight_decay: float = Field(default=0.0, ge=0)
     warmup_steps: int = Field(default=100, ge=0)
-    # after the warmup: "constant", or "linear", falling to 0 at the run's last step
-    lr_schedule: Literal["constant", "linear"] = "constant"
-    # an exponential moving average of the trained weights (diffusers' EMAModel), the run's result; 0: none
-    ema_decay: float = Field(default=0.0, ge=0, lt=1)
-    grad_clip: float = Field(default=1.0, gt=0)
     batch_size: int = Field(default=8, gt=0)  # per process
     # batches of samples of about one length (transformers' `group_by_length`): less padding, the same samples
     group_by_length: bool = False
@@ -237,7 +243,7 @@ class TrainConfig(_Spelled):
         return self
 
 
-class DetokenizerConfig(_Spelled):
+class DetokenizerConfig(_Optimized):
     """The de-tokenizer (`music_dagster.model.detokenizer`) and its reconstruction training."""
 
     resampler_queries: int = Field(default=64, gt=0)  # conditioning tokens fed to the UNet's cross-attention
@@ -252,13 +258,7 @@ class DetokenizerConfig(_Spelled):
     prediction_type: Literal["epsilon", "sample"] = "epsilon"  # the UNet predicts the noise (SDXL's) or the image
     spatial_conditioning: bool = False  # the token grid also as ControlNet-style residuals (not in SEED-X)
     lr: float = Field(default=1e-5, gt=0)
-    weight_decay: float = Field(default=0.0, ge=0)
     warmup_steps: int = Field(default=100, ge=0)
-    # after the warmup: "constant", or "linear", falling to 0 at the run's last step
-    lr_schedule: Literal["constant", "linear"] = "constant"
-    # an exponential moving average of the trained weights (diffusers' EMAModel), the run's result; 0: none
-    ema_decay: float = Field(default=0.0, ge=0, lt=1)
-    grad_clip: float = Field(default=1.0, gt=0)
     batch_size: int = Field(default=8, gt=0)
     epochs: int = Field(default=10, gt=0)
     max_steps: int | None = Field(default=None, gt=0)
@@ -300,7 +300,7 @@ class GenerateConfig(_Spelled):
     logged_branches: int = Field(default=2, gt=0)  # branches of each logged sample generation
 
 
-class SelectionConfig(_Spelled):
+class SelectionConfig(_Optimized):
     """MUSIC*'s selection encoder in the procedural experiment (`experiment.procedural`, its `music_star_clip` row):
     the `select_clip` role's CLIP trained contrastively (open_clip's `ClipLoss`) on the world's training pairs of
     target image and instruction, through the training loop (`training.train.run_loop`, no checkpoints). A CLIP
@@ -308,13 +308,7 @@ class SelectionConfig(_Spelled):
     is (the paper's off-the-shelf choice)."""
 
     lr: float = Field(default=1e-5, gt=0)
-    weight_decay: float = Field(default=0.0, ge=0)
     warmup_steps: int = Field(default=0, ge=0)
-    # after the warmup: "constant", or "linear", falling to 0 at the run's last step
-    lr_schedule: Literal["constant", "linear"] = "constant"
-    # an exponential moving average of the trained weights (diffusers' EMAModel), the run's result; 0: none
-    ema_decay: float = Field(default=0.0, ge=0, lt=1)
-    grad_clip: float = Field(default=1.0, gt=0)
     batch_size: int = Field(default=64, gt=1)  # the other pairs of a batch are each pair's negatives
     epochs: int = Field(default=1000, gt=0)
     max_steps: int = Field(default=0, ge=0)
