@@ -239,7 +239,9 @@ def epoch_order(seed: int, epoch: int, n_items: int, global_batch: int,
 
 def run_loop(*, accelerator, model, n_items: int, cfg, seed: int, out_dir: Path | None, step_fn: Callable,
              metric_names: Sequence[str], resume: bool = True, on_step=None, lengths: Sequence[int] | None = None):
-    """The training loop over `n_items` items, `cfg` a `train` / `detokenizer` section. `step_fn(model, indices)
+    """The training loop over `n_items` items, `cfg` a `train`, `detokenizer` or `selection` section: its
+    `batch_size`, `epochs`, `max_steps`, `lr`, `warmup_steps`, the optimizer keys the three share
+    (`config._Optimized`), and with an `out_dir` its `checkpoint_every` and `checkpoints_kept`. `step_fn(model, indices)
     -> dict of scalar tensors with "loss"` (`music_step`, `detokenizer_step`); `lengths`: each item's length, to
     batch items of about one length together (`epoch_order`). Checkpoints (the model's trainable
     weights through its `save_pretrained` / `load_trainable`, accelerate's states, the history) go to
