@@ -298,3 +298,23 @@ def test_folder_without_config_is_one_line_error(tiny_zoo, tmp_path):
     with pytest.raises(LoaderError, match="dino: cannot load") as e:
         load_role("dino", ModelSpec(id=str(folder)), "cpu", "float32")
     assert "\n" not in str(e.value)
+
+
+def test_a_local_folder_loads_without_progress_bars_and_leaves_them_as_they_were(tiny_zoo, capfd):
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    libraries = (transformers_logging, diffusers_logging)
+    assert all(lib.is_progress_bar_enabled() for lib in libraries)
+    for role in ("music_llm", "t2i"):  # a transformers model; a diffusers pipeline of transformers models
+        load_role(role, ModelSpec(id=str(tiny_zoo[role])), "cpu", "float32")
+    err = capfd.readouterr().err
+    assert "Loading weights" not in err and "Loading pipeline components" not in err, err
+    assert all(lib.is_progress_bar_enabled() for lib in libraries)  # on again for a Hub download after it
+
+    transformers_logging.disable_progress_bar()  # a user who turned them off keeps them off
+    try:
+        load_role("music_llm", ModelSpec(id=str(tiny_zoo["music_llm"])), "cpu", "float32")
+        assert not transformers_logging.is_progress_bar_enabled() and diffusers_logging.is_progress_bar_enabled()
+    finally:
+        transformers_logging.enable_progress_bar()

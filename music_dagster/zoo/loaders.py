@@ -11,6 +11,7 @@ settings: nothing here forces them.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -283,6 +284,27 @@ _LOADERS = {
 assert tuple(_LOADERS) == ROLES
 
 
+@contextmanager
+def _no_loading_bars(role: str, spec: ModelSpec):
+    """transformers' and diffusers' weight-loading bars kept off the console while a local folder loads: it reads
+    in moments, and nothing downloads. A Hub id keeps them, with huggingface_hub's download bars. What was on
+    before is on again after."""
+    if spec.local_path is None or role not in (*HF_MODEL_CLASSES, *PIPELINE_CLASSES, "music_unet"):
+        yield
+        return
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    shown = [lib for lib in (transformers_logging, diffusers_logging) if lib.is_progress_bar_enabled()]
+    for lib in shown:
+        lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib in shown:
+            lib.enable_progress_bar()
+
+
 def load_role(role: str, spec: ModelSpec, device: str = "auto", dtype: str = "float32") -> ModelHandle:
     """Load `role` from `spec` (a local folder or a Hub id) in eval mode on `device` with `dtype`."""
     if role not in _LOADERS:
@@ -291,7 +313,8 @@ def load_role(role: str, spec: ModelSpec, device: str = "auto", dtype: str = "fl
     torch_dtype = role_dtype(role, dtype, resolved)
     check_local_folder(role, spec)
     try:
-        return _LOADERS[role](role, spec, resolved, torch_dtype)
+        with _no_loading_bars(role, spec):
+            return _LOADERS[role](role, spec, resolved, torch_dtype)
     except UserError:
         raise
     except (OSError, ValueError) as e:  # how the libraries report a missing or malformed file, repo or revision
