@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -25,29 +24,16 @@ DEVICES = ["cpu", "cpu"]
 
 
 def run_range(first: str, last: str, dagster_home: str, params: str) -> tuple[str, float, float]:
-    """One run of `data_job` over shards `first` .. `last` in this (fresh) worker process, its output (and its step
-    processes') in `<dagster_home>/logs/`; (run id, the process's start time, the run's end time)."""
+    """One run of `data_job` over shards `first` .. `last` in this (fresh) worker process (`execute_data_job`): (run
+    id, the process's start time, the run's end time)."""
     import psutil
 
-    started = psutil.Process().create_time()
-    os.environ["MUSIC_PARAMS"] = params
-    log = Path(dagster_home) / "logs" / f"{first}.log"
-    log.parent.mkdir(exist_ok=True)
-    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    os.close(fd)
-    import dagster as dg
-
     from music_dagster.assets.data import partition_range
-    from music_dagster.bench.parallel import data_job
+    from music_dagster.bench.parallel import execute_data_job
 
-    instance = dg.DagsterInstance.from_config(dagster_home)
-    result = dg.execute_job(dg.reconstructable(data_job), instance=instance, tags=partition_range(first, last))
-    if not result.success:
-        tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:])
-        raise RuntimeError(f"data_job failed for {first}...{last} (run {result.run_id}):\n{tail}")
-    return result.run_id, started, time.time()
+    started = psutil.Process().create_time()
+    run_id, _ = execute_data_job(dagster_home, params, f"{first}...{last}", partition_range(first, last))
+    return run_id, started, time.time()
 
 
 def run_ranges(ranges: list[tuple[str, str]], at_once: int, home: str, params: str) -> tuple[float, list[str]]:
@@ -95,21 +81,11 @@ def _params(folder: Path, name: str) -> str:
 
 
 def main() -> None:
-    import dagster as dg
-
-    from music_dagster.assets.data import ensure_shards
-    from music_dagster.bench.parallel import instance_home
-    from music_dagster.config import default_config
+    from music_dagster.bench.parallel import data_bench
     from music_dagster.zoo import devices
 
-    config = default_config()
-    config.check_models(("llm", "vlm", "t2i", "i2i", "detector", "segmenter", "clip"))
-    with tempfile.TemporaryDirectory(prefix="music-bench-orchestration-") as tmp:
-        tmp = Path(tmp)
-        home = instance_home(tmp)
-        instance = dg.DagsterInstance.from_config(str(home))
+    with data_bench("orchestration", SHARDS) as (config, tmp, home, instance, keys):
         devices.prepare_instance(instance, DEVICES)
-        keys = ensure_shards(instance, SHARDS)
         print(f"data graph, shards of {config.profile.data.shard_size} samples, profile {config.profile_name}; "
               f"{len(os.sched_getaffinity(0))} CPU cores; devices {DEVICES}; load average "
               f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)

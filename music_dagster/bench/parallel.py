@@ -13,6 +13,7 @@ import os
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -32,11 +33,12 @@ def data_job():
                           resources=build_resources(ProjectConfig.from_environment())).resolve_job_def("data_job")
 
 
-def run_shard(key: str, dagster_home: str, params: str) -> tuple[str, float]:
-    """One run of `data_job` for shard `key` with the config file `params`, in a worker process whose output (and
-    its step processes') goes to `<dagster_home>/logs/<key>.log`; (run id, seconds)."""
+def execute_data_job(dagster_home: str, params: str, label: str, tags: dict) -> tuple[str, float]:
+    """One run of `data_job` with the config file `params` and the run `tags`, in this worker process, its output (and
+    its step processes') going to `<dagster_home>/logs/<label>.log`: (run id, seconds of the run's execution). A
+    failed run raises with the log's last lines."""
     os.environ["MUSIC_PARAMS"] = params  # inherited by the step processes
-    log = Path(dagster_home) / "logs" / f"{key}.log"
+    log = Path(dagster_home) / "logs" / f"{label}.log"
     log.parent.mkdir(exist_ok=True)
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(fd, 1)
@@ -46,11 +48,16 @@ def run_shard(key: str, dagster_home: str, params: str) -> tuple[str, float]:
 
     instance = dg.DagsterInstance.from_config(dagster_home)
     start = time.perf_counter()
-    result = dg.execute_job(dg.reconstructable(data_job), instance=instance, tags={"dagster/partition": key})
+    result = dg.execute_job(dg.reconstructable(data_job), instance=instance, tags=tags)
     if not result.success:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:])
-        raise RuntimeError(f"data_job failed for {key} (run {result.run_id}):\n{tail}")
+        raise RuntimeError(f"data_job failed for {label} (run {result.run_id}):\n{tail}")
     return result.run_id, time.perf_counter() - start
+
+
+def run_shard(key: str, dagster_home: str, params: str) -> tuple[str, float]:
+    """One run of `data_job` for shard `key` (`execute_data_job`): (run id, seconds)."""
+    return execute_data_job(dagster_home, params, key, {"dagster/partition": key})
 
 
 def run_shards(keys: list[str], at_once: int, dagster_home: str, params: str) -> tuple[float, list[str], list[float]]:
@@ -89,7 +96,11 @@ def instance_home(folder: Path, **pools) -> Path:
     return home
 
 
-def main() -> None:
+@contextmanager
+def data_bench(name: str, shards: int):
+    """Where a data benchmark runs: a temporary folder holding a Dagster instance home (`instance_home`) with
+    `shards` shards declared, for the configured profile, its data roles checked first. Yields (config, folder,
+    instance home, instance, shard keys); everything is removed after."""
     import dagster as dg
 
     from music_dagster.assets.data import ensure_shards
@@ -97,12 +108,15 @@ def main() -> None:
 
     config = default_config()
     config.check_models(("llm", "vlm", "t2i", "i2i", "detector", "segmenter", "clip"))
-    with tempfile.TemporaryDirectory(prefix="music-bench-parallel-") as tmp:
-        tmp = Path(tmp)
-        home = instance_home(tmp)
+    with tempfile.TemporaryDirectory(prefix=f"music-bench-{name}-") as tmp:
+        home = instance_home(Path(tmp))
         instance = dg.DagsterInstance.from_config(str(home))
+        yield config, Path(tmp), home, instance, ensure_shards(instance, shards)
+
+
+def main() -> None:
+    with data_bench("parallel", SHARDS + 1) as (config, tmp, home, instance, keys):
         pools = instance.get_concurrency_config().pool_config
-        keys = ensure_shards(instance, SHARDS + 1)
         warmup, keys = keys[0], keys[1:]
         print(f"data graph, {SHARDS} shards of {config.profile.data.shard_size} samples, profile "
               f"{config.profile_name}; {len(os.sched_getaffinity(0))} CPU cores; pool limit per step "
