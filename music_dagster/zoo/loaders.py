@@ -146,6 +146,8 @@ HF_MODEL_CLASSES = {
     "music_vision": ("SiglipVisionModel", {}),
 }
 PIPELINE_CLASSES = {"t2i": "FluxPipeline", "i2i": "FluxKontextPipeline"}  # diffusers pipelines
+# the roles transformers or diffusers load (with their weight-loading bars); open_clip and timm load the others
+HF_LIBRARY_ROLES = (*HF_MODEL_CLASSES, *PIPELINE_CLASSES, "music_unet")
 
 
 def _hf_model(role, spec, device, dtype):
@@ -289,7 +291,7 @@ def _no_loading_bars(role: str, spec: ModelSpec):
     """transformers' and diffusers' weight-loading bars kept off the console while a local folder loads: it reads
     in moments, and nothing downloads. A Hub id keeps them, with huggingface_hub's download bars. What was on
     before is on again after."""
-    if spec.local_path is None or role not in (*HF_MODEL_CLASSES, *PIPELINE_CLASSES, "music_unet"):
+    if spec.local_path is None or role not in HF_LIBRARY_ROLES:
         yield
         return
     from diffusers.utils import logging as diffusers_logging
